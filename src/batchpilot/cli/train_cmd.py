@@ -1,0 +1,89 @@
+"""``batchpilot train``: the reference training loop."""
+
+from __future__ import annotations
+
+import argparse
+
+from batchpilot.cli.common import add_workload_args, load_workload, print_json
+from batchpilot.errors import EXIT_DIVERGED, EXIT_INTERRUPTED
+from batchpilot.scaling import LR_RULES
+from batchpilot.schedules import SCHEDULES
+from batchpilot.train import TrainConfig, TrainResult, Trainer
+from batchpilot.train.config import DTYPES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a workload (exact accumulation, checkpoints, resume)",
+                       description="Train a workload. Exit codes: 0 ok, 2 bad input, 3 diverged, 130 interrupted.")
+    add_workload_args(p)
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: the workload's base batch)")
+    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch per rank; accumulation = batch / micro-batch")
+    lr = p.add_mutually_exclusive_group()
+    lr.add_argument("--lr", type=float, default=None, help="peak LR (default: scaled from the workload's base point)")
+    lr.add_argument("--lr-rule", choices=LR_RULES, default=None, help="scale the base LR: linear (SGD) or sqrt (Adam); default by optimizer")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training set (default 1)")
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the accumulated gradient's norm")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="EMA of the weights (e.g. 0.999), stepped per optimizer step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (needs --out)")
+    p.add_argument("--target", default=None, help="record steps/time to e.g. 'val_acc>=0.85' (default: the workload's)")
+    p.add_argument("--stop-at-target", action="store_true", help="stop once the target is reached")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt and summary.json")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace, base_batch: int) -> TrainConfig:
+    """The :class:`TrainConfig` the flags describe."""
+    return TrainConfig(
+        global_batch=args.batch if args.batch is not None else base_batch,
+        micro_batch_per_rank=args.micro_batch, lr=args.lr, lr_rule=args.lr_rule,
+        warmup_steps=args.warmup_steps, schedule=args.schedule, steps=args.steps, epochs=args.epochs,
+        grad_clip=args.grad_clip, ema_decay=args.ema, seed=args.seed, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, target=args.target, stop_at_target=args.stop_at_target,
+        dtype=args.dtype,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume and not args.out:
+        from batchpilot.errors import BatchpilotError
+
+        raise BatchpilotError("--resume needs --out DIR (where the checkpoint is)")
+    workload = load_workload(args)
+    config = config_from_args(args, workload.base_batch)
+    trainer = Trainer(workload, config, out_dir=args.out, resume=args.resume, progress=True)
+    result = trainer.run()
+    if args.out:
+        import json
+        from pathlib import Path
+
+        (Path(args.out) / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        render_summary(result)
+    return {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
+
+
+def render_summary(result: TrainResult) -> None:
+    """A rich table of the run's summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"batchpilot train: {result.workload} ({result.status})", show_header=False)
+    d = result.to_dict()
+    for key in ("global_batch", "micro_batch_per_rank", "accumulation_steps", "world_size", "lr", "lr_rule",
+                "warmup_steps", "steps", "final_train_loss", "val_metric", "samples_per_s", "wall_s",
+                "target", "steps_to_target", "time_to_target_s"):
+        value = d[key]
+        table.add_row(key if key != "val_metric" else result.metric_name,
+                      f"{value:.6g}" if isinstance(value, float) else str(value))
+    Console().print(table)

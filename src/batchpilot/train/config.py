@@ -1,0 +1,142 @@
+"""The training configuration: a frozen, validated dataclass.
+
+The global batch is ``micro_batch_per_rank x accumulation_steps x world_size``; only the
+global batch and the micro-batch are stored, the accumulation steps are derived. A
+global batch that does not divide is an error, never silently changed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from batchpilot.errors import BatchpilotError
+from batchpilot.scaling import LR_RULES, default_lr_rule, scale_lr
+from batchpilot.schedules import SCHEDULES
+from batchpilot.workload import Target, Workload
+
+DTYPES = ("float32", "float64")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BatchpilotError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train a workload.
+
+    Attributes:
+        global_batch: samples per optimizer step, over all ranks and micro-batches.
+        micro_batch_per_rank: samples per forward/backward on one rank; ``None`` means no accumulation.
+        world_size: data-parallel ranks.
+        lr: peak LR; ``None`` scales the workload's base LR by ``lr_rule``.
+        lr_rule: ``linear``, ``sqrt`` or ``none``; ``None`` picks by optimizer (see :mod:`batchpilot.scaling`).
+        warmup_steps: linear warmup length in optimizer steps.
+        schedule: ``constant`` or ``cosine``.
+        steps: optimizer steps; exclusive with ``epochs``.
+        epochs: passes over the training set; exclusive with ``steps``.
+        grad_clip: max global gradient norm of the *accumulated* gradient, or ``None``.
+        ema_decay: decay of an EMA of the weights, stepped per optimizer step, or ``None``.
+        seed: seeds the model init, dropout and the data order.
+        eval_every: evaluate every this many optimizer steps (and at the end); ``None`` only at the end.
+        checkpoint_every: checkpoint every this many steps (and at the end) when an output dir is given.
+        target: stop-free target to record steps/time to, e.g. ``val_acc>=0.85``; defaults to the workload's.
+        stop_at_target: end the run once the target is reached.
+        dtype: ``float32`` or ``float64`` (tests check exactness in float64).
+        diverge_factor: the run is diverged when the loss exceeds this multiple of its first value.
+    """
+
+    global_batch: int
+    micro_batch_per_rank: int | None = None
+    world_size: int = 1
+    lr: float | None = None
+    lr_rule: str | None = None
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    steps: int | None = None
+    epochs: float | None = None
+    grad_clip: float | None = None
+    ema_decay: float | None = None
+    seed: int = 0
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    target: str | None = None
+    stop_at_target: bool = False
+    dtype: str = "float32"
+    diverge_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        _positive_int("batch", self.global_batch)
+        _positive_int("world size", self.world_size)
+        if self.micro_batch_per_rank is not None:
+            _positive_int("micro-batch", self.micro_batch_per_rank)
+        per_rank, rem = divmod(self.global_batch, self.world_size)
+        if rem:
+            raise BatchpilotError(f"batch {self.global_batch} does not divide over world size {self.world_size}")
+        if per_rank % self.micro_per_rank:
+            raise BatchpilotError(
+                f"micro-batch {self.micro_per_rank} does not divide the per-rank batch {per_rank} "
+                f"(batch {self.global_batch} / world {self.world_size}); pick a divisor, the global batch is never changed"
+            )
+        if self.lr is not None and not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise BatchpilotError(f"lr must be a finite number >= 0, got {self.lr!r}")
+        if self.lr_rule is not None and self.lr_rule not in LR_RULES:
+            raise BatchpilotError(f"lr rule must be one of {', '.join(LR_RULES)}, got {self.lr_rule!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise BatchpilotError(f"warmup steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise BatchpilotError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise BatchpilotError("give either steps or epochs, not both")
+        if self.steps is not None:
+            _positive_int("steps", self.steps)
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise BatchpilotError(f"epochs must be > 0, got {self.epochs!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise BatchpilotError(f"grad clip must be > 0, got {self.grad_clip!r}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise BatchpilotError(f"EMA decay must be in (0, 1), got {self.ema_decay!r}")
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(name.replace("_", " "), value)
+        if self.target is not None:
+            Target.parse(self.target)
+        if self.dtype not in DTYPES:
+            raise BatchpilotError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not self.diverge_factor > 1:
+            raise BatchpilotError(f"diverge factor must be > 1, got {self.diverge_factor!r}")
+
+    @property
+    def micro_per_rank(self) -> int:
+        """The micro-batch per rank (the per-rank batch when no micro-batch was given)."""
+        return self.micro_batch_per_rank or self.global_batch // self.world_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step on each rank: global / (micro x world)."""
+        return self.global_batch // (self.micro_per_rank * self.world_size)
+
+    def total_steps(self, num_samples: int) -> int:
+        """Optimizer steps in the run: ``steps``, or ``epochs`` x ceil(N / B) (1 epoch by default)."""
+        if self.steps is not None:
+            return self.steps
+        steps_per_epoch = math.ceil(num_samples / self.global_batch)
+        return max(1, round((self.epochs or 1.0) * steps_per_epoch))
+
+    def resolve_lr(self, workload: Workload) -> tuple[float, str]:
+        """The peak LR and the rule that produced it (``explicit`` when ``lr`` was given)."""
+        if self.lr is not None:
+            return self.lr, "explicit"
+        rule = self.lr_rule or default_lr_rule(workload.optimizer_family())
+        return scale_lr(workload.base_lr, workload.base_batch, self.global_batch, rule), rule
+
+    def resolve_target(self, workload: Workload) -> Target | None:
+        """The target to record: the config's, else the workload's."""
+        return Target.parse(self.target) if self.target else workload.target
+
+    def to_dict(self) -> dict:
+        """Plain data (for checkpoints and JSON)."""
+        return asdict(self)

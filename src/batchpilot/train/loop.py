@@ -1,0 +1,296 @@
+"""The reference training loop, in the spirit of nanoGPT: plain, readable, exact.
+
+One optimizer step = one global batch = ``accumulation_steps`` micro-batches. The
+scheduler and the EMA advance only on optimizer steps; clipping applies to the
+accumulated gradient. The caller's global RNG is restored when the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from batchpilot.data import EpochBatchSampler, fetch, split_micro
+from batchpilot.errors import BatchpilotError
+from batchpilot.schedules import make_scheduler
+from batchpilot.train.accumulation import AfterMicro, accumulate_gradients
+from batchpilot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from batchpilot.train.config import TrainConfig
+from batchpilot.train.result import TrainResult
+from batchpilot.workload import Workload
+
+EVAL_BATCH = 1024
+StepCallback = Callable[[dict], None]
+
+
+def _to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, workload: Workload, dtype: torch.dtype = torch.float32, *, split: str = "val") -> dict[str, float]:
+    """Mean loss and metric of ``model`` on a split, in eval mode; the training mode is restored after."""
+    data = workload.val_data if split == "val" else workload.train_data
+    was_training = model.training
+    model.eval()
+    loss_sum = metric_sum = 0.0
+    units = 0
+    n = len(data)  # type: ignore[arg-type]
+    for start in range(0, n, EVAL_BATCH):
+        x, y = fetch(data, torch.arange(start, min(n, start + EVAL_BATCH)))
+        out = model(_to_dtype(x, dtype))
+        loss_sum += float(workload.loss_sum(out, y))
+        if workload.metric_sum is not None:
+            metric_sum += float(workload.metric_sum(out, y))
+        units += workload.count_units(y)
+    model.train(was_training)
+    loss = loss_sum / units
+    metric = metric_sum / units if workload.metric_sum is not None else loss
+    return {f"{split}_loss": loss, f"{split}_metric": metric}
+
+
+@dataclass
+class _Counters:
+    step: int = 0
+    samples: int = 0
+    train_wall_s: float = 0.0
+    initial_loss: float = float("nan")
+    last_loss: float = float("nan")
+    steps_to_target: int | None = None
+    samples_to_target: int | None = None
+    time_to_target_s: float | None = None
+
+
+class Trainer:
+    """Trains ``workload`` under ``config``; writes metrics and checkpoints to ``out_dir`` if given.
+
+    Args:
+        workload: what to train.
+        config: how to train it.
+        out_dir: directory for ``metrics.jsonl`` and ``checkpoint.pt`` (``None``: nothing written).
+        resume: continue from ``out_dir/checkpoint.pt`` if it exists.
+        progress: show a rich progress bar on stderr.
+        after_micro: hook after each micro-batch backward (e.g. a noise monitor).
+        on_step: hook receiving each step's record.
+    """
+
+    def __init__(
+        self,
+        workload: Workload,
+        config: TrainConfig,
+        *,
+        out_dir: str | Path | None = None,
+        resume: bool = False,
+        progress: bool = False,
+        after_micro: AfterMicro | None = None,
+        on_step: StepCallback | None = None,
+    ) -> None:
+        self.workload, self.config = workload, config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.resume, self.progress = resume, progress
+        self.after_micro, self.on_step = after_micro, on_step
+        n = workload.num_train
+        if config.global_batch > n:
+            raise BatchpilotError(f"batch {config.global_batch} is larger than the training set of {workload.name!r} ({n} samples)")
+        self.dtype = getattr(torch, config.dtype)
+        self.lr, self.lr_rule = config.resolve_lr(workload)
+        self.target = config.resolve_target(workload)
+        self.total_steps = config.total_steps(n)
+        self.model: nn.Module | None = None
+        self.ema: AveragedModel | None = None
+
+    # -- one step -------------------------------------------------------------------------
+    def _step(self, model, optimizer, scheduler, ema, sampler) -> float:
+        cfg, w = self.config, self.workload
+        idx = sampler.next_batch(cfg.global_batch)
+        micro = []
+        for part in split_micro(idx, cfg.micro_per_rank):
+            x, y = fetch(w.train_data, part)
+            micro.append((_to_dtype(x, self.dtype), y))
+        loss = accumulate_gradients(model, micro, w.loss_sum, w.count_units, after_micro=self.after_micro)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        optimizer.zero_grad(set_to_none=True)
+        self._counters.samples += len(idx)
+        return loss
+
+    def _diverged(self, loss: float) -> bool:
+        c = self._counters
+        if not math.isfinite(loss):
+            return True
+        return c.step > 1 and loss > self.config.diverge_factor * max(c.initial_loss, 1e-8)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _state(self, model, optimizer, scheduler, ema, sampler) -> dict:
+        c = self._counters
+        return {
+            "config": self.config.to_dict(),
+            "workload": self.workload.name,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "sampler": sampler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "counters": {k: getattr(c, k) for k in c.__dataclass_fields__},
+        }
+
+    def _restore(self, state: dict, model, optimizer, scheduler, ema, sampler) -> None:
+        saved = {k: v for k, v in state["config"].items() if k not in ("steps", "epochs", "checkpoint_every", "eval_every")}
+        current = {k: v for k, v in self.config.to_dict().items() if k in saved}
+        if saved != current or state["workload"] != self.workload.name:
+            diff = sorted(k for k in saved if saved[k] != current.get(k))
+            raise BatchpilotError(f"checkpoint in {self.out_dir} was made with a different run (differs in: {', '.join(diff) or 'workload'})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng_cpu"])
+        self._counters = _Counters(**state["counters"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.out_dir / "metrics.jsonl"  # type: ignore[operator]
+        if not path.exists():
+            return
+        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    # -- the run --------------------------------------------------------------------------
+    def run(self, *, stop_after: int | None = None) -> TrainResult:
+        """Train; ``stop_after`` ends the run early at that step with a checkpoint (for tests)."""
+        with torch.random.fork_rng(devices=[]):
+            return self._run(stop_after)
+
+    def _run(self, stop_after: int | None) -> TrainResult:
+        cfg, w = self.config, self.workload
+        torch.manual_seed(cfg.seed)
+        model = w.make_model().to(self.dtype)
+        model.train()
+        optimizer = w.make_optimizer(model.parameters(), self.lr)
+        scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps)
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
+        sampler = EpochBatchSampler(w.num_train, seed=cfg.seed)
+        self._counters = _Counters()
+        self.model, self.ema = model, ema
+        ckpt = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume and ckpt is not None and ckpt.exists():
+            self._restore(load_checkpoint(ckpt), model, optimizer, scheduler, ema, sampler)
+            self._truncate_metrics(self._counters.step)
+        elif self.out_dir is not None:
+            (self.out_dir / "metrics.jsonl").write_text("")
+        return self._loop(model, optimizer, scheduler, ema, sampler, ckpt, stop_after)
+
+    def _loop(self, model, optimizer, scheduler, ema, sampler, ckpt, stop_after) -> TrainResult:
+        cfg, c = self.config, self._counters
+        metrics = open(self.out_dir / "metrics.jsonl", "a") if self.out_dir is not None else None
+        status = "completed"
+        bar = _progress(self.progress, self.total_steps, c.step, self.workload.name)
+        save = (lambda: save_checkpoint(ckpt, self._state(model, optimizer, scheduler, ema, sampler))) if ckpt else (lambda: None)
+        try:
+            while c.step < self.total_steps:
+                t0 = time.perf_counter()
+                lr = optimizer.param_groups[0]["lr"]
+                loss = self._step(model, optimizer, scheduler, ema, sampler)
+                c.train_wall_s += time.perf_counter() - t0
+                c.step += 1
+                if c.step == 1:
+                    c.initial_loss = loss
+                c.last_loss = loss
+                record = {"step": c.step, "loss": loss, "lr": lr, "samples": c.samples, "epoch": sampler.epochs_done,
+                          "wall_s": c.train_wall_s}
+                if self._diverged(loss):
+                    status = "diverged"
+                    _write(metrics, record)
+                    break
+                if (cfg.eval_every and c.step % cfg.eval_every == 0) or c.step == self.total_steps:
+                    record.update(self._eval(model, ema))
+                    self._check_target(record)
+                _write(metrics, record)
+                if self.on_step is not None:
+                    self.on_step(record)
+                if bar is not None:
+                    bar.update(bar.task_ids[0], completed=c.step, description=f"{self.workload.name} loss {loss:.4f}")
+                if cfg.checkpoint_every and c.step % cfg.checkpoint_every == 0:
+                    save()
+                if cfg.stop_at_target and c.steps_to_target is not None:
+                    status = "target_reached"
+                    break
+                if stop_after is not None and c.step >= stop_after and c.step < self.total_steps:
+                    status = "stopped"
+                    break
+        except KeyboardInterrupt:
+            status = "interrupted"
+        finally:
+            if bar is not None:
+                bar.stop()
+            if metrics is not None:
+                metrics.close()
+        if status != "diverged":
+            save()
+        return self._result(model, ema, status)
+
+    def _eval(self, model, ema) -> dict[str, float]:
+        out = evaluate(ema.module if ema is not None else model, self.workload, self.dtype)
+        return {"val_loss": out["val_loss"], self.workload.metric_name: out["val_metric"]}
+
+    def _check_target(self, record: dict) -> None:
+        c, t = self._counters, self.target
+        if t is None or c.steps_to_target is not None or t.metric not in record:
+            return
+        if t.reached(record[t.metric]):
+            c.steps_to_target, c.samples_to_target, c.time_to_target_s = c.step, c.samples, c.train_wall_s
+
+    def _result(self, model, ema, status: str) -> TrainResult:
+        c, cfg, w = self._counters, self.config, self.workload
+        final = {} if status == "diverged" else evaluate(ema.module if ema is not None else model, w, self.dtype)
+        return TrainResult(
+            status=status, workload=w.name, steps=c.step, global_batch=cfg.global_batch,
+            micro_batch_per_rank=cfg.micro_per_rank, accumulation_steps=cfg.accumulation_steps,
+            world_size=cfg.world_size, lr=self.lr, lr_rule=self.lr_rule, warmup_steps=cfg.warmup_steps,
+            schedule=cfg.schedule, final_train_loss=c.last_loss, metric_name=w.metric_name,
+            val_metric=final.get("val_metric", float("nan")), val_loss=final.get("val_loss", float("nan")),
+            samples=c.samples, samples_per_s=c.samples / c.train_wall_s if c.train_wall_s > 0 else 0.0,
+            wall_s=c.train_wall_s, target=str(self.target) if self.target else None,
+            steps_to_target=c.steps_to_target, samples_to_target=c.samples_to_target,
+            time_to_target_s=c.time_to_target_s, out_dir=str(self.out_dir) if self.out_dir else None,
+        )
+
+
+def _write(fh, record: dict) -> None:
+    if fh is not None:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+
+
+def _progress(enabled: bool, total: int, done: int, name: str):
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True)
+    bar.add_task(name, total=total, completed=done)
+    bar.start()
+    return bar
+
+
+def train(workload: Workload, config: TrainConfig, **kwargs) -> TrainResult:
+    """Train ``workload`` under ``config`` (see :class:`Trainer` for the keyword arguments)."""
+    return Trainer(workload, config, **kwargs).run()
