@@ -1,0 +1,95 @@
+"""Read a training config or plan file (YAML, JSON or TOML) into a :class:`DoctorConfig`.
+
+Every way a file can be unreadable (missing, bad syntax, not a mapping, a bad value)
+becomes a one-line :class:`BatchpilotError`, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from batchpilot.doctor.schema import DoctorConfig, parse_config
+from batchpilot.errors import BatchpilotError
+
+FORMATS = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".toml": "toml"}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _parse_toml(text: str, name: str) -> Any:
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise BatchpilotError("reading TOML needs Python >= 3.11 or the tomli package") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BatchpilotError(f"{name}: invalid TOML: {_one_line(exc)}") from None
+
+
+def parse_text(text: str, fmt: str, name: str = "config") -> Any:
+    """Parse ``text`` as ``yaml``, ``json`` or ``toml``; syntax errors become one-line errors."""
+    if fmt == "toml":
+        return _parse_toml(text, name)
+    try:
+        if fmt == "json":
+            return json.loads(text)
+        if fmt == "yaml":
+            import yaml
+
+            return yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise BatchpilotError(f"{name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except Exception as exc:  # yaml.YAMLError and its subclasses, RecursionError on absurd nesting
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise BatchpilotError(f"{name}: invalid {fmt.upper()}{where}: {_one_line(problem)}") from None
+    raise BatchpilotError(f"unknown config format {fmt!r}; expected yaml, json or toml")
+
+
+def select_section(data: Any, section: str | None, name: str = "config") -> Any:
+    """The mapping at dotted path ``section`` (e.g. ``training`` or ``trainer.batch``)."""
+    if not section:
+        return data
+    node = data
+    for part in section.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise BatchpilotError(f"{name}: section {section!r} not found (missing {part!r})")
+        node = node[part]
+    return node
+
+
+def load_config(path: str | Path, section: str | None = None) -> DoctorConfig:
+    """Read and validate a config or plan file.
+
+    Args:
+        path: a ``.yaml``/``.yml``, ``.json`` or ``.toml`` file. A JSON file with the keys
+            of a ``batchpilot plan`` output is read as a plan.
+        section: optional dotted path of the mapping that holds the fields.
+
+    Raises:
+        BatchpilotError: unreadable file, unknown extension, bad syntax or bad values.
+    """
+    p = Path(path)
+    fmt = FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise BatchpilotError(f"config {str(p)!r} must end in .yaml, .yml, .json or .toml")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BatchpilotError(f"config file not found: {str(p)!r}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BatchpilotError(f"cannot read config {str(p)!r}: {_one_line(exc)}") from None
+    data = select_section(parse_text(text, fmt, p.name), section, p.name)
+    try:
+        return parse_config(data)
+    except BatchpilotError as exc:
+        raise BatchpilotError(f"{p.name}: {exc}") from None
