@@ -1,0 +1,313 @@
+"""The gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish et al. 2018, "An Empirical Model
+of Large-Batch Training", Appendix A), measured for free from micro-batches.
+
+For a gradient estimate ``G_b`` from ``b`` i.i.d. units, ``E|G_b|² = |G|² + tr(Σ)/b``. Two batch
+sizes ``b_small < b_big`` then give unbiased estimates of both terms (their eq. A.2)::
+
+    |G|²  ≈ (b_big |G_big|² - b_small |G_small|²) / (b_big - b_small)
+    tr(Σ) ≈ (|G_small|² - |G_big|²) / (1/b_small - 1/b_big)
+
+During gradient accumulation each micro-batch is a small batch and the accumulated gradient is
+the big one. With micro-batches of unequal sizes ``b_i`` (ragged batches, token counts), the
+mean of ``|G_i|²`` has expectation ``|G|² + tr(Σ)·mean(1/b_i)``, so ``1/b_small`` becomes the
+mean of ``1/b_i`` and the estimators stay unbiased.
+
+The per-step estimates are very noisy (|G|² can come out negative), so, as McCandlish et al.
+advise, the numerator and the denominator are smoothed *separately* with exponential moving
+averages (bias-corrected as in Adam) and B_simple is their ratio. The spread is a bootstrap
+over the recent per-step pairs. The monitor only reads ``p.grad``; it never modifies it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from batchpilot.errors import BatchpilotError
+
+ParamSource = Union[nn.Module, Iterable[torch.Tensor], Callable[[], object]]
+
+
+@dataclass(frozen=True)
+class NoiseEstimate:
+    """The smoothed noise scale and its spread, in the units the monitor was fed (samples or tokens).
+
+    Attributes:
+        b_simple: tr(Σ)/|G|² from the bias-corrected EMAs (``nan`` before two steps, ``inf`` when
+            the smoothed |G|² is not positive: the gradient is lost in the noise).
+        g_sq: smoothed estimate of |G|², the squared norm of the true gradient.
+        trace_sigma: smoothed estimate of tr(Σ), the per-unit gradient variance.
+        b_simple_low: lower end of the bootstrap interval (``confidence`` two-sided).
+        b_simple_high: upper end (``inf`` when the resampled |G|² reaches zero).
+        confidence: coverage of ``[b_simple_low, b_simple_high]``.
+        n_updates: optimizer steps (two-batch pairs) observed.
+        window: how many recent steps the bootstrap resampled.
+    """
+
+    b_simple: float
+    g_sq: float
+    trace_sigma: float
+    b_simple_low: float
+    b_simple_high: float
+    confidence: float
+    n_updates: int
+    window: int
+
+    @property
+    def relative_spread(self) -> float:
+        """``(high - low) / (2 b_simple)``: the half-width of the interval relative to the point."""
+        if not (self.b_simple > 0 and math.isfinite(self.b_simple)):
+            return float("nan")
+        return (self.b_simple_high - self.b_simple_low) / (2 * self.b_simple)
+
+    def to_dict(self) -> dict:
+        """Plain data."""
+        return asdict(self)
+
+
+def grad_sq_norm(params: Iterable[torch.Tensor]) -> float:
+    """Σ |p.grad|² over ``params`` (parameters without a gradient count as zero), in float64."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return _sq_norm(grads) if grads else 0.0
+
+
+def _sq_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """Σ |t|² in float64 (one host sync per device)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for n in torch._foreach_norm(list(tensors)):
+        by_device.setdefault(n.device, []).append(n.double())
+    return sum(float(torch.stack(ns).square().sum()) for ns in by_device.values())
+
+
+def two_batch_estimates(
+    small_sq_norms: Sequence[float], big_sq_norm: float, small_batch: int | Sequence[int], big_batch: int
+) -> tuple[float, float]:
+    """Unbiased (|G|², tr(Σ)) from small-batch and big-batch gradient norms (McCandlish et al. 2018, A.2).
+
+    Args:
+        small_sq_norms: |G_i|² of each small-batch gradient, each the *mean* over its units.
+        big_sq_norm: |G_big|² of the big-batch (mean) gradient.
+        small_batch: units in each small batch (one int for all, or one per norm).
+        big_batch: units in the big batch.
+
+    Returns:
+        ``(g_sq, trace_sigma)``.
+
+    Raises:
+        BatchpilotError: on empty input, non-positive sizes, or ``small_batch >= big_batch``.
+    """
+    k = len(small_sq_norms)
+    if k == 0:
+        raise BatchpilotError("two-batch estimate needs at least one small-batch norm")
+    sizes = [small_batch] * k if isinstance(small_batch, (int, np.integer)) else list(small_batch)
+    if len(sizes) != k:
+        raise BatchpilotError(f"got {k} small-batch norms but {len(sizes)} small-batch sizes")
+    if any(b <= 0 for b in sizes) or big_batch <= 0:
+        raise BatchpilotError(f"batch sizes must be positive, got small {sizes}, big {big_batch}")
+    inv_small = sum(1.0 / b for b in sizes) / k
+    inv_big = 1.0 / big_batch
+    if not inv_small > inv_big:
+        raise BatchpilotError(f"the small batches ({sizes}) must be smaller than the big batch ({big_batch})")
+    small_mean = sum(float(s) for s in small_sq_norms) / k
+    trace_sigma = (small_mean - big_sq_norm) / (inv_small - inv_big)
+    g_sq = big_sq_norm - trace_sigma * inv_big
+    return g_sq, trace_sigma
+
+
+class _BiasCorrectedEMA:
+    """Adam-style EMA: ``m = d·m + (1-d)·x``, read as ``m / (1 - d^t)``."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay, self.value, self.count = decay, 0.0, 0
+
+    def update(self, x: float) -> None:
+        self.value = self.decay * self.value + (1 - self.decay) * x
+        self.count += 1
+
+    def read(self) -> float:
+        return self.value / (1 - self.decay**self.count) if self.count else float("nan")
+
+
+class GradientNoiseScale:
+    """Estimate B_simple from the micro-batch gradients of gradient accumulation.
+
+    With the reference trainer::
+
+        monitor = GradientNoiseScale()
+        trainer = Trainer(workload, config, after_micro=monitor.after_micro)  # accumulation_steps >= 2
+        monitor.attach(lambda: trainer.model)   # the trainer builds its model inside run()
+        trainer.run()
+        print(monitor.estimate().b_simple)
+
+    In a loop of your own, either call :meth:`after_micro` after each micro-batch's backward
+    (the gradient must be zeroed before micro-batch 0, and each micro loss divided by the
+    global batch's unit count, as in :func:`batchpilot.train.accumulate_gradients`), or compute
+    the norms yourself and call :meth:`update`.
+
+    Args:
+        params: a module, an iterable of parameters, or a zero-argument callable returning either
+            (resolved at every micro-batch 0). May be given later with :meth:`attach`.
+        ema_decay: decay of the two EMAs (0.95 averages over about 20 steps).
+        window: recent steps kept for the bootstrap spread (default ``ceil(2 / (1 - ema_decay))``).
+        confidence: two-sided coverage of the reported interval.
+        bootstrap_samples: resamples for the spread.
+        seed: seed of the bootstrap's private NumPy generator (the global RNGs are never touched).
+    """
+
+    def __init__(
+        self,
+        params: ParamSource | None = None,
+        *,
+        ema_decay: float = 0.95,
+        window: int | None = None,
+        confidence: float = 0.8,
+        bootstrap_samples: int = 200,
+        seed: int = 0,
+    ) -> None:
+        if not 0 <= ema_decay < 1:
+            raise BatchpilotError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
+        if not 0 < confidence < 1:
+            raise BatchpilotError(f"confidence must be in (0, 1), got {confidence!r}")
+        window = window if window is not None else max(2, math.ceil(2 / (1 - ema_decay)))
+        if window < 2:
+            raise BatchpilotError(f"window must be >= 2, got {window!r}")
+        self.ema_decay, self.confidence, self.window = ema_decay, confidence, window
+        self.bootstrap_samples, self.seed = bootstrap_samples, seed
+        self._source = params
+        self._params: list[torch.Tensor] = []
+        self.reset()
+
+    # -- state ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every observation (the attached parameters stay attached)."""
+        self._g_ema = _BiasCorrectedEMA(self.ema_decay)
+        self._s_ema = _BiasCorrectedEMA(self.ema_decay)
+        self._recent: deque[tuple[float, float]] = deque(maxlen=self.window)
+        self.history: list[tuple[float, float]] = []
+        """Every per-step ``(g_sq, trace_sigma)`` estimate, oldest first."""
+        self._prev: list[torch.Tensor] | None = None
+        self._micro_sq: list[float] = []
+        self._micro_units: list[int] = []
+
+    def attach(self, params: ParamSource) -> "GradientNoiseScale":
+        """Set the parameters to read (module, iterable, or callable returning one); returns ``self``."""
+        self._source = params
+        return self
+
+    def _resolve(self) -> list[torch.Tensor]:
+        src = self._source
+        if src is None:
+            raise BatchpilotError("GradientNoiseScale has no parameters: pass params=... or call attach(model) first")
+        if callable(src) and not isinstance(src, nn.Module):
+            src = src()
+            if src is None:
+                raise BatchpilotError("GradientNoiseScale: the attached callable returned None (is the model built yet?)")
+        params = src.parameters() if isinstance(src, nn.Module) else src
+        return [p for p in params if p.requires_grad]
+
+    # -- the trainer hook -------------------------------------------------------------------
+    @torch.no_grad()
+    def after_micro(self, index: int, units: int) -> None:
+        """Hook for :func:`batchpilot.train.accumulate_gradients`: record micro-batch ``index``.
+
+        ``p.grad`` holds the accumulated gradient so far, each micro loss divided by the global
+        batch's unit count ``T``. Micro-batch ``i`` added ``Δ_i = (b_i/T)·G_i``; it is recovered as
+        the difference of consecutive snapshots and rescaled by ``T/b_i`` once ``T = Σ b_i`` is known,
+        when the step ends (at the next micro-batch 0, :meth:`end_step` or :meth:`estimate`). The
+        snapshot costs one extra copy of the gradients in memory.
+        """
+        if index == 0:
+            self.end_step()
+            self._params = self._resolve()
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not grads:
+            return
+        same = self._prev is not None and len(self._prev) == len(grads) and all(
+            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(self._prev, grads))
+        if index == 0 or not same:
+            # micro-batch 0: the gradient was zero before it, so the snapshot is the delta itself
+            delta_sq = _sq_norm(grads)
+            if same:
+                torch._foreach_copy_(self._prev, grads)
+            else:
+                self._prev = [g.detach().clone() for g in grads]
+            self._micro_sq, self._micro_units = [], []
+        else:
+            torch._foreach_sub_(self._prev, grads)  # prev <- prev - now = -delta, in place
+            delta_sq = _sq_norm(self._prev)
+            torch._foreach_copy_(self._prev, grads)
+        self._micro_sq.append(delta_sq)
+        self._micro_units.append(int(units))
+
+    def end_step(self) -> tuple[float, float] | None:
+        """Turn the recorded micro-batches of the current step into one estimate.
+
+        Call it between optimizer steps (the hook does so itself at the next micro-batch 0).
+        Returns the step's ``(g_sq, trace_sigma)``, or ``None`` when fewer than two micro-batches
+        (no accumulation: no two batch sizes) were recorded.
+        """
+        sq, units = self._micro_sq, self._micro_units
+        self._micro_sq, self._micro_units = [], []
+        if len(sq) < 2 or self._prev is None or any(b <= 0 for b in units):
+            return None
+        total = sum(units)
+        small = [s * (total / b) ** 2 for s, b in zip(sq, units)]
+        big_sq = _sq_norm(self._prev)  # the snapshot after the last micro-batch is the accumulated gradient
+        return self.update(small, big_sq, units, total)
+
+    # -- the low-level API ------------------------------------------------------------------
+    def update(
+        self, small_sq_norms: Sequence[float], big_sq_norm: float, small_batch: int | Sequence[int], big_batch: int
+    ) -> tuple[float, float]:
+        """Add one step's norms (see :func:`two_batch_estimates`); returns its ``(g_sq, trace_sigma)``."""
+        g_sq, trace_sigma = two_batch_estimates(small_sq_norms, big_sq_norm, small_batch, big_batch)
+        if not (math.isfinite(g_sq) and math.isfinite(trace_sigma)):
+            raise BatchpilotError(f"gradient norms are not finite (g_sq={g_sq}, trace_sigma={trace_sigma})")
+        self._g_ema.update(g_sq)
+        self._s_ema.update(trace_sigma)
+        self._recent.append((g_sq, trace_sigma))
+        self.history.append((g_sq, trace_sigma))
+        return g_sq, trace_sigma
+
+    @property
+    def n_updates(self) -> int:
+        """Steps observed so far."""
+        return len(self.history)
+
+    # -- reading ----------------------------------------------------------------------------
+    def estimate(self) -> NoiseEstimate:
+        """The smoothed B_simple with its bootstrap interval (finalizes a pending step first)."""
+        if self._micro_sq:
+            self.end_step()
+        g_sq, trace_sigma = self._g_ema.read(), self._s_ema.read()
+        low = high = float("nan")
+        if self.n_updates >= 2:
+            low, high = self._bootstrap()
+        return NoiseEstimate(
+            b_simple=_ratio(trace_sigma, g_sq), g_sq=g_sq, trace_sigma=trace_sigma, b_simple_low=low,
+            b_simple_high=high, confidence=self.confidence, n_updates=self.n_updates, window=len(self._recent),
+        )
+
+    def _bootstrap(self) -> tuple[float, float]:
+        pairs = np.asarray(self._recent, dtype=np.float64)
+        rng = np.random.default_rng(self.seed + self.n_updates)
+        idx = rng.integers(0, len(pairs), size=(self.bootstrap_samples, len(pairs)))
+        g = pairs[idx, 0].mean(axis=1)
+        s = pairs[idx, 1].mean(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = np.where(g > 0, s / np.where(g > 0, g, 1.0), np.inf)
+        tail = (1 - self.confidence) / 2
+        low, high = np.quantile(ratios, [tail, 1 - tail])
+        return float(low), float(high)
+
+
+def _ratio(trace_sigma: float, g_sq: float) -> float:
+    if math.isnan(trace_sigma) or math.isnan(g_sq):
+        return float("nan")
+    return trace_sigma / g_sq if g_sq > 0 else float("inf")
