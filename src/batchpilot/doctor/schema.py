@@ -24,8 +24,8 @@ _NORM_ALIASES = {"bn": "batchnorm", "syncbn": "syncbatchnorm", "ln": "layernorm"
                  "in": "instancenorm", "batchnorm1d": "batchnorm", "batchnorm2d": "batchnorm",
                  "batchnorm3d": "batchnorm"}
 
-# Keys that mark a JSON document written by ``batchpilot plan``.
-PLAN_MARKERS = frozenset({"caveats", "noise_scale", "max_micro_batch"})
+# A document written by ``batchpilot plan`` has all of these keys (its ``caveats`` list marks it).
+PLAN_KEYS = frozenset({"caveats", "global_batch", "micro_batch_per_rank"})
 
 
 MAX_INT = 10**15
@@ -205,8 +205,8 @@ assert set(FIELD_NAMES) == set(FIELDS), "FIELDS and DoctorConfig disagree"
 
 
 def is_plan(data: Mapping[str, Any]) -> bool:
-    """Whether a mapping looks like a ``batchpilot plan`` output (it has plan-only keys)."""
-    return bool(PLAN_MARKERS & set(data)) and "global_batch" in data and "micro_batch_per_rank" in data
+    """Whether a mapping looks like a ``batchpilot plan`` output (a ``caveats`` list next to the batch keys)."""
+    return PLAN_KEYS <= set(data)
 
 
 def parse_config(data: Any, kind: str | None = None) -> DoctorConfig:
