@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from batchpilot import get_workload
 from batchpilot.train import TrainConfig, Trainer
 
 
+@torch.no_grad()
 def weight_rel_diff(a, b) -> float:
     num = sum(float((p - q).pow(2).sum()) for p, q in zip(a.parameters(), b.parameters()))
     den = sum(float(q.pow(2).sum()) for q in b.parameters())
