@@ -9,7 +9,10 @@
 from batchpilot.memory.api import memory_curve, with_seq_len
 from batchpilot.memory.curve import MemoryCurve
 from batchpilot.memory.devices import DeviceSpec, known_devices, resolve_device
+from batchpilot.memory.probe import ProbeResult, Trial, find_max_batch, is_oom, probe_workload
+from batchpilot.memory.snapshot import TrainingState
 from batchpilot.memory.units import format_bytes, parse_bytes
 
 __all__ = ["MemoryCurve", "memory_curve", "with_seq_len", "DeviceSpec", "resolve_device", "known_devices",
-           "parse_bytes", "format_bytes"]
+           "parse_bytes", "format_bytes", "find_max_batch", "probe_workload", "ProbeResult", "Trial",
+           "is_oom", "TrainingState"]

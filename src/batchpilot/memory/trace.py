@@ -30,6 +30,7 @@ import torch
 from batchpilot.errors import BatchpilotError
 from batchpilot.memory.options import (apply_checkpointing, autocast_context, cast_model, cuda_attention,
                                        force_optimizer_impl, torch_dtype)
+from batchpilot.memory.workspace import CpuKernelWorkspace
 from batchpilot.workload import Workload
 from batchpilot.workloads.common import preserved_host_rng
 
@@ -180,7 +181,8 @@ def trace_step(workload: Workload, batch: int, *, dtype: str = "float32", amp: b
             tracker._peak_mem_snap = tracker.get_tracker_snapshot("current")
             tracker._peak_mem = {dev: snap.get("Total", 0) for dev, snap in tracker._peak_mem_snap.items()}
 
-        with tracker:
+        workspace = CpuKernelWorkspace(batch) if target == "cpu" else contextlib.nullcontext()
+        with tracker, workspace:
             for step in (1, 2):
                 with autocast_context(amp, dtype):
                     loss = workload.loss_sum(model(x), y) / units
