@@ -41,7 +41,8 @@ def not_checked(ctx: Context) -> Iterator[Finding]:
         need("warmup BP206", ["warmup_steps"])
     if cfg.normalization is None:
         need("BatchNorm BP501-BP504", ["normalization"])
-    if ctx.accumulation is None or ctx.accumulating:
+    # a plan runs under batchpilot train, which steps scheduler, EMA and zero_grad per optimizer step
+    if cfg.kind != "plan" and (ctx.accumulation is None or ctx.accumulating):
         loop = [n for n in ("scheduler_step", "zero_grad") if getattr(cfg, n) is None]
         if cfg.ema_decay is not None and cfg.ema_step is None:
             loop.append("ema_step")
