@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 from batchpilot.errors import BatchpilotError
 from batchpilot.workload import Target, Workload, count_tokens, register
 
-DESC = "char-level GPT (2 layers, LayerNorm) on Python's stdlib source, AdamW; base batch 32 x 64 tokens, LR 2e-3"
+DESC = "char-level GPT (2 layers, LayerNorm) on Python's stdlib source, AdamW; base batch 32 x 64 tokens, LR 2e-3; target val_loss<=2.2"
 VOCAB = 128  # ASCII; other bytes map to '?'
 # Modules present in every CPython >= 3.10: the corpus is the same text on any install of one version.
 SOURCE_MODULES = ("textwrap", "difflib", "argparse", "fractions", "statistics", "heapq", "bisect", "shlex", "calendar")
@@ -112,5 +112,5 @@ def charlm(seq_len: int = 64, val_fraction: float = 0.1) -> Workload:
         train_data=windows(ids[:split], seq_len), val_data=windows(ids[split:], seq_len),
         loss_sum=token_loss_sum, metric_sum=token_loss_sum, metric_name="val_loss", higher_is_better=False,
         count_units=count_tokens, make_optimizer=_adamw, base_batch=32, base_lr=2e-3,
-        target=Target("val_loss", "<=", 1.8), description=DESC, seq_len=seq_len,
+        target=Target("val_loss", "<=", 2.2), description=DESC, seq_len=seq_len,
     )
