@@ -105,3 +105,13 @@ def test_target_parse():
 def test_cli_workloads_json():
     out = subprocess.run([sys.executable, "-m", "batchpilot", "workloads", "--json"], capture_output=True, text=True, check=True)
     assert "mnist1d-cnn" in out.stdout
+
+
+def test_mnist1d_disk_cache_round_trip(tmp_path, monkeypatch):
+    from batchpilot.workloads import mnist1d
+
+    monkeypatch.setenv("BATCHPILOT_CACHE", str(tmp_path))
+    fresh = mnist1d._generate.__wrapped__(200, 100, 42)
+    assert mnist1d._cache_path(200, 100, 42).exists()
+    cached = mnist1d._generate.__wrapped__(200, 100, 42)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, cached))

@@ -7,7 +7,9 @@ the same split.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,8 +23,19 @@ SEQ_LEN = 40
 NUM_CLASSES = 10
 
 
+def _cache_path(num_train: int, num_val: int, seed: int) -> Path:
+    root = Path(os.environ.get("BATCHPILOT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "batchpilot")
+    return root / f"mnist1d-{num_train}-{num_val}-{seed}-v1.pt"
+
+
 @lru_cache(maxsize=4)
 def _generate(num_train: int, num_val: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Generate once (seconds), then reuse from the in-process and on-disk caches."""
+    path = _cache_path(num_train, num_val, seed)
+    try:
+        return tuple(torch.load(path, weights_only=True))
+    except Exception:  # missing or unreadable cache: regenerate
+        pass
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -35,6 +48,13 @@ def _generate(num_train: int, num_val: int, seed: int) -> tuple[torch.Tensor, ..
     y = torch.as_tensor(data["y"], dtype=torch.long)
     x_val = torch.as_tensor(data["x_test"], dtype=torch.float32)
     y_val = torch.as_tensor(data["y_test"], dtype=torch.long)
+    try:  # best effort: a read-only home only costs the regeneration next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save([x, y, x_val, y_val], tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass
     return x, y, x_val, y_val
 
 
