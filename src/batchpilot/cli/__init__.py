@@ -18,6 +18,7 @@ COMMANDS = (
     "batchpilot.cli.workloads_cmd",
     "batchpilot.cli.train_cmd",
     "batchpilot.cli.doctor_cmd",
+    "batchpilot.cli.sweep_cmd",
 )
 
 
@@ -50,3 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except BatchpilotError as exc:
         print(f"batchpilot {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
