@@ -302,9 +302,10 @@ class GradientNoiseScale:
         s = pairs[idx, 1].mean(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratios = np.where(g > 0, s / np.where(g > 0, g, 1.0), np.inf)
+        ratios.sort()  # order statistics, not interpolation: the ratios may hold inf
         tail = (1 - self.confidence) / 2
-        low, high = np.quantile(ratios, [tail, 1 - tail])
-        return float(low), float(high)
+        last = len(ratios) - 1
+        return float(ratios[int(math.floor(tail * last))]), float(ratios[int(math.ceil((1 - tail) * last))])
 
 
 def _ratio(trace_sigma: float, g_sq: float) -> float:

@@ -1,0 +1,180 @@
+"""The planner's core: goodput over the feasible (micro-batch, accumulation) pairs. Pure functions.
+
+Goodput (Qiao et al. 2021, "Pollux", OSDI, eq. 2-3) is throughput times statistical efficiency::
+
+    goodput(B)    = samples_per_s(B) · efficiency(B)
+    efficiency(B) = (B_noise + B0) / (B_noise + B)
+
+where B0 is the batch the user tuned (the workload's base batch) and B_noise the gradient noise
+scale (McCandlish et al. 2018). The efficiency is the ratio of samples needed to reach a given
+loss at B0 to those needed at B: McCandlish et al.'s ``E(B) = E_min (1 + B/B_noise)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Protocol, Sequence
+
+from batchpilot.errors import BatchpilotError
+from batchpilot.scaling import scale_lr
+
+MAX_ACCUMULATION = 64
+"""The largest accumulation the search considers."""
+
+
+class StepTimeModel(Protocol):
+    def step_s(self, micro_batch: int, accumulation_steps: int = 1) -> float: ...
+
+
+class MemoryModel(Protocol):
+    def peak_bytes(self, micro_batch: int) -> float: ...
+
+    def max_micro_batch(self, budget_bytes: float) -> int: ...
+
+
+def efficiency(batch: float, b_noise: float, base_batch: float) -> float:
+    """Statistical efficiency of ``batch`` relative to ``base_batch`` (Pollux, Qiao et al. 2021).
+
+    ``b_noise = inf`` (the gradient is pure noise to the estimator) gives 1 for every batch.
+    """
+    if batch <= 0 or base_batch <= 0:
+        raise BatchpilotError(f"batches must be positive, got {batch} and {base_batch}")
+    if not b_noise >= 0:
+        raise BatchpilotError(f"the noise scale must be >= 0, got {b_noise}")
+    if math.isinf(b_noise):
+        return 1.0
+    return (b_noise + base_batch) / (b_noise + batch)
+
+
+def effective_noise_scale(points: Sequence[tuple[float, float]], base_batch: float) -> float:
+    """One B_noise for a whole run whose noise scale changes: a weighted harmonic mean.
+
+    With ``points = [(samples_seen, b_noise), ...]`` measured at ``base_batch``, the run splits into
+    phases; phase p took ``n_p`` samples, so ``E_min,p = n_p / (1 + B0/B_p)`` (McCandlish et al. 2018,
+    eq. 2.11). At batch B the run needs ``Σ E_min,p (1 + B/B_p) = E_min (1 + B/B_eff)`` samples, with
+    ``B_eff = Σ E_min,p / Σ (E_min,p / B_p)``. Phases whose estimate is not a positive number are skipped.
+    """
+    e_total = weighted = 0.0
+    prev = 0.0
+    for samples, b in points:
+        n = samples - prev
+        prev = samples
+        if n <= 0 or not (b > 0):
+            continue
+        e_min = n / (1 + base_batch / b) if math.isfinite(b) else n
+        e_total += e_min
+        weighted += e_min / b if math.isfinite(b) else 0.0
+    if e_total == 0:
+        return float("nan")
+    return e_total / weighted if weighted > 0 else float("inf")
+
+
+def warmup_steps_for(batch: int, base_batch: int, run_steps: int) -> int:
+    """Linear-warmup length for a jump from ``base_batch`` to ``batch``.
+
+    Goyal et al. (2017) warm up for 5 of 90 epochs (~6%) on a 32x jump and need none at 1x. The
+    warmup here is ``1.2% x log2(B/B0)`` of the run (6% at 32x, capped at 20%), at least one step
+    per doubling; none when the batch does not grow.
+    """
+    if batch <= base_batch:
+        return 0
+    doublings = math.log2(batch / base_batch)
+    frac = min(0.2, 0.012 * doublings)
+    return max(math.ceil(doublings), math.ceil(frac * max(1, run_steps)))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One feasible configuration and what the model predicts for it.
+
+    Attributes:
+        micro_batch_per_rank, accumulation_steps, world_size: the split of the global batch.
+        global_batch: ``micro x accumulation x world``.
+        step_s: predicted optimizer-step time.
+        samples_per_s: predicted samples/s over all ranks.
+        efficiency: Pollux statistical efficiency relative to the base batch.
+        goodput: ``samples_per_s x efficiency``.
+        peak_bytes: predicted peak memory per rank.
+        lr: peak LR after the scaling rule.
+        warmup_steps: warmup length.
+        steps_to_target: predicted optimizer steps to the target (warmup included), or ``None``.
+        time_to_target_s: predicted training seconds to the target, or ``None``.
+    """
+
+    micro_batch_per_rank: int
+    accumulation_steps: int
+    world_size: int
+    global_batch: int
+    step_s: float
+    samples_per_s: float
+    efficiency: float
+    goodput: float
+    peak_bytes: float
+    lr: float
+    warmup_steps: int
+    steps_to_target: int | None
+    time_to_target_s: float | None
+
+    def __post_init__(self) -> None:
+        if self.global_batch != self.micro_batch_per_rank * self.accumulation_steps * self.world_size:
+            raise BatchpilotError("global_batch must equal micro_batch_per_rank x accumulation_steps x world_size")
+
+    def to_dict(self) -> dict:
+        """Plain data."""
+        return asdict(self)
+
+
+def evaluate(micro: int, accumulation: int, *, world_size: int, throughput: StepTimeModel, memory: MemoryModel,
+             b_noise: float, base_batch: int, base_lr: float, lr_rule: str,
+             anchor: tuple[int, float] | None, steps_per_epoch_base: int) -> Candidate:
+    """Predict one (micro-batch, accumulation) configuration.
+
+    ``anchor = (batch, samples_to_target)`` measured at ``batch``; samples to target at B follow
+    ``E(B) = E(anchor) (B_noise + B) / (B_noise + anchor)``.
+    """
+    batch = micro * accumulation * world_size
+    step_s = throughput.step_s(micro, accumulation)
+    samples_per_s = batch / step_s
+    eff = efficiency(batch, b_noise, base_batch)
+    lr = scale_lr(base_lr, base_batch, batch, lr_rule)
+    steps = time_s = None
+    if anchor is not None:
+        samples = anchor[1] * efficiency(anchor[0], b_noise, batch)  # E(B) = E(a) * (Bn + B)/(Bn + a)
+        plain = max(1, math.ceil(samples / batch))
+        warmup = warmup_steps_for(batch, base_batch, plain)
+        steps = plain + warmup // 2  # a linear warmup costs about half its length
+        time_s = steps * step_s
+    else:
+        warmup = warmup_steps_for(batch, base_batch, max(1, steps_per_epoch_base * base_batch // batch))
+    return Candidate(micro, accumulation, world_size, batch, step_s, samples_per_s, eff, samples_per_s * eff,
+                     memory.peak_bytes(micro), lr, warmup, steps, time_s)
+
+
+def search(*, micro_choices: Sequence[int], world_size: int, max_micro_batch: int, max_global_batch: int,
+           max_accumulation: int = MAX_ACCUMULATION, **kwargs) -> list[Candidate]:
+    """Every feasible pair: micro-batch from ``micro_choices`` that fits (``<= max_micro_batch``),
+    accumulation a power of two up to ``max_accumulation``, global batch ``<= max_global_batch``.
+    For each global batch only the fastest split is kept. Sorted by global batch.
+    """
+    best: dict[int, Candidate] = {}
+    for micro in sorted(set(micro_choices)):
+        if micro > max_micro_batch:
+            continue
+        accumulation = 1
+        while accumulation <= max_accumulation and micro * accumulation * world_size <= max_global_batch:
+            cand = evaluate(micro, accumulation, world_size=world_size, **kwargs)
+            old = best.get(cand.global_batch)
+            if old is None or cand.step_s < old.step_s:
+                best[cand.global_batch] = cand
+            accumulation *= 2
+    if not best:
+        raise BatchpilotError(f"no feasible configuration: the largest micro-batch that fits is {max_micro_batch}, "
+                              f"the candidates were {sorted(set(micro_choices))}")
+    return [best[b] for b in sorted(best)]
+
+
+def choose(candidates: Sequence[Candidate]) -> Candidate:
+    """The candidate with the highest goodput (within 0.5%, the smaller batch: same speed, less risk)."""
+    top = max(c.goodput for c in candidates)
+    return min((c for c in candidates if c.goodput >= 0.995 * top), key=lambda c: c.global_batch)

@@ -1,0 +1,118 @@
+"""The plan: plain data, rendered elsewhere (terminal table, plan.json, report.html)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchpilot.errors import BatchpilotError
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen configuration, its predictions, and the measurements behind them.
+
+    The first block is what ``batchpilot train --plan`` runs. ``noise_scale`` is B_noise in samples;
+    ``efficiency`` and ``goodput`` follow Pollux (Qiao et al. 2021) relative to ``base_batch``.
+    """
+
+    workload: str
+    micro_batch_per_rank: int
+    accumulation_steps: int
+    world_size: int
+    global_batch: int
+    lr: float
+    lr_rule: str
+    warmup_steps: int
+    schedule: str
+    noise_scale: float
+    noise_scale_low: float
+    noise_scale_high: float
+    samples_per_s: float
+    efficiency: float
+    goodput: float
+    peak_bytes: float
+    max_micro_batch: int
+    caveats: tuple[str, ...]
+    base_batch: int
+    base_lr: float
+    device: str
+    usable_bytes: int
+    target: str | None
+    predicted_steps_to_target: int | None
+    predicted_time_to_target_s: float | None
+    lr_rule_note: str
+    noise_note: str
+    why: str
+    threads: int
+    alternatives: dict[str, dict] = field(default_factory=dict)
+    candidates: tuple[dict, ...] = ()
+    throughput: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+    noise_probe: dict = field(default_factory=dict)
+    timings_s: dict = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        if self.global_batch != self.micro_batch_per_rank * self.accumulation_steps * self.world_size:
+            raise BatchpilotError("plan: global_batch must equal micro_batch_per_rank x accumulation_steps x world_size")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data (non-finite floats become ``None``)."""
+        return _clean(asdict(self))
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_plan(plan: Plan, path: str | Path) -> Path:
+    """Write ``plan.json`` (strict JSON, atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(plan.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+REQUIRED_KEYS = ("micro_batch_per_rank", "accumulation_steps", "world_size", "global_batch", "lr", "lr_rule",
+                 "warmup_steps")
+
+
+def read_plan(path: str | Path) -> dict[str, Any]:
+    """Read and check a ``plan.json``: the keys training needs, consistent batch arithmetic.
+
+    Raises:
+        BatchpilotError: a missing/unreadable file, missing keys, or an inconsistent batch split.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BatchpilotError(f"plan file {str(path)!r} does not exist") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BatchpilotError(f"plan file {str(path)!r} is not readable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BatchpilotError(f"plan file {str(path)!r} must hold a JSON object")
+    missing = [k for k in REQUIRED_KEYS if data.get(k) is None]
+    if missing:
+        raise BatchpilotError(f"plan file {str(path)!r} lacks {', '.join(missing)}")
+    for k in ("micro_batch_per_rank", "accumulation_steps", "world_size", "global_batch", "warmup_steps"):
+        if isinstance(data[k], bool) or not isinstance(data[k], int) or data[k] < (0 if k == "warmup_steps" else 1):
+            raise BatchpilotError(f"plan file {str(path)!r}: {k} must be a {'non-negative' if k == 'warmup_steps' else 'positive'} integer, got {data[k]!r}")
+    if data["global_batch"] != data["micro_batch_per_rank"] * data["accumulation_steps"] * data["world_size"]:
+        raise BatchpilotError(f"plan file {str(path)!r}: global_batch {data['global_batch']} != micro_batch_per_rank x "
+                              f"accumulation_steps x world_size")
+    return data

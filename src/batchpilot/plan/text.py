@@ -1,0 +1,128 @@
+"""The plan's words, computed from its numbers: caveats, the LR-rule note, the noise note, "why this batch"."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from batchpilot.plan.goodput import Candidate
+from batchpilot.plan.probe import NoiseProbe
+from batchpilot.throughput import ThroughputCurve
+from batchpilot.workload import Workload
+
+BN_SMALL_BATCH = 16
+"""Per-device batch below which BatchNorm statistics get noisy (Wu & He 2018, "Group Normalization", Fig. 1)."""
+
+
+def _fmt(x: float) -> str:
+    if x is None or not math.isfinite(x):
+        return "unbounded" if x == math.inf else "n/a"
+    return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
+def lr_rule_note(rule: str, b_noise: float, batch: int) -> str:
+    """Where the LR rule comes from and where it stops holding."""
+    crit = f"the measured critical batch (B_noise ≈ {_fmt(b_noise)} samples)"
+    if rule == "linear":
+        head = "Linear scaling (Goyal et al. 2017), an empirical rule for SGD"
+    elif rule == "sqrt":
+        head = "Square-root scaling (Malladi et al. 2022), the SDE-matching rule for Adam-type optimizers"
+    else:
+        head = "No scaling: the base LR is kept"
+    tail = (f"It holds while the batch is below about {crit}; beyond it larger batches stop cutting the steps "
+            "proportionally (McCandlish et al. 2018; Shallue et al. 2019) and the scaled LR is an extrapolation "
+            "that a sweep must confirm.")
+    where = "The chosen batch is beyond it." if math.isfinite(b_noise) and batch > b_noise else (
+        "The chosen batch is within it.")
+    return f"{head}. {tail} {where}"
+
+
+def noise_note(probe: NoiseProbe) -> str:
+    """Which B_noise value the plan uses, and why."""
+    pts = [p.b_noise for p in probe.points if p.b_noise > 0 and math.isfinite(p.b_noise)]
+    span = f"from {_fmt(min(pts))} to {_fmt(max(pts))}" if pts else "without a usable value"
+    phases = ", ".join(_fmt(b) for _, b in probe.phases)
+    ended = {"target_reached": "reached the target", "budget": "hit its time budget",
+             "completed": "ran out of epochs"}[probe.status]
+    return (f"B_noise was measured during a {probe.steps}-step run at the base batch {probe.batch} (micro-batch "
+            f"{probe.micro_batch}), which {ended}; the smoothed estimate ranged {span} samples, and the per-phase "
+            f"values were {phases}. The plan uses {_fmt(probe.b_noise_effective)} (80% interval "
+            f"{_fmt(probe.b_noise_low)}–{_fmt(probe.b_noise_high)}): the weighted harmonic mean over the phases, "
+            "because the samples a run needs add up phase by phase (E = Σ E_min,p (1 + B/B_p), McCandlish et al. "
+            "2018), so this single value predicts the samples to the target exactly when each phase's does. The "
+            "last value alone would suit only the end of training (a batch-size ramp can follow the growth).")
+
+
+def why_text(chosen: Candidate, base: Candidate | None, largest: Candidate, throughput: ThroughputCurve,
+             b_noise: float, workload: Workload) -> str:
+    """One paragraph: why this batch, with the numbers."""
+    split = (f"micro-batch {chosen.micro_batch_per_rank} x {chosen.accumulation_steps} accumulation"
+             f" x {chosen.world_size} rank{'s' if chosen.world_size > 1 else ''}")
+    parts = [f"Batch {chosen.global_batch} ({split}) has the highest goodput, {_fmt(chosen.goodput)} useful samples/s: "
+             f"it runs {_fmt(chosen.samples_per_s)} samples/s at a statistical efficiency of {chosen.efficiency:.2f} "
+             f"(B_noise ≈ {_fmt(b_noise)} samples, so it needs {1 / chosen.efficiency:.2f}x the samples of the "
+             f"base batch {workload.base_batch} to reach the same loss)."]
+    if base is not None and base.global_batch != chosen.global_batch:
+        parts.append(f"The base batch {base.global_batch} runs {_fmt(base.samples_per_s)} samples/s at efficiency "
+                     f"1.00: goodput {_fmt(base.goodput)}, {chosen.goodput / base.goodput:.2f}x less than the choice.")
+    if largest.global_batch != chosen.global_batch:
+        parts.append(f"The largest batch that fits, {largest.global_batch}, runs {_fmt(largest.samples_per_s)} "
+                     f"samples/s but its efficiency is only {largest.efficiency:.2f}: goodput {_fmt(largest.goodput)}, "
+                     f"{chosen.goodput / largest.goodput:.2f}x less.")
+    parts.append(f"Past the choice, samples/s grows more slowly than efficiency falls (the fitted step time saturates "
+                 f"near batch {_fmt(throughput.saturation_batch)}, where the fixed {throughput.overhead_s * 1e3:.2g} ms "
+                 f"per step is a tenth of it).")
+    if chosen.time_to_target_s is not None:
+        parts.append(f"Predicted: {chosen.steps_to_target} steps and {chosen.time_to_target_s:.1f} s of training to "
+                     f"{workload.target}" + (f", against {base.time_to_target_s:.1f} s at the base batch."
+                                             if base is not None and base.time_to_target_s else "."))
+    return " ".join(parts)
+
+
+def caveats_for(*, workload: Workload, chosen: Candidate, probe: NoiseProbe, throughput: ThroughputCurve, curve,
+                batchnorm: bool, measured_on: str, spec, candidates: Sequence[Candidate], world_size: int,
+                b_noise_used: float) -> list[str]:
+    """Everything a reader should know before trusting the plan."""
+    out: list[str] = []
+    if batchnorm and chosen.accumulation_steps > 1:
+        out.append(f"BatchNorm under accumulation: each of the {chosen.accumulation_steps} micro-batches normalises "
+                   f"with its own {chosen.micro_batch_per_rank}-sample statistics, not the {chosen.global_batch}-sample "
+                   "batch; consider GroupNorm/LayerNorm or a larger micro-batch.")
+    if batchnorm and chosen.micro_batch_per_rank < BN_SMALL_BATCH:
+        out.append(f"BatchNorm with a small per-device batch ({chosen.micro_batch_per_rank} < {BN_SMALL_BATCH}): its "
+                   "statistics are noisy (Wu & He 2018); use SyncBatchNorm or GroupNorm.")
+    if math.isfinite(b_noise_used) and chosen.global_batch > b_noise_used:
+        out.append(f"LR beyond the measured critical batch: batch {chosen.global_batch} > B_noise ≈ "
+                   f"{_fmt(b_noise_used)}, so the scaled LR {chosen.lr:.3g} is an extrapolation of the rule; confirm "
+                   "with `batchpilot sweep`.")
+    if not probe.b_noise_effective > 0:
+        out.append("The noise probe gave no usable B_noise; the plan assumed B_noise = the base batch.")
+    elif probe.b_noise_high > 3 * probe.b_noise_low or not math.isfinite(probe.b_noise_high):
+        out.append(f"The noise scale is uncertain (80% interval {_fmt(probe.b_noise_low)}–{_fmt(probe.b_noise_high)}); "
+                   "the alternatives 'best_if_noise_low/high' show how the choice moves with it.")
+    if probe.samples_to_target is None:
+        out.append(f"The probe did not reach the target {workload.target} ({probe.status}); steps and time to the "
+                   "target are not predicted." if workload.target else
+                   "The workload has no target; steps and time to a target are not predicted.")
+    if chosen.global_batch == max(c.global_batch for c in candidates):
+        out.append(f"The choice is the largest batch searched ({chosen.global_batch}): goodput may keep rising past "
+                   "the dataset or memory limit.")
+    if chosen.global_batch > workload.num_train // 8:
+        out.append(f"Batch {chosen.global_batch} gives only {workload.num_train // chosen.global_batch} steps per "
+                   f"epoch over {workload.num_train} samples.")
+    spread = max((p.step_s_spread for p in throughput.points), default=0.0)
+    if spread > 0.5:
+        out.append(f"Step times were noisy (spread up to {spread:.0%} of the median; a busy machine?): samples/s "
+                   "and the choice may move between runs.")
+    if throughput.truncated_at is not None:
+        out.append(f"Throughput was measured only up to batch {throughput.batches[-1]} (time budget); larger ones "
+                   "are extrapolated from the fitted line.")
+    if spec.kind == "cuda" and measured_on == "cpu":
+        out.append(f"Memory is planned for {spec.name}, but throughput was measured on this CPU: samples/s, "
+                   "goodput and wall times are this machine's, not the GPU's.")
+    if world_size > 1:
+        out.append(f"world size {world_size}: samples/s is the per-rank figure times {world_size}; gradient "
+                   "all-reduce time is not measured.")
+    if curve.residual_frac > 0.05:
+        out.append(f"The memory model fits its traces only to {curve.residual_frac:.0%}.")
+    return out
