@@ -17,6 +17,7 @@ from batchpilot.errors import EXIT_USAGE, BatchpilotError
 COMMANDS = (
     "batchpilot.cli.workloads_cmd",
     "batchpilot.cli.train_cmd",
+    "batchpilot.cli.memory_cmd",
     "batchpilot.cli.doctor_cmd",
     "batchpilot.cli.sweep_cmd",
 )

@@ -6,6 +6,7 @@
 * :func:`find_max_batch`: an out-of-memory-safe probe on a real device.
 """
 
+from batchpilot.memory import hf as _hf  # noqa: F401  (registers hf:gpt2, hf:bert-base, hf:bert-large)
 from batchpilot.memory.api import memory_curve, with_seq_len
 from batchpilot.memory.curve import MemoryCurve
 from batchpilot.memory.devices import DeviceSpec, known_devices, resolve_device

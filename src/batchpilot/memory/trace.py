@@ -67,13 +67,33 @@ class StepTrace:
     seconds: float = 0.0
 
 
+def _global_peak_tracker() -> Any:
+    """``MemTracker`` that keeps only the global peak.
+
+    The stock ``_update_peak_stats`` also refreshes every module's local peak after every
+    op (modules x ops work: most of a GPT-2 trace's time); we only need the global one.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class GlobalPeakTracker(MemTracker):
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            for dev, dev_snap in self._curr_mem_snap.items():
+                total = dev_snap.get("Total", 0)
+                if self._peak_mem.get(dev, 0) < total:
+                    self._peak_mem[dev] = total
+                    self._peak_mem_snap[dev] = dict(dev_snap)
+
+    return GlobalPeakTracker()
+
+
 def mem_tracker_available() -> bool:
     """Whether this torch has the ``MemTracker`` this module relies on (torch >= 2.5)."""
     try:
         from torch.distributed._tools.mem_tracker import MemTracker
     except Exception:  # noqa: BLE001 - any import problem means "not available"
         return False
-    needed = ("track_external", "get_tracker_snapshot", "reset_mod_stats", "_peak_mem", "_peak_mem_snap", "_curr_mem_snap")
+    needed = ("track_external", "get_tracker_snapshot", "reset_mod_stats", "_peak_mem", "_peak_mem_snap", "_curr_mem_snap",
+              "_update_peak_stats")
     probe = MemTracker()
     return all(hasattr(probe, name) for name in needed)
 
@@ -143,7 +163,6 @@ def trace_step(workload: Workload, batch: int, *, dtype: str = "float32", amp: b
         RuntimeError and friends from tracing (e.g. data-dependent control flow): callers fall back.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     if target not in ("cpu", "cuda"):
         raise BatchpilotError(f"trace target must be 'cpu' or 'cuda', got {target!r}")
@@ -168,7 +187,7 @@ def trace_step(workload: Workload, batch: int, *, dtype: str = "float32", amp: b
         force_optimizer_impl(optimizer, impl)
         x = torch.empty((batch, *x_shape), dtype=x_dtype)
         y = torch.zeros((batch, *y_shape), dtype=y_dtype)
-        tracker = MemTracker()
+        tracker = _global_peak_tracker()
         tracker.track_external(model, optimizer, x, y)
 
         def mark(phase: str) -> None:

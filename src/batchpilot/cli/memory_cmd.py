@@ -1,0 +1,207 @@
+"""``batchpilot memory``: peak training-step memory M(B), its breakdown and the largest micro-batch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from batchpilot.cli.common import add_workload_args, load_workload, print_json
+from batchpilot.errors import BatchpilotError
+from batchpilot.memory import DeviceSpec, MemoryCurve, format_bytes, memory_curve, resolve_device
+from batchpilot.memory.options import DTYPES
+from batchpilot.workload import REGISTRY, Workload
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("memory", help="predict peak training memory M(B) and the largest micro-batch on a device",
+                       description="Trace one full training step with fake tensors (nothing is allocated), fit "
+                                   "M(B) = fixed + per_sample * B and find the largest micro-batch on a device.")
+    add_workload_args(p)
+    dev = p.add_argument_group("target device")
+    dev.add_argument("--device", default=None, help="cpu, cuda (this GPU), a GPU name (H100, A100-40GB, 'RTX 4090' ...) "
+                                                    "or a size; default cpu")
+    dev.add_argument("--memory", default=None, help="device total memory, e.g. 24GiB (overrides the table; "
+                                                    "alone it means a GPU of that size)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (or the autocast dtype with --amp)")
+    p.add_argument("--amp", action="store_true", help="autocast with fp32 weights")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (sequence models)")
+    p.add_argument("--batch-sizes", default=None, help="traced micro-batches, e.g. 8,16,32 (default b,2b,4b)")
+    p.add_argument("--global-batch", type=int, default=None, help="global batch for the accumulation what-if "
+                                                                  "(default the workload's base batch)")
+    p.add_argument("--no-what-if", action="store_true", help="skip the checkpointing/bf16 what-if traces")
+    p.add_argument("--probe", action="store_true", help="confirm the largest micro-batch with real steps (needs CUDA)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", default=None, help="directory for memory.json, memory.png and memory.html")
+    p.set_defaults(func=run)
+
+
+def _load(args: argparse.Namespace) -> Workload:
+    import batchpilot.memory.hf as hf  # registers hf:gpt2 / hf:bert-base / hf:bert-large
+
+    if args.workload.startswith("hf:") and args.workload not in REGISTRY:
+        options = dict(item.partition("=")[::2] for item in args.workload_opt)
+        return hf.load_hf_workload(args.workload, **{k: _value(v) for k, v in options.items()})
+    return load_workload(args)
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _batches(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise BatchpilotError(f"--batch-sizes must be comma-separated integers, got {text!r}") from exc
+    if not values or any(v < 1 for v in values):
+        raise BatchpilotError(f"--batch-sizes must be positive integers, got {text!r}")
+    return values
+
+
+def result_dict(workload: Workload, curve: MemoryCurve, device: DeviceSpec, scenarios: list, probe: Any) -> dict:
+    """The JSON document of a memory run."""
+    m = curve.max_micro_batch(device.usable_bytes)
+    seq = curve.seq_len
+    return {
+        "workload": workload.name, **curve.to_dict(),
+        "per_token_bytes": curve.per_sample_bytes / seq if seq else None,
+        "device": device.name, "device_kind": device.kind, "device_memory_bytes": device.memory_bytes,
+        "device_usable_bytes": device.usable_bytes, "device_overheads": {
+            "cuda_context_bytes": device.context_bytes, "workspace_bytes": device.workspace_bytes,
+            "margin_frac": device.margin_frac},
+        "max_micro_batch": m, "peak_bytes_at_max": curve.peak_bytes(m) if m else None,
+        "batch1_peak_bytes": curve.peak_bytes(1),
+        "what_if": [s.to_dict() for s in scenarios],
+        "probe": None if probe is None else {
+            "max_micro_batch": probe.max_micro_batch, "first_failing": probe.first_failing,
+            "predicted_micro_batch": probe.predicted_micro_batch, "oom_count": probe.oom_count,
+            "trials": [t.__dict__ for t in probe.trials]},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    workload = _load(args)
+    device = resolve_device(args.device, args.memory)
+    global_batch = args.global_batch if args.global_batch is not None else workload.base_batch
+    if global_batch < 1:
+        raise BatchpilotError(f"--global-batch must be a positive integer, got {global_batch}")
+    curve = memory_curve(workload, batch_sizes=_batches(args.batch_sizes), dtype=args.dtype, amp=args.amp,
+                         checkpointing=args.checkpointing, device=device.kind, seq_len=args.seq_len)
+    fits = curve.peak_bytes(1) <= device.usable_bytes
+    scenarios: list = []
+    if fits:
+        from batchpilot.memory.whatif import accumulation_scenario, what_ifs
+
+        if args.no_what_if:
+            scenarios = [accumulation_scenario(curve, device, global_batch)]
+        else:
+            scenarios = what_ifs(workload if args.seq_len is None else _with_seq(workload, args.seq_len), curve,
+                                 device, global_batch=global_batch)
+    probe = None
+    if args.probe and fits:
+        from batchpilot.memory.probe import probe_workload
+
+        probe = probe_workload(_with_seq(workload, args.seq_len), curve.max_micro_batch(device.usable_bytes),
+                               device="cuda", dtype=args.dtype, amp=args.amp, checkpointing=args.checkpointing)
+    data = result_dict(workload, curve, device, scenarios, probe)
+    if args.out:
+        _write_outputs(Path(args.out), workload, curve, device, scenarios, data)
+    if args.json:
+        if not fits:
+            curve.check_budget(device.usable_bytes, f"usable memory on {device.name}")
+        print_json(data)
+        return 0
+    render(workload, curve, device, scenarios, probe, out=args.out)
+    if not fits:
+        curve.check_budget(device.usable_bytes, f"usable memory on {device.name}")
+    return 0
+
+
+def _with_seq(workload: Workload, seq_len: int | None) -> Workload:
+    from batchpilot.memory import with_seq_len
+
+    return with_seq_len(workload, seq_len)
+
+
+def _write_outputs(out: Path, workload: Workload, curve: MemoryCurve, device: DeviceSpec, scenarios: list,
+                   data: dict) -> None:
+    from batchpilot.memory.plot import memory_figure, save_memory_plot
+    from batchpilot.report.html import Section, write_html
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps(data, indent=2) + "\n")
+    extra = [(s.name, s.curve) for s in scenarios if s.curve is not None and s.name != "as configured"]
+    title = f"{workload.name}: M(B) on {device.name}"
+    save_memory_plot(out / "memory.png", curve, device, title, extra)
+    rows = [["category", "bytes", "share"]]
+    total = sum(curve.breakdown.values()) or 1
+    rows += [[k, format_bytes(v), f"{v / total:.1%}"] for k, v in curve.breakdown.items()]
+    what = [["setting", "bytes/sample", f"peak at B", "largest micro-batch", "note"]]
+    what += [[s.name, format_bytes(s.per_sample_bytes), f"{format_bytes(s.peak_bytes)} (B={s.at_batch})",
+              s.max_micro_batch, s.note] for s in scenarios]
+    write_html(out / "memory.html", f"batchpilot memory: {workload.name}", [
+        Section("Memory curve", [f"M(B) = {format_bytes(curve.fixed_bytes)} + {format_bytes(curve.per_sample_bytes)} x B "
+                                 f"({curve.method}; worst fit residual {curve.residual_frac:.2%}).",
+                                 device.describe()],
+                figures=[memory_figure(curve, device, title, extra)]),
+        Section("Breakdown at the peak of the largest traced batch", table=rows),
+        Section("What would change it", table=what),
+    ])
+
+
+def render(workload: Workload, curve: MemoryCurve, device: DeviceSpec, scenarios: list, probe: Any,
+           out: str | None = None) -> None:
+    """Rich tables: breakdown, curve, device, what-ifs, probe."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    largest = max(curve.peak_bytes_at)
+    t = Table(title=f"batchpilot memory: {workload.name}, peak at B={largest} "
+                    f"({curve.peak_phase_at.get(largest, '?')})")
+    for col in ("category", "bytes", "share"):
+        t.add_column(col, justify="left" if col == "category" else "right")
+    total = sum(curve.breakdown.values())
+    for k, v in curve.breakdown.items():
+        t.add_row(k, format_bytes(v), f"{v / total:.1%}" if total else "-")
+    t.add_row("total", format_bytes(total), "100%")
+    console.print(t)
+    m = curve.max_micro_batch(device.usable_bytes)
+    c = Table(show_header=False, title="M(B) and device")
+    floor = curve.step_fixed_bytes + curve.step_per_sample_bytes > curve.fixed_bytes + curve.per_sample_bytes
+    c.add_row("fit", f"M(B) = {format_bytes(curve.fixed_bytes)} + {format_bytes(curve.per_sample_bytes)} x B"
+              + (f", at least {format_bytes(curve.step_fixed_bytes)} (optimizer-step peak)" if floor else ""))
+    c.add_row("bytes per sample", format_bytes(curve.per_sample_bytes)
+              + (f" ({format_bytes(curve.per_sample_bytes / curve.seq_len)} per token at seq_len {curve.seq_len})" if curve.seq_len else ""))
+    c.add_row("traced", ", ".join(f"B={b}: {format_bytes(v)}" for b, v in sorted(curve.peak_bytes_at.items())))
+    c.add_row("method", f"{curve.method}; worst residual {curve.residual_frac:.2%}; {curve.trace_seconds:.1f} s")
+    c.add_row("device", device.describe())
+    c.add_row("largest micro-batch", f"{m}" + (f"  (peak {format_bytes(curve.peak_bytes(m))})" if m else ""))
+    console.print(c)
+    if scenarios:
+        w = Table(title="what would change it")
+        for col in ("setting", "bytes/sample", "peak", "largest micro-batch", "note"):
+            w.add_column(col)
+        for s in scenarios:
+            w.add_row(s.name, format_bytes(s.per_sample_bytes), f"{format_bytes(s.peak_bytes)} at B={s.at_batch}",
+                      str(s.max_micro_batch), s.note)
+        console.print(w)
+    if probe is not None:
+        pt = Table(title=f"probe on the device: largest micro-batch {probe.max_micro_batch} "
+                         f"(predicted {probe.predicted_micro_batch}, {probe.oom_count} OOM)")
+        for col in ("micro-batch", "fits", "peak allocated", "s"):
+            pt.add_column(col)
+        for tr in probe.trials:
+            pt.add_row(str(tr.micro_batch), "yes" if tr.fits else "OOM",
+                       format_bytes(tr.peak_bytes) if tr.peak_bytes else "-", f"{tr.seconds:.2f}")
+        console.print(pt)
+    if out:
+        console.print(f"wrote {out}/memory.json, memory.png, memory.html")
