@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 
 from batchpilot.cli.common import add_workload_args, load_workload, print_json
-from batchpilot.errors import EXIT_DIVERGED, EXIT_INTERRUPTED
+from batchpilot.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, BatchpilotError
+from batchpilot.optim import OPTIMIZERS
+from batchpilot.regime import FinetuneRegime, finetune_regime
 from batchpilot.scaling import LR_RULES
 from batchpilot.schedules import SCHEDULES
 from batchpilot.train import TrainConfig, TrainResult, Trainer
@@ -34,21 +36,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default=None, help="record steps/time to e.g. 'val_acc>=0.85' (default: the workload's)")
     p.add_argument("--stop-at-target", action="store_true", help="stop once the target is reached")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="default",
+                   help="default: the workload's; lars/lamb: You et al. 2017/2019 (untuned starting LR unless --lr)")
+    batching = p.add_mutually_exclusive_group()
+    batching.add_argument("--batch-schedule", default=None, metavar="SPEC",
+                          help="batch-size schedule, e.g. 'linear:end=512,over=200' or "
+                               "'smith:end=800,factor=5,milestones=2/4,unit=epoch'; --batch is the LR's reference batch")
+    batching.add_argument("--adaptive", action="store_true",
+                          help="grow the batch with the measured gradient noise scale (goodput, 5%% switching margin)")
+    p.add_argument("--max-batch", type=int, default=None, help="largest batch of --adaptive (default min(16 x batch, N/2))")
+    p.add_argument("--init-from", default=None, metavar="PATH", help="start from these weights (checkpoint.pt or a state_dict file)")
+    p.add_argument("--finetune", action="store_true",
+                   help="fine-tuning regime from --init-from: smaller batch and LR unless given (a hypothesis to confirm by sweep)")
     p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt and summary.json")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace, base_batch: int) -> TrainConfig:
-    """The :class:`TrainConfig` the flags describe."""
+def config_from_args(args: argparse.Namespace, base_batch: int, regime: FinetuneRegime | None = None) -> TrainConfig:
+    """The :class:`TrainConfig` the flags describe (a fine-tuning regime fills in batch and LR not given)."""
+    batch = args.batch if args.batch is not None else (regime.batch if regime else base_batch)
+    lr = args.lr if args.lr is not None or regime is None or args.lr_rule is not None else regime.lr
     return TrainConfig(
-        global_batch=args.batch if args.batch is not None else base_batch,
-        micro_batch_per_rank=args.micro_batch, lr=args.lr, lr_rule=args.lr_rule,
+        global_batch=batch,
+        micro_batch_per_rank=args.micro_batch, lr=lr, lr_rule=args.lr_rule,
         warmup_steps=args.warmup_steps, schedule=args.schedule, steps=args.steps, epochs=args.epochs,
         grad_clip=args.grad_clip, ema_decay=args.ema, seed=args.seed, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, target=args.target, stop_at_target=args.stop_at_target,
-        dtype=args.dtype,
+        dtype=args.dtype, optimizer=args.optimizer, batch_schedule=args.batch_schedule, adaptive=args.adaptive,
+        max_batch=args.max_batch, init_from=args.init_from,
     )
 
 
@@ -57,19 +74,32 @@ def run(args: argparse.Namespace) -> int:
         from batchpilot.errors import BatchpilotError
 
         raise BatchpilotError("--resume needs --out DIR (where the checkpoint is)")
+    if args.finetune and not args.init_from:
+        raise BatchpilotError("--finetune needs --init-from PATH (the pretrained weights to start from)")
     workload = load_workload(args)
-    config = config_from_args(args, workload.base_batch)
+    regime = None
+    if args.finetune:
+        from batchpilot.optim import with_optimizer
+
+        w = with_optimizer(workload, args.optimizer)
+        regime = finetune_regime(w.base_batch, w.base_lr, w.optimizer_family(), num_train=w.num_train, batch=args.batch)
+    config = config_from_args(args, workload.base_batch, regime)
     trainer = Trainer(workload, config, out_dir=args.out, resume=args.resume, progress=True)
     result = trainer.run()
+    summary = result.to_dict()
+    if regime is not None:
+        summary["finetune"] = regime.to_dict()
     if args.out:
         import json
         from pathlib import Path
 
-        (Path(args.out) / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.json:
-        print_json(result.to_dict())
+        print_json(summary)
     else:
         render_summary(result)
+        if regime is not None:
+            render_regime(regime)
     return {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
 
 
@@ -82,8 +112,21 @@ def render_summary(result: TrainResult) -> None:
     d = result.to_dict()
     for key in ("global_batch", "micro_batch_per_rank", "accumulation_steps", "world_size", "lr", "lr_rule",
                 "warmup_steps", "steps", "final_train_loss", "val_metric", "samples_per_s", "wall_s",
-                "target", "steps_to_target", "time_to_target_s"):
+                "target", "steps_to_target", "time_to_target_s", "optimizer", "batch_mode"):
         value = d[key]
         table.add_row(key if key != "val_metric" else result.metric_name,
                       f"{value:.6g}" if isinstance(value, float) else str(value))
+    if result.batch_mode != "fixed":
+        table.add_row("batch_sizes (step, batch)", ", ".join(f"({s}, {b})" for s, b in result.batch_sizes[:12])
+                      + (" ..." if len(result.batch_sizes) > 12 else ""))
     Console().print(table)
+
+
+def render_regime(regime: FinetuneRegime) -> None:
+    """The fine-tuning regime's reasoning, labelled as a hypothesis."""
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]fine-tuning regime (hypothesis, confirm with a sweep):[/bold] batch {regime.batch}, lr {regime.lr:.3g}")
+    for line in regime.reasoning:
+        console.print(f"  - {line}")

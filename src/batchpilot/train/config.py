@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from batchpilot.batch_schedules import BatchSchedule
 from batchpilot.errors import BatchpilotError
+from batchpilot.optim import OPTIMIZERS
 from batchpilot.scaling import LR_RULES, default_lr_rule, scale_lr
 from batchpilot.schedules import SCHEDULES
 from batchpilot.workload import Target, Workload
@@ -46,6 +48,13 @@ class TrainConfig:
         stop_at_target: end the run once the target is reached.
         dtype: ``float32`` or ``float64`` (tests check exactness in float64).
         diverge_factor: the run is diverged when the loss exceeds this multiple of its first value.
+        optimizer: ``default`` (the workload's) or ``sgd``, ``adamw``, ``lars``, ``lamb`` (see :mod:`batchpilot.optim`).
+        batch_schedule: a batch-size schedule such as ``linear:end=512,over=200``
+            (:mod:`batchpilot.batch_schedules`); ``global_batch`` is then the reference batch of the LR.
+        adaptive: grow the batch with the measured gradient noise scale (:mod:`batchpilot.adaptive`),
+            starting at ``global_batch``.
+        max_batch: the adaptive controller's largest batch (default ``min(16 x global_batch, N / 2)``).
+        init_from: start from these weights (a batchpilot checkpoint or a ``state_dict`` file), e.g. to fine-tune.
     """
 
     global_batch: int
@@ -66,6 +75,11 @@ class TrainConfig:
     stop_at_target: bool = False
     dtype: str = "float32"
     diverge_factor: float = 10.0
+    optimizer: str = "default"
+    batch_schedule: str | None = None
+    adaptive: bool = False
+    max_batch: int | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _positive_int("batch", self.global_batch)
@@ -108,6 +122,28 @@ class TrainConfig:
             raise BatchpilotError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.diverge_factor > 1:
             raise BatchpilotError(f"diverge factor must be > 1, got {self.diverge_factor!r}")
+        self._check_batching()
+
+    def _check_batching(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise BatchpilotError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.batch_schedule is not None and self.adaptive:
+            raise BatchpilotError("give either a batch schedule or adaptive batching, not both")
+        if self.batch_schedule is not None:
+            BatchSchedule.parse(self.batch_schedule)
+        if self.max_batch is not None:
+            _positive_int("max batch", self.max_batch)
+            if not self.adaptive:
+                raise BatchpilotError("max batch applies to adaptive batching only (add adaptive=True / --adaptive)")
+            if self.max_batch < self.global_batch:
+                raise BatchpilotError(f"max batch {self.max_batch} is below the starting batch {self.global_batch}")
+        if (self.batch_schedule is not None or self.adaptive) and self.world_size != 1:
+            raise BatchpilotError("batch schedules and adaptive batching run on one process for now (world size 1)")
+
+    @property
+    def variable_batch(self) -> bool:
+        """Whether the batch changes during the run (a schedule or the adaptive controller)."""
+        return self.batch_schedule is not None or self.adaptive
 
     @property
     def micro_per_rank(self) -> int:

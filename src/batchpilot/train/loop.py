@@ -3,6 +3,8 @@
 One optimizer step = one global batch = ``accumulation_steps`` micro-batches. The
 scheduler and the EMA advance only on optimizer steps; clipping applies to the
 accumulated gradient. The caller's global RNG is restored when the run ends.
+With a batch schedule or adaptive batching, a *batch driver* (:mod:`batchpilot.batching`)
+sets each step's batch, micro-batch and LR; the run is then counted in samples.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from batchpilot.batching import make_batch_driver
 from batchpilot.data import EpochBatchSampler, fetch, split_micro
 from batchpilot.errors import BatchpilotError
+from batchpilot.optim import with_optimizer
+from batchpilot.regime import load_pretrained
+from batchpilot.scaling import default_lr_rule
 from batchpilot.schedules import make_scheduler
 from batchpilot.train.accumulation import AfterMicro, accumulate_gradients
 from batchpilot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -93,6 +99,7 @@ class Trainer:
         after_micro: AfterMicro | None = None,
         on_step: StepCallback | None = None,
     ) -> None:
+        workload = with_optimizer(workload, config.optimizer)
         self.workload, self.config = workload, config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume, self.progress = resume, progress
@@ -104,15 +111,27 @@ class Trainer:
         self.lr, self.lr_rule = config.resolve_lr(workload)
         self.target = config.resolve_target(workload)
         self.total_steps = config.total_steps(n)
+        batch_rule = config.lr_rule or default_lr_rule(workload.optimizer_family())
+        self.batching = make_batch_driver(config, workload, batch_rule)
+        hooks = [h for h in (getattr(self.batching, "after_micro", None), after_micro) if h is not None]
+        self.after_micro = hooks[0] if len(hooks) == 1 else (_chain(hooks) if hooks else None)
         self.model: nn.Module | None = None
         self.ema: AveragedModel | None = None
 
     # -- one step -------------------------------------------------------------------------
-    def _step(self, model, optimizer, scheduler, ema, sampler) -> float:
+    def _step(self, model, optimizer, scheduler, ema, sampler) -> tuple[float, float, int]:
+        """One optimizer step; returns (mean loss, LR used, samples)."""
         cfg, w = self.config, self.workload
-        idx = sampler.next_batch(cfg.global_batch)
+        batch, micro_batch = cfg.global_batch, cfg.micro_per_rank
+        if self.batching is not None:
+            plan = self.batching.plan(self._counters.step, self._counters.samples)
+            batch, micro_batch = plan.batch, plan.micro_batch
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * plan.lr_scale
+        lr = optimizer.param_groups[0]["lr"]
+        idx = sampler.next_batch(batch)
         micro = []
-        for part in split_micro(idx, cfg.micro_per_rank):
+        for part in split_micro(idx, micro_batch):
             x, y = fetch(w.train_data, part)
             micro.append((_to_dtype(x, self.dtype), y))
         loss = accumulate_gradients(model, micro, w.loss_sum, w.count_units, after_micro=self.after_micro)
@@ -124,7 +143,14 @@ class Trainer:
             ema.update_parameters(model)
         optimizer.zero_grad(set_to_none=True)
         self._counters.samples += len(idx)
-        return loss
+        if self.batching is not None:
+            self.batching.after_step(self._counters.step + 1, len(idx))
+        return loss, lr, len(idx)
+
+    def _finished(self) -> bool:
+        if self.batching is not None:
+            return self.batching.done(self._counters.samples)
+        return self._counters.step >= self.total_steps
 
     def _diverged(self, loss: float) -> bool:
         c = self._counters
@@ -145,6 +171,7 @@ class Trainer:
             "sampler": sampler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "counters": {k: getattr(c, k) for k in c.__dataclass_fields__},
+            "batching": self.batching.state_dict() if self.batching is not None else None,
         }
 
     def _restore(self, state: dict, model, optimizer, scheduler, ema, sampler) -> None:
@@ -161,6 +188,8 @@ class Trainer:
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng_cpu"])
         self._counters = _Counters(**state["counters"])
+        if self.batching is not None:
+            self.batching.load_state_dict(state["batching"])
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out_dir / "metrics.jsonl"  # type: ignore[operator]
@@ -179,6 +208,8 @@ class Trainer:
         cfg, w = self.config, self.workload
         torch.manual_seed(cfg.seed)
         model = w.make_model().to(self.dtype)
+        if cfg.init_from:
+            model.load_state_dict(load_pretrained(cfg.init_from))
         model.train()
         optimizer = w.make_optimizer(model.parameters(), self.lr)
         scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps)
@@ -186,6 +217,8 @@ class Trainer:
         sampler = EpochBatchSampler(w.num_train, seed=cfg.seed)
         self._counters = _Counters()
         self.model, self.ema = model, ema
+        if self.batching is not None:
+            self.batching.bind(lambda: self.model, w, self.dtype, w.optimizer_family())
         ckpt = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,38 +233,39 @@ class Trainer:
         cfg, c = self.config, self._counters
         metrics = open(self.out_dir / "metrics.jsonl", "a") if self.out_dir is not None else None
         status = "completed"
-        bar = _progress(self.progress, self.total_steps, c.step, self.workload.name)
+        bar_total, bar_done = (self.total_steps, lambda: c.step) if self.batching is None else \
+            (self.batching.budget_samples, lambda: c.samples)
+        bar = _progress(self.progress, bar_total, bar_done(), self.workload.name)
         save = (lambda: save_checkpoint(ckpt, self._state(model, optimizer, scheduler, ema, sampler))) if ckpt else (lambda: None)
         try:
-            while c.step < self.total_steps:
+            while not self._finished():
                 t0 = time.perf_counter()
-                lr = optimizer.param_groups[0]["lr"]
-                loss = self._step(model, optimizer, scheduler, ema, sampler)
+                loss, lr, batch = self._step(model, optimizer, scheduler, ema, sampler)
                 c.train_wall_s += time.perf_counter() - t0
                 c.step += 1
                 if c.step == 1:
                     c.initial_loss = loss
                 c.last_loss = loss
-                record = {"step": c.step, "loss": loss, "lr": lr, "samples": c.samples, "epoch": sampler.epochs_done,
-                          "wall_s": c.train_wall_s}
+                record = {"step": c.step, "loss": loss, "lr": lr, "batch": batch, "samples": c.samples,
+                          "epoch": sampler.epochs_done, "wall_s": c.train_wall_s}
                 if self._diverged(loss):
                     status = "diverged"
                     _write(metrics, record)
                     break
-                if (cfg.eval_every and c.step % cfg.eval_every == 0) or c.step == self.total_steps:
+                if (cfg.eval_every and c.step % cfg.eval_every == 0) or self._finished():
                     record.update(self._eval(model, ema))
                     self._check_target(record)
                 _write(metrics, record)
                 if self.on_step is not None:
                     self.on_step(record)
                 if bar is not None:
-                    bar.update(bar.task_ids[0], completed=c.step, description=f"{self.workload.name} loss {loss:.4f}")
+                    bar.update(bar.task_ids[0], completed=bar_done(), description=f"{self.workload.name} loss {loss:.4f}")
                 if cfg.checkpoint_every and c.step % cfg.checkpoint_every == 0:
                     save()
                 if cfg.stop_at_target and c.steps_to_target is not None:
                     status = "target_reached"
                     break
-                if stop_after is not None and c.step >= stop_after and c.step < self.total_steps:
+                if stop_after is not None and c.step >= stop_after and not self._finished():
                     status = "stopped"
                     break
         except KeyboardInterrupt:
@@ -269,7 +303,21 @@ class Trainer:
             wall_s=c.train_wall_s, target=str(self.target) if self.target else None,
             steps_to_target=c.steps_to_target, samples_to_target=c.samples_to_target,
             time_to_target_s=c.time_to_target_s, out_dir=str(self.out_dir) if self.out_dir else None,
+            optimizer=cfg.optimizer, batch_mode=_batch_mode(cfg),
+            batch_sizes=tuple((s, b) for s, b in self.batching.changes) if self.batching is not None
+            else ((1, cfg.global_batch),),
         )
+
+
+def _chain(hooks):
+    def after_micro(index: int, units: int) -> None:
+        for hook in hooks:
+            hook(index, units)
+    return after_micro
+
+
+def _batch_mode(cfg: TrainConfig) -> str:
+    return "adaptive" if cfg.adaptive else (f"schedule {cfg.batch_schedule}" if cfg.batch_schedule else "fixed")
 
 
 def _write(fh, record: dict) -> None:

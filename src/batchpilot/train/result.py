@@ -10,7 +10,11 @@ STATUSES = ("completed", "target_reached", "diverged", "interrupted", "stopped")
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Summary of one run. ``wall_s`` and ``time_to_target_s`` count training time, not evaluation."""
+    """Summary of one run. ``wall_s`` and ``time_to_target_s`` count training time, not evaluation.
+
+    With a variable batch (``batch_mode`` not ``fixed``), ``global_batch`` is the reference batch of
+    the LR and ``batch_sizes`` lists the batches actually used.
+    """
 
     status: str
     workload: str
@@ -35,6 +39,10 @@ class TrainResult:
     samples_to_target: int | None = None
     time_to_target_s: float | None = None
     out_dir: str | None = None
+    optimizer: str = "default"
+    batch_mode: str = "fixed"
+    batch_sizes: tuple[tuple[int, int], ...] = ()
+    """``(step, batch)`` pairs: the 1-based optimizer step from which each global batch was used."""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
