@@ -54,6 +54,7 @@ class StepTrace:
         breakdown: bytes by category at that peak (keys :data:`CATEGORIES`).
         peak_phase: the phase the peak falls in (one of :data:`PHASES`).
         phase_peak_bytes: each phase's own peak.
+        phase_end_breakdown: live bytes by category at the end of each phase.
         method: how it was measured.
         seconds: wall time of the trace.
     """
@@ -63,6 +64,7 @@ class StepTrace:
     breakdown: dict[str, int]
     peak_phase: str
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)
+    phase_end_breakdown: dict[str, dict[str, int]] = field(default_factory=dict)
     method: str = METHOD
     seconds: float = 0.0
 
@@ -174,6 +176,7 @@ def trace_step(workload: Workload, batch: int, *, dtype: str = "float32", amp: b
     units = batch * max(1, math.prod(y_shape))
     start = time.perf_counter()
     phase_peaks: dict[str, int] = {}
+    phase_end: dict[str, dict[str, int]] = {}
     best: tuple[int, dict[str, int], str] = (-1, {}, "")
     with torch.random.fork_rng(devices=[]), preserved_host_rng(), _cuda_block_rounding(target == "cuda"), \
             cuda_attention(target == "cuda"), FakeTensorMode():
@@ -196,8 +199,10 @@ def trace_step(workload: Workload, batch: int, *, dtype: str = "float32", amp: b
             phase_peaks[phase] = peak
             if peak > best[0]:
                 best = (peak, cats, phase)
+            current = tracker.get_tracker_snapshot("current")
+            phase_end[phase] = _snapshot_totals(current)[1]
             # Reset the running peak to the current live bytes, so the next phase has its own peak.
-            tracker._peak_mem_snap = tracker.get_tracker_snapshot("current")
+            tracker._peak_mem_snap = current
             tracker._peak_mem = {dev: snap.get("Total", 0) for dev, snap in tracker._peak_mem_snap.items()}
 
         workspace = CpuKernelWorkspace(batch) if target == "cpu" else contextlib.nullcontext()
@@ -215,5 +220,6 @@ def trace_step(workload: Workload, batch: int, *, dtype: str = "float32", amp: b
                 tracker.reset_mod_stats()
     peak, cats, phase = best
     return StepTrace(batch=batch, peak_bytes=peak, breakdown=cats, peak_phase=phase, phase_peak_bytes=phase_peaks,
+                     phase_end_breakdown=phase_end,
                      method=METHOD + (" (cuda target)" if target == "cuda" else ""),
                      seconds=time.perf_counter() - start)
