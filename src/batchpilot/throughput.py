@@ -358,3 +358,27 @@ def _time_batch(workload, model, optimizer, batch, dev, tdtype, warmup_steps, ti
         step_s_spread=(max(steps) - min(steps)) / step_s, flops=flops, samples_per_s=batch / step_s,
         mfu=flops / step_s / peak.flops_per_s,
     )
+
+
+def choose_cpu_threads(workload: Workload, batches: Sequence[int], *, candidates: Sequence[int] | None = None,
+                       steps: int = 6, seed: int = 0) -> tuple[int, dict[int, float]]:
+    """Pick the torch CPU thread count with the highest samples/s at ``batches`` (geometric mean).
+
+    Small models often run faster on one thread, and on a shared machine extra intra-op threads can
+    make steps many times slower; measure rather than guess. The thread setting is restored.
+
+    Returns:
+        ``(threads, {threads: geometric-mean samples/s})``.
+    """
+    before = torch.get_num_threads()
+    cands = sorted(set(candidates or (1, before)))
+    scores: dict[int, float] = {}
+    try:
+        for n in cands:
+            torch.set_num_threads(n)
+            curve = measure_throughput(workload, batch_sizes=list(batches), warmup_steps=1, timed_steps=steps, seed=seed,
+                                       peak=PeakFlops(1.0, "unused"))
+            scores[n] = float(np.exp(np.mean([math.log(p.samples_per_s) for p in curve.points])))
+    finally:
+        torch.set_num_threads(before)
+    return max(scores, key=scores.get), scores

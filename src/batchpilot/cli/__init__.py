@@ -20,6 +20,7 @@ COMMANDS = (
     "batchpilot.cli.memory_cmd",
     "batchpilot.cli.doctor_cmd",
     "batchpilot.cli.sweep_cmd",
+    "batchpilot.cli.plan_cmd",
 )
 
 

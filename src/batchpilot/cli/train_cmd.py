@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt and summary.json")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--plan", default=None, metavar="PLAN_JSON",
+                   help="run a plan.json from `batchpilot plan` (batch split, LR, warmup, threads; explicit flags win)")
     p.set_defaults(func=run)
 
 
@@ -76,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
         raise BatchpilotError("--resume needs --out DIR (where the checkpoint is)")
     if args.finetune and not args.init_from:
         raise BatchpilotError("--finetune needs --init-from PATH (the pretrained weights to start from)")
+    if args.plan:
+        from batchpilot.cli.plan_cmd import apply_plan_to_train_args
+
+        apply_plan_to_train_args(args)
     workload = load_workload(args)
     regime = None
     if args.finetune:

@@ -18,17 +18,18 @@ from batchpilot.plan.probe import NoiseProbe, probe_micro_batch, probe_noise
 from batchpilot.plan.result import Plan
 from batchpilot.plan.text import caveats_for, lr_rule_note, noise_note, why_text
 from batchpilot.scaling import LR_RULES, default_lr_rule
-from batchpilot.throughput import ThroughputCurve, default_batches, measure_throughput
+from batchpilot.throughput import ThroughputCurve, choose_cpu_threads, default_batches, measure_throughput
 from batchpilot.workload import Workload
 
 Progress = Callable[[str, float], None]
 STAGES = (("memory", 0.1), ("throughput", 0.3), ("noise", 0.55), ("plan", 0.05))
+_STAGE_START = {name: sum(w for _, w in STAGES[:i]) for i, (name, _) in enumerate(STAGES)}
 
 
 def _staged(progress: Progress | None, stage: str) -> Progress | None:
     if progress is None:
         return None
-    start = sum(w for s, w in STAGES[: [s for s, _ in STAGES].index(stage)])
+    start = _STAGE_START[stage]
     width = dict(STAGES)[stage]
     return lambda desc, frac: progress(desc, start + width * max(0.0, min(1.0, frac)))
 
@@ -47,6 +48,7 @@ def make_plan(
     memory: str | int | None = None,
     world_size: int = 1,
     lr_rule: str | None = None,
+    threads: int | None = None,
     throughput_budget_s: float = 25.0,
     noise_budget_s: float = 50.0,
     seed: int = 0,
@@ -63,6 +65,8 @@ def make_plan(
         memory: device memory size overriding the device's (``"24GiB"``).
         world_size: data-parallel ranks (throughput scales per rank; communication is not measured).
         lr_rule: ``linear``/``sqrt``/``none`` (default: by optimizer, :func:`default_lr_rule`).
+        threads: torch CPU threads for the measurements; ``None`` measures 1 against the current count
+            and keeps the faster (the plan records it). The caller's setting is restored afterwards.
         throughput_budget_s, noise_budget_s: time budgets of the two measurements.
         seed: seeds the measurement runs.
         progress: ``progress(description, fraction)``.
@@ -74,6 +78,19 @@ def make_plan(
         raise BatchpilotError(f"world size must be a positive integer, got {world_size!r}")
     if lr_rule is not None and lr_rule not in LR_RULES:
         raise BatchpilotError(f"lr rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
+    before = torch.get_num_threads()
+    try:
+        return _make_plan(workload, device=device, memory=memory, world_size=world_size, lr_rule=lr_rule,
+                          threads=threads, throughput_budget_s=throughput_budget_s, noise_budget_s=noise_budget_s,
+                          seed=seed, progress=progress, probe=probe, throughput=throughput)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throughput_budget_s, noise_budget_s, seed,
+               progress, probe, throughput) -> Plan:
+    from batchpilot.memory import memory_curve, resolve_device
+
     timings: dict[str, float] = {}
     spec = resolve_device(device, memory)
     on_gpu = spec.kind == "cuda" and torch.cuda.is_available()
@@ -93,6 +110,17 @@ def make_plan(
         raise BatchpilotError(f"world size {world_size} exceeds the training set ({workload.num_train} samples)")
     max_batch = min(max_micro, per_rank_cap)
     t0 = time.perf_counter()
+    thread_scores: dict[int, float] = {}
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise BatchpilotError(f"threads must be a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
+    elif measure_device == "cpu" and throughput is None and torch.get_num_threads() > 1:
+        if progress:
+            progress("throughput: choosing CPU threads", _STAGE_START["throughput"])
+        probe_batches = sorted({min(workload.base_batch, max_batch), min(4 * workload.base_batch, max_batch)})
+        best, thread_scores = choose_cpu_threads(workload, probe_batches, seed=seed)
+        torch.set_num_threads(best)
     if throughput is None:
         batches = set(default_batches(workload.base_batch, max_batch))
         batches |= {b for b in (workload.base_batch, probe_micro_batch(workload.base_batch)) if b <= max_batch}
@@ -149,7 +177,8 @@ def make_plan(
         predicted_steps_to_target=chosen.steps_to_target, predicted_time_to_target_s=chosen.time_to_target_s,
         lr_rule_note=lr_rule_note(rule, b_noise, chosen.global_batch),
         noise_note=noise_note(probe), why=why_text(chosen, base, largest, throughput, b_noise_used, workload),
-        threads=torch.get_num_threads(), alternatives=alternatives,
+        threads=torch.get_num_threads(), thread_choice={str(k): v for k, v in thread_scores.items()},
+        alternatives=alternatives,
         candidates=tuple(c.to_dict() for c in candidates), throughput=throughput.to_dict(), memory=curve.to_dict(),
         noise_probe=probe.to_dict(), timings_s=timings,
     )

@@ -17,7 +17,8 @@ PLAN_VERSION = 1
 class Plan:
     """The chosen configuration, its predictions, and the measurements behind them.
 
-    The first block is what ``batchpilot train --plan`` runs. ``noise_scale`` is B_noise in samples;
+    The first block is what ``batchpilot train --plan`` runs. ``threads`` is the CPU thread count the
+    measurements ran with (``thread_choice``: samples/s measured per candidate count, when chosen). ``noise_scale`` is B_noise in samples;
     ``efficiency`` and ``goodput`` follow Pollux (Qiao et al. 2021) relative to ``base_batch``.
     """
 
@@ -50,6 +51,7 @@ class Plan:
     noise_note: str
     why: str
     threads: int
+    thread_choice: dict[str, float] = field(default_factory=dict)
     alternatives: dict[str, dict] = field(default_factory=dict)
     candidates: tuple[dict, ...] = ()
     throughput: dict = field(default_factory=dict)

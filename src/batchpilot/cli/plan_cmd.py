@@ -1,0 +1,165 @@
+"""``batchpilot plan``: measure the workload and choose the goodput-optimal batch, LR and warmup.
+
+With no arguments it plans the built-in default workload on this machine's CPU and writes
+``./plan.json`` and ``./report.html`` (``--out DIR`` writes them to DIR instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from batchpilot.cli.common import add_workload_args, load_workload, print_json
+from batchpilot.errors import BatchpilotError
+from batchpilot.scaling import LR_RULES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="choose the goodput-optimal batch, LR, warmup and accumulation from measurements",
+                       description="Measure memory, throughput and the gradient noise scale, then choose the "
+                                   "(micro-batch, accumulation) with the highest goodput. Writes plan.json and "
+                                   "report.html to --out (default: the current directory).")
+    add_workload_args(p)
+    p.add_argument("--device", default=None, help="cpu (default), cuda, a GPU name (H100, A100-40GB, ...) or a size")
+    p.add_argument("--memory", default=None, help="device memory overriding the device's, e.g. 24GiB")
+    p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (default 1)")
+    p.add_argument("--lr-rule", choices=LR_RULES, default=None, help="LR scaling rule (default: sqrt for Adam-type, linear otherwise)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the measurements (recorded in the plan)")
+    p.add_argument("--noise-budget", type=float, default=50.0, metavar="SECONDS", help="time for the noise probe run (default 50)")
+    p.add_argument("--throughput-budget", type=float, default=25.0, metavar="SECONDS", help="time for the throughput sweep (default 25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=".", help="directory for plan.json and report.html (default: .)")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON on stdout instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from batchpilot.plan import make_plan, write_plan
+
+    for name in ("noise_budget", "throughput_budget"):
+        if not getattr(args, name) > 0:
+            raise BatchpilotError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)!r}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BatchpilotError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BatchpilotError(f"--out {str(out)!r} exists and is not a directory")
+    workload = load_workload(args)
+    with _progress() as progress:
+        plan = make_plan(workload, device=args.device, memory=args.memory, world_size=args.world_size,
+                         lr_rule=args.lr_rule, noise_budget_s=args.noise_budget,
+                         throughput_budget_s=args.throughput_budget, seed=args.seed, progress=progress)
+        write_plan(plan, out / "plan.json")
+        if not args.no_report:
+            from batchpilot.report.plan_report import write_plan_report
+
+            progress("report: rendering", 0.99)
+            write_plan_report(plan.to_dict(), out / "report.html")
+    if args.json:
+        print_json(plan.to_dict())
+    else:
+        render_plan(plan.to_dict(), out, report=not args.no_report)
+    return 0
+
+
+class _progress:
+    """A rich progress bar on stderr, driven by ``progress(description, fraction)``."""
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description:<48}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                            TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        self.task = self.bar.add_task("plan: starting", total=1.0)
+        self.bar.start()
+        return self
+
+    def __call__(self, description: str, fraction: float) -> None:
+        self.bar.update(self.task, description=description, completed=fraction)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
+def render_plan(plan: dict, out: Path, *, report: bool = True) -> None:
+    """The plan as a rich table, with the why and the caveats."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from batchpilot.report.plan_report import _summary_rows
+
+    console = Console()
+    table = Table(title=f"batchpilot plan: {plan['workload']} on {plan['device']}", show_header=False)
+    for key, value in _summary_rows(plan)[1:]:
+        table.add_row(str(key), str(value))
+    console.print(table)
+    alts = Table(title="alternatives", show_header=True)
+    for col in ("", "global batch", "samples/s", "efficiency", "goodput", "pred. time (s)"):
+        alts.add_column(col)
+    rows = [("chosen", {k: plan[k] for k in ("global_batch", "samples_per_s", "efficiency", "goodput")}
+             | {"time_to_target_s": plan["predicted_time_to_target_s"]})]
+    rows += [(name.replace("_", " "), a) for name, a in plan["alternatives"].items()]
+    for name, a in rows:
+        t = a.get("time_to_target_s")
+        alts.add_row(name, str(a["global_batch"]), f"{a['samples_per_s']:.0f}", f"{a['efficiency']:.3f}",
+                     f"{a['goodput']:.0f}", f"{t:.2f}" if t is not None else "n/a")
+    console.print(alts)
+    console.print(f"[bold]Why:[/bold] {plan['why']}")
+    for c in plan["caveats"]:
+        console.print(f"[yellow]caveat:[/yellow] {c}")
+    written = [str(out / "plan.json")] + ([str(out / "report.html")] if report else [])
+    console.print(f"wrote {', '.join(written)}; run it with: batchpilot train --plan {out / 'plan.json'}")
+
+
+def apply_plan_to_train_args(args: argparse.Namespace) -> dict:
+    """Fill ``batchpilot train`` arguments from ``--plan plan.json``; flags given explicitly win.
+
+    Sets the workload (when ``--workload`` was left at its default), batch, micro-batch, LR, LR rule
+    and warmup; the CPU thread count the plan was measured with; and, when no ``--steps/--epochs``
+    is given and the plan predicts the steps to its target, 1.5x that many steps with an evaluation
+    every ~5% of them. Returns the plan's data.
+
+    Raises:
+        BatchpilotError: an unreadable/inconsistent plan, a different ``--workload``, or world size > 1.
+    """
+    import math
+
+    import torch
+
+    from batchpilot.cli.common import DEFAULT_WORKLOAD
+    from batchpilot.plan import read_plan
+
+    plan = read_plan(args.plan)
+    if plan["world_size"] != 1:
+        raise BatchpilotError(f"plan {args.plan!r} is for {plan['world_size']} ranks; batchpilot train runs one "
+                              "process (launch a multi-rank run with torchrun)")
+    name = plan.get("workload")
+    if name and args.workload != name:
+        if args.workload != DEFAULT_WORKLOAD:
+            raise BatchpilotError(f"plan {args.plan!r} is for workload {name!r}, not {args.workload!r}")
+        args.workload = name
+    if args.batch is None:
+        args.batch = plan["global_batch"]
+    if args.micro_batch is None and args.batch == plan["global_batch"]:
+        args.micro_batch = plan["micro_batch_per_rank"]
+    if args.lr is None and args.lr_rule is None:
+        if args.batch == plan["global_batch"]:
+            args.lr = float(plan["lr"])
+        else:
+            args.lr_rule = plan["lr_rule"]
+    if args.warmup_steps == 0:
+        args.warmup_steps = int(plan["warmup_steps"])
+    if plan.get("threads"):
+        torch.set_num_threads(int(plan["threads"]))
+    predicted = plan.get("predicted_steps_to_target")
+    if args.steps is None and args.epochs is None and predicted:
+        args.steps = math.ceil(1.5 * predicted)
+        if args.eval_every is None:
+            args.eval_every = max(1, predicted // 20)
+    return plan
