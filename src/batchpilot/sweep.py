@@ -255,6 +255,10 @@ def run_sweep(config: SweepConfig, store: TrialStore, *, workload: Workload | Ca
             else:
                 from batchpilot.workload import get_workload as build
                 cache.append(build(config.workload, **config.workload_options))
+            too_big = sorted({t.batch for t in specs if t.batch > cache[0].num_train})
+            if too_big:
+                raise BatchpilotError(f"batch {too_big[0]} is larger than the training set of {config.workload!r} "
+                                      f"({cache[0].num_train} samples)")
         return cache[0]
 
     ran = skipped = 0
