@@ -1,0 +1,120 @@
+"""``batchpilot plan`` and ``train --plan`` end to end; make_plan, the probe and the report on small workloads."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from batchpilot.cli import main
+from batchpilot.plan import make_plan, probe_noise, write_plan
+from batchpilot.plan.probe import NoisePoint, NoiseProbe
+from batchpilot.report.plan_report import write_plan_report
+from batchpilot.throughput import ThroughputCurve, ThroughputPoint
+from batchpilot.workload import get_workload
+
+KEYS = ("micro_batch_per_rank", "accumulation_steps", "world_size", "global_batch", "lr", "lr_rule", "warmup_steps",
+        "noise_scale", "samples_per_s", "efficiency", "goodput", "peak_bytes", "max_micro_batch", "caveats")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _fake_curve() -> ThroughputCurve:
+    pts = []
+    for b in (8, 16, 32, 64, 128):
+        step = 0.002 + 2e-5 * b
+        pts.append(ThroughputPoint(b, step, step - 0.0005, 0.0005, 0.1, 1e5 * b, b / step, 0.01))
+    return ThroughputCurve(tuple(pts), 0.002, 2e-5, 900.0, 1e10, "test", "cpu", 1)
+
+
+def _fake_probe() -> NoiseProbe:
+    pts = tuple(NoisePoint(20 * i, 640 * i, 60.0 + 10 * i, 40.0 + 10 * i, 90.0 + 10 * i, 0.1 * i) for i in range(1, 6))
+    return NoiseProbe(points=pts, batch=32, micro_batch=16, units_per_sample=1.0, phases=((1600, 70.0), (3200, 100.0)),
+                      b_noise_effective=82.0, b_noise_low=70.0, b_noise_high=95.0, b_noise_last=110.0,
+                      steps_to_target=100, samples_to_target=3200, time_to_target_s=1.0, steps=100, wall_s=1.0,
+                      status="target_reached")
+
+
+def test_make_plan_with_given_measurements_and_its_report(tmp_path):
+    w = get_workload("mnist1d-mlp", num_train=400, num_val=100)
+    rng = torch.get_rng_state()
+    plan = make_plan(w, probe=_fake_probe(), throughput=_fake_curve(), threads=1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    d = plan.to_dict()
+    assert all(k in d for k in KEYS)
+    assert d["global_batch"] == d["micro_batch_per_rank"] * d["accumulation_steps"] * d["world_size"]
+    assert d["noise_scale"] == 82.0 and d["lr_rule"] == "linear"  # SGD workload
+    assert d["goodput"] >= 0.995 * max(c["goodput"] for c in d["candidates"])  # ties go to the smaller batch
+    assert d["predicted_steps_to_target"] is not None and d["warmup_steps"] >= 0
+    assert "largest_that_fits" in d["alternatives"] and "base_batch" in d["alternatives"]
+    assert str(d["global_batch"]) in d["why"]
+    path = write_plan_report(d, tmp_path / "report.html")
+    html = path.read_text()
+    assert len(re.findall(r"src='data:image/png;base64,", html)) == 5
+    assert "<script" not in html and "src='http" not in html
+    for title in ("Memory M(B)", "Throughput and MFU", "Gradient noise scale", "Goodput and the alternatives"):
+        assert title in html
+
+
+def test_probe_measures_noise_at_several_points_and_restores_rng():
+    w = get_workload("mnist1d-cnn", num_train=640, num_val=100)
+    rng = torch.get_rng_state()
+    probe = probe_noise(w, time_budget_s=4.0, max_epochs=6, evals_per_epoch=4)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(probe.points) >= 2
+    assert probe.micro_batch == 16 and probe.batch == 32 and probe.units_per_sample == 1.0
+    assert [p.step for p in probe.points] == sorted(p.step for p in probe.points)
+    assert probe.b_noise_effective > 0 and math.isfinite(probe.b_noise_effective)
+    assert probe.b_noise_low <= probe.b_noise_effective <= probe.b_noise_high
+
+
+def test_plan_cli_rejects_bad_input(tmp_path, capsys):
+    assert main(["plan", "--noise-budget", "0"]) == 2
+    assert "noise-budget" in capsys.readouterr().err
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["plan", "--out", str(f)]) == 2
+    assert main(["plan", "--workload", "no-such-workload", "--out", str(tmp_path)]) == 2
+    assert main(["train", "--plan", str(tmp_path / "missing.json")]) == 2
+
+
+def test_train_runs_a_plan(tmp_path, capsys):
+    w = get_workload("mnist1d-mlp", num_train=400, num_val=100)
+    plan = make_plan(w, probe=_fake_probe(), throughput=_fake_curve(), threads=1)
+    data = plan.to_dict()
+    write_plan(plan, tmp_path / "plan.json")
+    rc = main(["train", "--plan", str(tmp_path / "plan.json"), "--workload-opt", "num_train=400",
+               "--workload-opt", "num_val=100", "--steps", "2", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["workload"] == "mnist1d-mlp"
+    for key in ("global_batch", "micro_batch_per_rank", "accumulation_steps", "warmup_steps"):
+        assert out[key] == data[key]
+    assert out["lr"] == pytest.approx(data["lr"])
+    # an explicit flag wins over the plan
+    rc = main(["train", "--plan", str(tmp_path / "plan.json"), "--workload-opt", "num_train=400",
+               "--workload-opt", "num_val=100", "--steps", "1", "--batch", "16", "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["global_batch"] == 16
+
+
+@pytest.mark.slow
+def test_plan_cli_writes_the_three_outputs(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["plan", "--workload-opt", "num_train=1000", "--noise-budget", "20", "--json", "--out", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "plan.json").read_text())
+    assert printed["global_batch"] == saved["global_batch"]
+    assert all(k in saved for k in KEYS)
+    assert saved["global_batch"] == saved["micro_batch_per_rank"] * saved["accumulation_steps"] * saved["world_size"]
+    assert (out / "report.html").stat().st_size > 10_000
