@@ -59,7 +59,7 @@ def test_make_plan_with_given_measurements_and_its_report(tmp_path):
     assert str(d["global_batch"]) in d["why"]
     path = write_plan_report(d, tmp_path / "report.html")
     html = path.read_text()
-    assert len(re.findall(r"src='data:image/png;base64,", html)) == 5
+    assert len(re.findall(r"src='data:image/png;base64,", html)) == 4  # M(B), throughput+MFU, noise, goodput
     assert "<script" not in html and "src='http" not in html
     for title in ("Memory M(B)", "Throughput and MFU", "Gradient noise scale", "Goodput and the alternatives"):
         assert title in html
