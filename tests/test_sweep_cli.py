@@ -45,7 +45,7 @@ def test_sweep_json_then_rerun_reports_both_trials(tmp_path, capsys):
 def test_sweep_out_dir_and_plan(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"workload": "mnist1d-mlp", "global_batch": 64, "micro_batch_per_rank": 32,
-                                "accumulation_steps": 2, "world_size": 1, "lr": 0.1, "warmup_steps": 2}))
+                                "accumulation_steps": 2, "world_size": 1, "lr": 0.1, "lr_rule": "linear", "warmup_steps": 2}))
     out = tmp_path / "out"
     rc, cap = _sweep(capsys, "--batches", "32,64,128", "--max-epochs", "1",
                      "--target", "val_acc>=0.15", "--store", str(tmp_path / "s.db"), "--plan", str(plan),

@@ -24,6 +24,8 @@ import traceback
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
+import torch
+
 from batchpilot.errors import BatchpilotError, require_non_negative, require_positive_int
 from batchpilot.scaling import LR_RULES
 from batchpilot.store import Heartbeat, TrialStore
@@ -79,6 +81,8 @@ class SweepConfig:
         sharpness_iters: power-iteration cap.
         sharpness_probes: Hutchinson probes.
         extra_trials: trials outside the grid (the plan's configuration).
+        threads: torch CPU threads for the trials (``None``: leave torch's setting). Part of a
+            trial's identity, since it changes the time to target.
     """
 
     workload: str
@@ -98,6 +102,7 @@ class SweepConfig:
     sharpness_iters: int = 20
     sharpness_probes: int = 8
     extra_trials: tuple[TrialSpec, ...] = ()
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if not self.batches:
@@ -119,6 +124,8 @@ class SweepConfig:
         require_positive_int("evals per epoch", self.evals_per_epoch)
         for name in ("sharpness_samples", "sharpness_iters"):
             require_positive_int(name.replace("_", " "), getattr(self, name))
+        if self.threads is not None:
+            require_positive_int("threads", self.threads)
         if self.sharpness_mode not in ("eval", "train"):
             raise BatchpilotError(f"sharpness mode must be eval or train, got {self.sharpness_mode!r}")
 
@@ -184,7 +191,7 @@ def run_trial(workload: Workload, config: SweepConfig, trial: TrialSpec, on_step
         "steps": res.steps, "epochs": res.samples / workload.num_train, "metric_name": workload.metric_name,
         "higher_is_better": workload.higher_is_better, "target": str(target) if target else None,
         "steps_to_target": res.steps_to_target, "examples_to_target": res.samples_to_target,
-        "time_to_target_s": res.time_to_target_s, "train_wall_s": res.wall_s, "samples_per_s": res.samples_per_s,
+        "time_to_target_s": res.time_to_target_s, "train_wall_s": res.wall_s, "threads": torch.get_num_threads(), "samples_per_s": res.samples_per_s,
         "final_train_loss": _finite(res.final_train_loss), "val_metric": _finite(res.val_metric),
         "val_loss": _finite(res.val_loss), "train_metric": None, "train_loss": None, "generalization_gap": None,
         "sharpness": None, "sharpness_s": None,
@@ -261,6 +268,16 @@ def run_sweep(config: SweepConfig, store: TrialStore, *, workload: Workload | Ca
                                       f"({cache[0].num_train} samples)")
         return cache[0]
 
+    threads_before = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, store, specs, keys, get_workload, execute, emit, poll_s, heartbeat_s, t0)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(config, store, specs, keys, get_workload, execute, emit, poll_s, heartbeat_s, t0) -> SweepOutcome:
     ran = skipped = 0
     failed: list[dict] = []
     pending = list(zip(keys, specs))

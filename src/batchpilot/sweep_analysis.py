@@ -214,21 +214,34 @@ def classify_regimes(batches: Sequence[int], steps: Sequence[float | None], *, p
     return out
 
 
-def gap_hypotheses(flag_batch: BatchSummary, best: BatchSummary, tuned: bool) -> tuple[tuple[str, ...], bool]:
-    """Hypotheses (never facts) for why ``flag_batch`` generalizes worse than ``best``, each testable by a sweep."""
-    gap, best_gap = flag_batch.generalization_gap, best.generalization_gap
-    overfit = gap is not None and best_gap is not None and gap > best_gap + 0.01
+def gap_hypotheses(flag: BatchSummary, best: BatchSummary, drop: float, higher_is_better: bool,
+                   tuned: bool) -> tuple[tuple[str, ...], bool]:
+    """Hypotheses (never facts) for why ``flag`` validates worse than ``best``, each testable by a sweep.
+
+    If the *train* metric fell by at least half as much as the validation metric, the batch
+    under-fits (an optimization problem: LR or training length); otherwise the loss is in
+    generalization, and regularization is worth testing.
+
+    Returns:
+        The hypotheses and whether the drop looks like over-fitting.
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    train_drop = None
+    if flag.train_metric is not None and best.train_metric is not None:
+        train_drop = sign * (best.train_metric - flag.train_metric)
+    overfit = train_drop is not None and train_drop < 0.5 * drop
     h = []
     if not tuned:
-        h.append(f"the LR is not tuned at batch {flag_batch.batch}: test with --lr-multipliers 0.5,1,2 (Shallue et al. 2019 tune per batch)")
+        h.append(f"the LR is not tuned at batch {flag.batch}: test with --lr-multipliers 0.25,0.5,1,2 "
+                 "(Shallue et al. 2019 tune it per batch)")
     if overfit:
-        h += [f"more weight decay at batch {flag_batch.batch} (e.g. 2x): sweep it; 'weight_decay ∝ √batch' is a heuristic, not a result",
+        h += [f"more weight decay at batch {flag.batch} (e.g. 2x): sweep it ('weight_decay ∝ √batch' is a heuristic, not a result)",
               "dropout, or more of it: sweep a few rates",
               "label smoothing (e.g. 0.1): sweep it"]
     else:
-        h.append(f"under-training, not over-fitting (train-val gap {gap if gap is not None else float('nan'):.3f} is no larger than at the best batch): "
-                 "train longer (more --max-epochs: a larger batch takes fewer steps per epoch) or raise the LR; "
-                 "regularization is unlikely to help")
+        what = f"the train metric fell too ({train_drop:.3f})" if train_drop is not None else "no train metric"
+        h.append(f"under-fitting, not over-fitting ({what}): an LR too high or too low for this batch, or too few steps "
+                 "(a larger batch takes fewer steps per epoch: test more --max-epochs); regularization would not help")
     return tuple(h), overfit
 
 
@@ -273,7 +286,7 @@ def analyze(trials: Sequence[dict], *, plan: dict | None = None, gap_threshold: 
         for r in scored:
             drop = (best_val_row.best_val_metric - r.best_val_metric) * (1 if higher else -1)
             if drop > gap_threshold:
-                hyps, overfit = gap_hypotheses(r, best_val_row, tuned)
+                hyps, overfit = gap_hypotheses(r, best_val_row, drop, higher, tuned)
                 flags.append(GapFlag(r.batch, r.best_val_metric, drop, overfit, hyps))
     notes = []
     if any(r.diverged for r in rows):

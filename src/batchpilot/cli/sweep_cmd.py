@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from batchpilot.cli.common import _clean, add_workload_args, print_json
@@ -61,6 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sharpness-mode", choices=("eval", "train"), default="eval", help="module mode for the Hessian (default eval)")
     p.add_argument("--sharpness-samples", type=int, default=256, help="training samples in the Hessian's loss")
     p.add_argument("--gap-threshold", type=float, default=0.02, help="gap rule: flag batches this far below the best (default 0.02)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for every trial (default: the plan's with --plan, else torch's)")
     p.add_argument("--store", default="sweep.db", help="SQLite trial store (default sweep.db); rerun to resume")
     p.add_argument("--plan", default=None, help="plan.json from 'batchpilot plan': its configuration runs as a trial and is marked")
     p.add_argument("--out", default=None, help="directory for report.html and sweep.json")
@@ -80,31 +81,20 @@ def _workload_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def _read_plan(path: str) -> dict:
-    try:
-        plan = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise BatchpilotError(f"plan file {path!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise BatchpilotError(f"plan file {path!r} is not JSON: {exc}") from None
-    if not isinstance(plan, dict) or "global_batch" not in plan:
-        raise BatchpilotError(f"plan file {path!r} has no 'global_batch' (expected the plan.json of 'batchpilot plan')")
-    return plan
-
-
 def build_config(args: argparse.Namespace):
     """The :class:`SweepConfig` (and the plan, if any) the flags describe."""
+    from batchpilot.plan.result import read_plan
     from batchpilot.sweep import SweepConfig, with_plan_trial
 
+    plan = read_plan(args.plan) if args.plan else None
+    threads = args.threads if args.threads is not None else (plan.get("threads") if plan else None)
     config = SweepConfig(workload=args.workload, workload_options=_workload_options(args), batches=parse_batches(args.batches),
                          lr_rule=args.lr_rule, lr_multipliers=parse_floats(args.lr_multipliers, "--lr-multipliers"),
                          seeds=args.seeds, target=args.target, max_epochs=args.max_epochs, warmup_epochs=args.warmup_epochs,
                          evals_per_epoch=args.evals_per_epoch, stop_at_target=args.stop_at_target,
                          sharpness=not args.no_sharpness, sharpness_mode=args.sharpness_mode,
-                         sharpness_samples=args.sharpness_samples)
-    plan = None
-    if args.plan:
-        plan = _read_plan(args.plan)
+                         sharpness_samples=args.sharpness_samples, threads=threads)
+    if plan is not None:
         if plan.get("workload") not in (None, args.workload):
             raise BatchpilotError(f"plan {args.plan!r} is for workload {plan['workload']!r}, not {args.workload!r}")
         config, _ = with_plan_trial(config, plan)
