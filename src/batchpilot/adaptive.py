@@ -239,6 +239,9 @@ class AdaptiveDriver(BatchDriver):
             return self.current, adascale_gain(self.current, b_noise, self.ref_batch)
         return self.current, None
 
+    def record_fields(self) -> dict[str, float]:
+        return {"b_noise": self.b_noise if math.isfinite(self.b_noise) else None}  # type: ignore[dict-item]
+
     def after_step(self, step: int, batch: int) -> None:
         self._samples += batch
         if step % self.decide_every or self.monitor.n_updates < self.min_updates:

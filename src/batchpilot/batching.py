@@ -31,11 +31,13 @@ class StepPlan:
         batch: samples in the global batch (the last step is cut to the run's sample budget).
         micro_batch: samples per micro-batch (the last micro-batch may be smaller).
         lr_scale: multiplier of the run's peak LR (schedule factor x batch multiplier).
+        info: extra fields for the step's metrics record (e.g. the noise scale the LR used).
     """
 
     batch: int
     micro_batch: int
     lr_scale: float
+    info: tuple[tuple[str, float], ...] = ()
 
 
 def micro_batch_for(batch: int, cap: int | None, min_micro_batches: int = 1) -> int:
@@ -96,7 +98,12 @@ class BatchDriver:
         if not self.changes or self.changes[-1][1] != batch:
             self.changes.append([step + 1, batch])
         run_batch = max(1, min(batch, self.budget_samples - samples))
-        return StepPlan(run_batch, micro_batch_for(run_batch, self.micro_cap, self.min_micro_batches), factor * mult)
+        return StepPlan(run_batch, micro_batch_for(run_batch, self.micro_cap, self.min_micro_batches), factor * mult,
+                        tuple(self.record_fields().items()))
+
+    def record_fields(self) -> dict[str, float]:
+        """Extra fields for the metrics record of the step being planned."""
+        return {}
 
     def done(self, samples: int) -> bool:
         """Whether the sample budget is spent."""

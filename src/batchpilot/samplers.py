@@ -38,19 +38,16 @@ def proportional_quotas(counts: Sequence[int], batch_size: int, min_per_class: i
     if batch_size < min_per_class * len(present):
         raise BatchpilotError(f"batch {batch_size} cannot hold {min_per_class} sample(s) of each of {len(present)} classes")
     total = sum(counts)
+    share = {i: batch_size * counts[i] / total for i in present}
     quotas = [0] * len(counts)
     for i in present:
-        quotas[i] = min_per_class
-    left = batch_size - sum(quotas)
-    # split what is left by largest remainder of each class's share above its floor
-    want = {i: max(0.0, batch_size * counts[i] / total - min_per_class) for i in present}
-    scale = left / sum(want.values()) if sum(want.values()) > 0 else 0.0
-    shares = {i: want[i] * scale for i in present}
-    for i in present:
-        quotas[i] += int(shares[i])
-    rest = batch_size - sum(quotas)
-    for i in sorted(present, key=lambda i: (-(shares[i] - int(shares[i])), i))[:rest]:
+        quotas[i] = max(min_per_class, int(share[i]))
+    while sum(quotas) < batch_size:  # largest remainder first
+        i = max(present, key=lambda i: (share[i] - quotas[i], -i))
         quotas[i] += 1
+    while sum(quotas) > batch_size:  # the floors overshot: take from the most over-served class above its floor
+        i = max((i for i in present if quotas[i] > min_per_class), key=lambda i: (quotas[i] - share[i], -i))
+        quotas[i] -= 1
     return quotas
 
 

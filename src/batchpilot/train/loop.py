@@ -119,13 +119,13 @@ class Trainer:
         self.ema: AveragedModel | None = None
 
     # -- one step -------------------------------------------------------------------------
-    def _step(self, model, optimizer, scheduler, ema, sampler) -> tuple[float, float, int]:
-        """One optimizer step; returns (mean loss, LR used, samples)."""
+    def _step(self, model, optimizer, scheduler, ema, sampler) -> tuple[float, dict]:
+        """One optimizer step; returns the mean loss and the step's record fields (LR used, samples ...)."""
         cfg, w = self.config, self.workload
-        batch, micro_batch = cfg.global_batch, cfg.micro_per_rank
+        batch, micro_batch, info = cfg.global_batch, cfg.micro_per_rank, {}
         if self.batching is not None:
             plan = self.batching.plan(self._counters.step, self._counters.samples)
-            batch, micro_batch = plan.batch, plan.micro_batch
+            batch, micro_batch, info = plan.batch, plan.micro_batch, dict(plan.info)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * plan.lr_scale
         lr = optimizer.param_groups[0]["lr"]
@@ -145,7 +145,7 @@ class Trainer:
         self._counters.samples += len(idx)
         if self.batching is not None:
             self.batching.after_step(self._counters.step + 1, len(idx))
-        return loss, lr, len(idx)
+        return loss, {"lr": lr, "batch": len(idx), **info}
 
     def _finished(self) -> bool:
         if self.batching is not None:
@@ -240,14 +240,14 @@ class Trainer:
         try:
             while not self._finished():
                 t0 = time.perf_counter()
-                loss, lr, batch = self._step(model, optimizer, scheduler, ema, sampler)
+                loss, info = self._step(model, optimizer, scheduler, ema, sampler)
                 c.train_wall_s += time.perf_counter() - t0
                 c.step += 1
                 if c.step == 1:
                     c.initial_loss = loss
                 c.last_loss = loss
-                record = {"step": c.step, "loss": loss, "lr": lr, "batch": batch, "samples": c.samples,
-                          "epoch": sampler.epochs_done, "wall_s": c.train_wall_s}
+                record = {"step": c.step, "loss": loss, "lr": info.pop("lr"), "batch": info.pop("batch"),
+                          "samples": c.samples, "epoch": sampler.epochs_done, "wall_s": c.train_wall_s, **info}
                 if self._diverged(loss):
                     status = "diverged"
                     _write(metrics, record)
