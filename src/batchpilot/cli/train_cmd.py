@@ -73,8 +73,6 @@ def config_from_args(args: argparse.Namespace, base_batch: int, regime: Finetune
 
 def run(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
-        from batchpilot.errors import BatchpilotError
-
         raise BatchpilotError("--resume needs --out DIR (where the checkpoint is)")
     if args.finetune and not args.init_from:
         raise BatchpilotError("--finetune needs --init-from PATH (the pretrained weights to start from)")
