@@ -13,6 +13,7 @@ def trial(batch, steps, *, mult=1.0, seed=0, val=0.9, train=0.95, tag="grid", ti
     return {"batch": batch, "lr_multiplier": mult, "seed": seed, "lr": 0.1 * mult, "tag": tag, "steps_to_target": steps,
             "examples_to_target": None if steps is None else steps * batch,
             "time_to_target_s": None if steps is None else (time_s if time_s is not None else steps * 0.01),
+            "median_time_to_target_s": None if steps is None else steps * 0.01,
             "val_metric": None if diverged else val, "train_metric": None if diverged else train,
             "generalization_gap": None if diverged else train - val, "diverged": diverged,
             "status": "diverged" if diverged else "completed", "metric_name": "val_acc", "higher_is_better": True,
@@ -104,3 +105,15 @@ def test_report_renders(tmp_path):
     path = write_sweep_report(tmp_path / "report.html", a, ts, workload="w")
     html = path.read_text()
     assert html.count("<img") == 4 and "time_to_target(plan)/best" in html and "Scaling regimes" in html
+
+
+def test_time_basis_median_step_ignores_a_spike():
+    ts = [trial(32, 400, time_s=4.0), trial(64, 220, time_s=9.0), trial(128, 150, time_s=1.6)]  # 64 hit a busy spell
+    ts.append(trial(64, 220, tag="plan", time_s=2.3))
+    measured = analyze(ts, plan={"global_batch": 64})
+    assert measured.best_batch_by_time == 128 and measured.plan.time_ratio == pytest.approx(2.3 / 1.6)
+    robust = analyze(ts, plan={"global_batch": 64}, time_basis="median_step")
+    assert robust.time_basis == "median_step" and robust.best_batch_by_time == 128
+    assert robust.plan.time_ratio == pytest.approx(2.2 / 1.5) and robust.plan.time_basis == "median_step"
+    with pytest.raises(ValueError):
+        analyze(ts, time_basis="fastest")

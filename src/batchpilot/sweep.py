@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
@@ -31,7 +32,7 @@ from batchpilot.scaling import LR_RULES
 from batchpilot.store import Heartbeat, TrialStore
 from batchpilot.workload import Target, Workload
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 """Bumped when what a trial measures changes, so old rows are not mistaken for new ones."""
 Event = Callable[[str, dict], None]
 
@@ -182,8 +183,16 @@ def run_trial(workload: Workload, config: SweepConfig, trial: TrialSpec, on_step
                       epochs=config.max_epochs, seed=trial.seed,
                       eval_every=max(1, steps_per_epoch // config.evals_per_epoch), target=config.target,
                       stop_at_target=config.stop_at_target)
-    trainer = Trainer(workload, cfg, on_step=on_step)
+    walls: list[float] = []
+
+    def record(rec: dict) -> None:
+        walls.append(rec["wall_s"])
+        if on_step is not None:
+            on_step(rec)
+
+    trainer = Trainer(workload, cfg, on_step=record)
     res = trainer.run()
+    step_s = statistics.median(b - a for a, b in zip([0.0] + walls, walls)) if walls else None
     target = trainer.target
     out: dict[str, Any] = {
         **asdict(trial), "lr": lr, "lr_rule": rule if trial.lr is None else "explicit", "warmup_steps": warmup,
@@ -191,7 +200,9 @@ def run_trial(workload: Workload, config: SweepConfig, trial: TrialSpec, on_step
         "steps": res.steps, "epochs": res.samples / workload.num_train, "metric_name": workload.metric_name,
         "higher_is_better": workload.higher_is_better, "target": str(target) if target else None,
         "steps_to_target": res.steps_to_target, "examples_to_target": res.samples_to_target,
-        "time_to_target_s": res.time_to_target_s, "train_wall_s": res.wall_s, "threads": torch.get_num_threads(), "samples_per_s": res.samples_per_s,
+        "time_to_target_s": res.time_to_target_s, "train_wall_s": res.wall_s, "median_step_s": step_s,
+        "median_time_to_target_s": step_s * res.steps_to_target if step_s is not None and res.steps_to_target else None,
+        "threads": torch.get_num_threads(), "samples_per_s": res.samples_per_s,
         "final_train_loss": _finite(res.final_train_loss), "val_metric": _finite(res.val_metric),
         "val_loss": _finite(res.val_loss), "train_metric": None, "train_loss": None, "generalization_gap": None,
         "sharpness": None, "sharpness_s": None,

@@ -43,6 +43,7 @@ class BatchSummary:
     steps_to_target: float | None
     examples_to_target: float | None
     time_to_target_s: float | None
+    median_time_to_target_s: float | None
     val_metric: float | None
     val_metric_std: float | None
     best_val_metric: float | None
@@ -106,6 +107,7 @@ class PlanComparison:
     time_ratio: float | None
     noise_scale: float | None
     note: str = ""
+    time_basis: str = "measured"
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class SweepAnalysis:
     gap_flags: tuple[GapFlag, ...]
     plan: PlanComparison | None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    time_basis: str = "measured"
 
     def to_dict(self) -> dict:
         """Plain data."""
@@ -165,6 +168,7 @@ def summarize_batch(trials: Sequence[dict]) -> BatchSummary:
         steps_to_target=fmean(t["steps_to_target"] for t in best) if full else None,
         examples_to_target=fmean(t["examples_to_target"] for t in best) if full else None,
         time_to_target_s=fmean(t["time_to_target_s"] for t in best) if full else None,
+        median_time_to_target_s=_mean([t.get("median_time_to_target_s") for t in best]) if full else None,
         val_metric=fmean(vals) if vals else None, val_metric_std=pstdev(vals) if len(vals) > 1 else None,
         best_val_metric=(max(all_vals) if higher else min(all_vals)) if all_vals else None,
         train_metric=_mean([t["train_metric"] for t in best]),
@@ -254,7 +258,11 @@ def _noise_scale(plan: dict | None) -> float | None:
     return float(ns) if isinstance(ns, (int, float)) and math.isfinite(ns) else None
 
 
-def analyze(trials: Sequence[dict], *, plan: dict | None = None, gap_threshold: float = 0.02) -> SweepAnalysis:
+TIME_BASES = {"measured": "time_to_target_s", "median_step": "median_time_to_target_s"}
+
+
+def analyze(trials: Sequence[dict], *, plan: dict | None = None, gap_threshold: float = 0.02,
+            time_basis: str = "measured") -> SweepAnalysis:
     """Analyze a sweep's trials (grid trials plus an optional ``tag == 'plan'`` trial).
 
     Args:
@@ -262,7 +270,12 @@ def analyze(trials: Sequence[dict], *, plan: dict | None = None, gap_threshold: 
         plan: the plan JSON given to ``--plan`` (its ``global_batch`` is marked, its
             ``noise_scale`` is compared with the fitted ``B_crit``).
         gap_threshold: the gap rule's threshold in metric units (0.02 = 2 points of accuracy).
+        time_basis: ``measured`` (the training wall time to the target) or ``median_step``
+            (steps to target x the trial's median step time: robust to a busy machine's spikes).
     """
+    if time_basis not in TIME_BASES:
+        raise ValueError(f"time_basis must be one of {sorted(TIME_BASES)}, got {time_basis!r}")
+    tkey = TIME_BASES[time_basis]
     if not trials:
         raise ValueError("no finished trials to analyze")
     grid = [t for t in trials if t.get("tag", "grid") == "grid"]
@@ -276,8 +289,8 @@ def analyze(trials: Sequence[dict], *, plan: dict | None = None, gap_threshold: 
     tuned = len({t["lr_multiplier"] for t in grid}) > 1
     fit, fit_note = fit_scaling([r.batch for r in rows], [r.steps_to_target for r in rows])
     regimes = classify_regimes([r.batch for r in rows], [r.steps_to_target for r in rows])
-    reached = [r for r in rows if r.time_to_target_s is not None]
-    best_time = min(reached, key=lambda r: r.time_to_target_s).batch if reached else None
+    reached = [r for r in rows if getattr(r, tkey) is not None]
+    best_time = min(reached, key=lambda r: getattr(r, tkey)).batch if reached else None
     best_steps = min(reached, key=lambda r: r.steps_to_target).batch if reached else None
     scored = [r for r in rows if r.best_val_metric is not None]
     best_val_row = (max if higher else min)(scored, key=lambda r: r.best_val_metric) if scored else None
@@ -291,7 +304,7 @@ def analyze(trials: Sequence[dict], *, plan: dict | None = None, gap_threshold: 
     notes = []
     if any(r.diverged for r in rows):
         notes.append("diverged trials: " + ", ".join(f"batch {r.batch} ({r.diverged}/{r.seeds})" for r in rows if r.diverged))
-    comparison = _compare_plan(plan, plan_trials, rows, best_time)
+    comparison = _compare_plan(plan, plan_trials, rows, best_time, tkey, time_basis)
     if fit is not None and comparison is not None and comparison.noise_scale is not None:
         notes.append(f"fitted B_crit {fit.b_crit:.0f} vs the plan's measured noise scale {comparison.noise_scale:.0f} "
                      f"(McCandlish et al. 2018 expect B_crit ≈ B_noise)")
@@ -299,27 +312,28 @@ def analyze(trials: Sequence[dict], *, plan: dict | None = None, gap_threshold: 
                          batches=tuple(rows), fit=fit, fit_note=fit_note, regimes=tuple(regimes),
                          best_batch_by_time=best_time, best_batch_by_steps=best_steps,
                          best_val_batch=best_val_row.batch if best_val_row else None, gap_threshold=gap_threshold,
-                         gap_flags=tuple(flags), plan=comparison, notes=tuple(notes))
+                         gap_flags=tuple(flags), plan=comparison, notes=tuple(notes), time_basis=time_basis)
 
 
-def _compare_plan(plan: dict | None, plan_trials: list[dict], rows: list[BatchSummary], best_time: int | None) -> PlanComparison | None:
+def _compare_plan(plan: dict | None, plan_trials: list[dict], rows: list[BatchSummary], best_time: int | None,
+                  tkey: str, basis: str) -> PlanComparison | None:
     if plan is None:
         return None
     batch = int(plan["global_batch"])
     ns = _noise_scale(plan)
     best = next((r for r in rows if r.batch == best_time), None)
+    best_t = getattr(best, tkey) if best else None
     if not plan_trials:
-        return PlanComparison(batch, False, None, None, best_time, best.time_to_target_s if best else None, None, ns,
-                              "the plan's trial has not run")
-    times = [t["time_to_target_s"] for t in plan_trials]
+        return PlanComparison(batch, False, None, None, best_time, best_t, None, ns, "the plan's trial has not run", basis)
+    times = [t.get(tkey) for t in plan_trials]
     if any(t is None for t in times):
-        return PlanComparison(batch, False, None, None, best_time, best.time_to_target_s if best else None, None, ns,
-                              "the plan's configuration did not reach the target")
+        return PlanComparison(batch, False, None, None, best_time, best_t, None, ns,
+                              "the plan's configuration did not reach the target", basis)
     t_plan = fmean(times)
     steps = round(fmean(t["steps_to_target"] for t in plan_trials))
     if best is None:
-        return PlanComparison(batch, True, t_plan, steps, None, None, None, ns, "no grid batch reached the target")
-    return PlanComparison(batch, True, t_plan, steps, best.batch, best.time_to_target_s, t_plan / best.time_to_target_s, ns)
+        return PlanComparison(batch, True, t_plan, steps, None, None, None, ns, "no grid batch reached the target", basis)
+    return PlanComparison(batch, True, t_plan, steps, best.batch, best_t, t_plan / best_t, ns, "", basis)
 
 
 def as_jsonable(obj: Any) -> Any:

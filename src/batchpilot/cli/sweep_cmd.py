@@ -62,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gap-threshold", type=float, default=0.02, help="gap rule: flag batches this far below the best (default 0.02)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for every trial (default: the plan's with --plan, else torch's)")
+    p.add_argument("--time-basis", choices=("measured", "median_step"), default="measured",
+                   help="time to target: measured training time, or steps x median step time (robust on a busy machine)")
     p.add_argument("--store", default="sweep.db", help="SQLite trial store (default sweep.db); rerun to resume")
     p.add_argument("--plan", default=None, help="plan.json from 'batchpilot plan': its configuration runs as a trial and is marked")
     p.add_argument("--out", default=None, help="directory for report.html and sweep.json")
@@ -168,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("batchpilot sweep: interrupted; finished trials are stored, rerun the same command to resume")
             return EXIT_INTERRUPTED
-    analysis = analyze(outcome.trials, plan=plan, gap_threshold=args.gap_threshold) if outcome.trials else None
+    analysis = analyze(outcome.trials, plan=plan, gap_threshold=args.gap_threshold, time_basis=args.time_basis) if outcome.trials else None
     data = result_data(outcome, analysis, args.store)
     if args.out:
         from batchpilot.report.sweep_report import write_sweep_report

@@ -119,7 +119,8 @@ def _fmt(v: object, spec: str = ".4g") -> str:
 def build_sections(analysis: SweepAnalysis, trials: Sequence[dict], *, sharpness_mode: str = "eval") -> list[Section]:
     """The report's sections."""
     a = analysis
-    summary = [f"Target: {a.target}. Each batch keeps its best LR multiplier (fewest steps to target).",
+    basis = "measured training time" if a.time_basis == "measured" else "steps × median step time"
+    summary = [f"Target: {a.target}. Each batch keeps its best LR multiplier (fewest steps to target). Time basis: {basis}.",
                f"Fastest to target by time: batch {a.best_batch_by_time}; by steps: batch {a.best_batch_by_steps}; "
                f"best {a.metric_name}: batch {a.best_val_batch}."]
     if a.fit is not None:
@@ -136,9 +137,11 @@ def build_sections(analysis: SweepAnalysis, trials: Sequence[dict], *, sharpness
         else:
             plan_lines.append(f"Plan: batch {p.global_batch}: {p.note}.")
     head = ["batch", "LR mult", "LR", "seeds", "reached", "diverged", "steps→target", "examples→target", "time→target s",
+            "steps × median step s",
             a.metric_name, "train metric", "gap", "top eig", "trace", "samples/s"]
     table = [head] + [[r.batch, r.lr_multiplier, r.lr, r.seeds, r.reached, r.diverged, _fmt(r.steps_to_target),
-                       _fmt(r.examples_to_target), _fmt(r.time_to_target_s), _fmt(r.best_val_metric),
+                       _fmt(r.examples_to_target), _fmt(r.time_to_target_s), _fmt(r.median_time_to_target_s),
+                       _fmt(r.best_val_metric),
                        _fmt(r.train_metric), _fmt(r.generalization_gap), _fmt(r.top_eigenvalue), _fmt(r.hessian_trace),
                        _fmt(r.samples_per_s, ".0f")] for r in a.batches]
     regimes = [["batches", "slope −dlogS/dlogB", "regime"]] + [[f"{g.batch_low}→{g.batch_high}", g.slope, g.regime.replace("_", " ")]
