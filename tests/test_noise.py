@@ -203,8 +203,10 @@ def test_spread_shrinks_with_a_longer_window():
             monitor.update([float(m @ m) for m in micro], float(big @ big), 8, 64)
         return monitor.estimate()
 
-    short = feed(GradientNoiseScale(window=10), 10)
-    long = feed(GradientNoiseScale(window=300), 300)
+    short = feed(GradientNoiseScale(ema_decay=0.8), 30)
+    long = feed(GradientNoiseScale(ema_decay=0.99), 300)
     assert long.b_simple_high - long.b_simple_low < short.b_simple_high - short.b_simple_low
     true = 30 * 4.0 / float(G @ G)
     assert long.b_simple_low < true * 1.2 and long.b_simple_high > true * 0.8
+    for est in (short, long):  # the weighted bootstrap is centred on the EMA point estimate
+        assert est.b_simple_low <= est.b_simple <= est.b_simple_high

@@ -15,7 +15,7 @@ mean of ``1/b_i`` and the estimators stay unbiased.
 The per-step estimates are very noisy (|G|² can come out negative), so, as McCandlish et al.
 advise, the numerator and the denominator are smoothed *separately* with exponential moving
 averages (bias-corrected as in Adam) and B_simple is their ratio. The spread is a bootstrap
-over the recent per-step pairs. The monitor only reads ``p.grad``; it never modifies it.
+over the recent per-step pairs, weighted like the EMAs. The monitor only reads ``p.grad``; it never modifies it.
 """
 
 from __future__ import annotations
@@ -134,6 +134,54 @@ class _BiasCorrectedEMA:
         return self.value / (1 - self.decay**self.count) if self.count else float("nan")
 
 
+class _Snapshot:
+    """A copy of the gradients in one flat buffer per (device, dtype), with views matching each gradient."""
+
+    def __init__(self, grads: Sequence[torch.Tensor]) -> None:
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, g in enumerate(grads):
+            groups.setdefault((g.device, g.dtype), []).append(i)
+        self.shapes = [(g.shape, g.dtype, g.device) for g in grads]
+        self.groups = []
+        for (device, dtype), idx in groups.items():
+            flat = torch.empty(sum(grads[i].numel() for i in idx), device=device, dtype=dtype)
+            views = [v.view(grads[i].shape) for v, i in zip(flat.split([grads[i].numel() for i in idx]), idx)]
+            self.groups.append((idx, flat, views))
+
+    def matches(self, grads: Sequence[torch.Tensor]) -> bool:
+        return len(grads) == len(self.shapes) and all(
+            (g.shape, g.dtype, g.device) == s for g, s in zip(grads, self.shapes))
+
+    def _sq(self) -> torch.Tensor:
+        """Squared norm of the snapshot as a 0-d tensor on the first buffer's device (no host sync)."""
+        total = None
+        for _, flat, _ in self.groups:
+            if flat.dtype in (torch.float32, torch.float64):
+                part = torch.dot(flat, flat)
+            else:  # half precision: accumulate in float32
+                part = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
+            total = part if total is None else total + part.to(total.device)
+        return total
+
+    def copy_from(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Copy ``grads`` in; returns their squared norm (a 0-d tensor)."""
+        for idx, _, views in self.groups:
+            torch._foreach_copy_(views, [grads[i] for i in idx])
+        return self._sq()
+
+    def diff_sq_and_copy(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """|grads - snapshot|², then copy ``grads`` in."""
+        for idx, _, views in self.groups:
+            torch._foreach_sub_(views, [grads[i] for i in idx])  # snapshot <- snapshot - now = -delta, in place
+        out = self._sq()
+        for idx, _, views in self.groups:
+            torch._foreach_copy_(views, [grads[i] for i in idx])
+        return out
+
+    def sq_norm(self) -> float:
+        return float(self._sq())
+
+
 class GradientNoiseScale:
     """Estimate B_simple from the micro-batch gradients of gradient accumulation.
 
@@ -154,10 +202,13 @@ class GradientNoiseScale:
         params: a module, an iterable of parameters, or a zero-argument callable returning either
             (resolved at every micro-batch 0). May be given later with :meth:`attach`.
         ema_decay: decay of the two EMAs (0.95 averages over about 20 steps).
-        window: recent steps kept for the bootstrap spread (default ``ceil(2 / (1 - ema_decay))``).
+        window: recent steps kept for the bootstrap spread (default ``ceil(3 / (1 - ema_decay))``, which
+            holds 95% of the EMA's weight).
         confidence: two-sided coverage of the reported interval.
         bootstrap_samples: resamples for the spread.
         seed: seed of the bootstrap's private NumPy generator (the global RNGs are never touched).
+        every: observe one optimizer step in ``every`` (the others cost nothing); the EMAs then
+            average over ``every`` times as many training steps.
     """
 
     def __init__(
@@ -169,18 +220,22 @@ class GradientNoiseScale:
         confidence: float = 0.8,
         bootstrap_samples: int = 200,
         seed: int = 0,
+        every: int = 1,
     ) -> None:
         if not 0 <= ema_decay < 1:
             raise BatchpilotError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
         if not 0 < confidence < 1:
             raise BatchpilotError(f"confidence must be in (0, 1), got {confidence!r}")
-        window = window if window is not None else max(2, math.ceil(2 / (1 - ema_decay)))
+        window = window if window is not None else max(2, math.ceil(3 / (1 - ema_decay)))
         if window < 2:
             raise BatchpilotError(f"window must be >= 2, got {window!r}")
         self.ema_decay, self.confidence, self.window = ema_decay, confidence, window
-        self.bootstrap_samples, self.seed = bootstrap_samples, seed
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise BatchpilotError(f"every must be a positive integer, got {every!r}")
+        self.bootstrap_samples, self.seed, self.every = bootstrap_samples, seed, every
         self._source = params
         self._params: list[torch.Tensor] = []
+        self._resolved_from: nn.Module | None = None
         self.reset()
 
     # -- state ------------------------------------------------------------------------------
@@ -191,13 +246,16 @@ class GradientNoiseScale:
         self._recent: deque[tuple[float, float]] = deque(maxlen=self.window)
         self.history: list[tuple[float, float]] = []
         """Every per-step ``(g_sq, trace_sigma)`` estimate, oldest first."""
-        self._prev: list[torch.Tensor] | None = None
-        self._micro_sq: list[float] = []
+        self._snap: _Snapshot | None = None
+        self._steps_seen = 0
+        self._active = True
+        self._micro_sq: list[torch.Tensor] = []
         self._micro_units: list[int] = []
 
     def attach(self, params: ParamSource) -> "GradientNoiseScale":
         """Set the parameters to read (module, iterable, or callable returning one); returns ``self``."""
         self._source = params
+        self._params, self._resolved_from = [], None
         return self
 
     def _resolve(self) -> list[torch.Tensor]:
@@ -208,8 +266,14 @@ class GradientNoiseScale:
             src = src()
             if src is None:
                 raise BatchpilotError("GradientNoiseScale: the attached callable returned None (is the model built yet?)")
-        params = src.parameters() if isinstance(src, nn.Module) else src
-        return [p for p in params if p.requires_grad]
+        if isinstance(src, nn.Module):
+            if src is self._resolved_from and self._params:
+                return self._params  # the same module as last step (walking parameters() costs per step)
+            self._resolved_from = src
+            src = src.parameters()
+        else:
+            self._resolved_from = None
+        return [p for p in src if p.requires_grad]
 
     # -- the trainer hook -------------------------------------------------------------------
     @torch.no_grad()
@@ -220,28 +284,28 @@ class GradientNoiseScale:
         batch's unit count ``T``. Micro-batch ``i`` added ``Δ_i = (b_i/T)·G_i``; it is recovered as
         the difference of consecutive snapshots and rescaled by ``T/b_i`` once ``T = Σ b_i`` is known,
         when the step ends (at the next micro-batch 0, :meth:`end_step` or :meth:`estimate`). The
-        snapshot costs one extra copy of the gradients in memory.
+        snapshot costs one extra copy of the gradients in memory, in one flat buffer per
+        (device, dtype) so that each micro-batch costs three kernels per buffer.
         """
         if index == 0:
             self.end_step()
-            self._params = self._resolve()
+            self._steps_seen += 1
+            self._active = (self._steps_seen - 1) % self.every == 0
+            if self._active:
+                self._params = self._resolve()
+        if not self._active:
+            return
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return
-        same = self._prev is not None and len(self._prev) == len(grads) and all(
-            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(self._prev, grads))
-        if index == 0 or not same:
+        if index == 0 or self._snap is None or len(grads) != len(self._snap.shapes):
             # micro-batch 0: the gradient was zero before it, so the snapshot is the delta itself
-            delta_sq = _sq_norm(grads)
-            if same:
-                torch._foreach_copy_(self._prev, grads)
-            else:
-                self._prev = [g.detach().clone() for g in grads]
+            if self._snap is None or not self._snap.matches(grads):
+                self._snap = _Snapshot(grads)
+            delta_sq = self._snap.copy_from(grads)
             self._micro_sq, self._micro_units = [], []
         else:
-            torch._foreach_sub_(self._prev, grads)  # prev <- prev - now = -delta, in place
-            delta_sq = _sq_norm(self._prev)
-            torch._foreach_copy_(self._prev, grads)
+            delta_sq = self._snap.diff_sq_and_copy(grads)
         self._micro_sq.append(delta_sq)
         self._micro_units.append(int(units))
 
@@ -254,11 +318,11 @@ class GradientNoiseScale:
         """
         sq, units = self._micro_sq, self._micro_units
         self._micro_sq, self._micro_units = [], []
-        if len(sq) < 2 or self._prev is None or any(b <= 0 for b in units):
+        if len(sq) < 2 or self._snap is None or any(b <= 0 for b in units):
             return None
         total = sum(units)
-        small = [s * (total / b) ** 2 for s, b in zip(sq, units)]
-        big_sq = _sq_norm(self._prev)  # the snapshot after the last micro-batch is the accumulated gradient
+        small = [float(x) * (total / b) ** 2 for x, b in zip(sq, units)]
+        big_sq = self._snap.sq_norm()  # the snapshot after the last micro-batch is the accumulated gradient
         return self.update(small, big_sq, units, total)
 
     # -- the low-level API ------------------------------------------------------------------
@@ -295,11 +359,19 @@ class GradientNoiseScale:
         )
 
     def _bootstrap(self) -> tuple[float, float]:
+        """Bayesian bootstrap (Rubin 1981) of the EMA-weighted ratio over the recent steps.
+
+        Each resample reweights the recent per-step pairs by Dirichlet(1, ..., 1) draws on top of the
+        EMA's own weights ``decay^age``, so the interval is centred on the same weighted ratio as the
+        point estimate (the bias corrections cancel in the ratio).
+        """
         pairs = np.asarray(self._recent, dtype=np.float64)
+        n = len(pairs)
+        ema_w = self.ema_decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
         rng = np.random.default_rng(self.seed + self.n_updates)
-        idx = rng.integers(0, len(pairs), size=(self.bootstrap_samples, len(pairs)))
-        g = pairs[idx, 0].mean(axis=1)
-        s = pairs[idx, 1].mean(axis=1)
+        w = rng.dirichlet(np.ones(n), size=self.bootstrap_samples) * ema_w
+        g = w @ pairs[:, 0]
+        s = w @ pairs[:, 1]
         with np.errstate(divide="ignore", invalid="ignore"):
             ratios = np.where(g > 0, s / np.where(g > 0, g, 1.0), np.inf)
         ratios.sort()  # order statistics, not interpolation: the ratios may hold inf
