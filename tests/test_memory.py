@@ -43,6 +43,15 @@ def test_trace_matches_real_cpu_allocations(name, batch):
     assert abs(traced - real) / real < 0.03, (traced, real)
 
 
+def test_default_curve_extrapolates_to_large_batches(mlp):
+    """The MLP's peak moves within the step as B grows (convex M(B)); the ladder runs until the slope settles."""
+    c = memory_curve(mlp)
+    assert min(c.peak_bytes_at) == 1 and max(c.peak_bytes_at) >= 128
+    for b in (8, 2048):
+        real = measure_step(mlp, b).peak_bytes
+        assert abs(c.peak_bytes(b) - real) / real < 0.03, (b, c.peak_bytes(b), real)
+
+
 def test_trace_allocates_nothing_even_for_a_huge_batch(mlp):
     t = trace_step(mlp, 50_000_000)  # ~200 GB of activations if it were real
     assert t.peak_bytes > 100 * 2**30

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", action="store_true", help="autocast with fp32 weights")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (sequence models)")
-    p.add_argument("--batch-sizes", default=None, help="traced micro-batches, e.g. 8,16,32 (default b,2b,4b)")
+    p.add_argument("--batch-sizes", default=None, help="traced micro-batches, e.g. 8,16,32 (default 1,4,16,... until the slope settles)")
     p.add_argument("--global-batch", type=int, default=None, help="global batch for the accumulation what-if "
                                                                   "(default the workload's base batch)")
     p.add_argument("--no-what-if", action="store_true", help="skip the checkpointing/bf16 what-if traces")

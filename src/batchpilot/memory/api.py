@@ -13,13 +13,35 @@ from batchpilot.memory.options import DTYPES
 from batchpilot.workload import Workload, get_workload
 
 FALLBACK_BATCHES = (1, 2, 4)
-"""Batches the fallback really runs (small: the real batch is allocated)."""
+"""Batches the fallback really runs (small: the real batch is allocated; the asymptote is less certain)."""
 
 
-def default_batches(workload: Workload) -> tuple[int, int, int]:
-    """Three batches around the workload's base batch: b, 2b, 4b (tracing cost does not depend on b)."""
-    b = max(1, workload.base_batch)
-    return (b, 2 * b, 4 * b)
+LADDER_RATIO = 4
+SLOPE_TOLERANCE = 0.01
+MAX_TRACES = 10
+
+
+def default_batches(workload: Workload) -> tuple[int, ...]:
+    """The first traced ladder: 1, 4, 16, ... up to the first rung >= 4b (b = base batch).
+
+    Tracing costs the same at any batch, so the ladder is geometric. Batch 1 anchors the
+    small-batch end, where fixed memory sets the peak; :func:`memory_curve` then extends
+    the ladder until the per-sample slope stops changing (the activation-dominated regime).
+    """
+    top = 4 * max(1, workload.base_batch)
+    out = [1]
+    while out[-1] < top:
+        out.append(out[-1] * LADDER_RATIO)
+    return tuple(out)
+
+
+def slope_settled(points: Sequence[tuple[int, int]], tol: float = SLOPE_TOLERANCE) -> bool:
+    """Whether the last two chords of the (batch, peak) points have the same slope within ``tol``."""
+    if len(points) < 3:
+        return False
+    (b0, v0), (b1, v1), (b2, v2) = sorted(points)[-3:]
+    s1, s2 = (v1 - v0) / (b1 - b0), (v2 - v1) / (b2 - b1)
+    return abs(s2 - s1) <= tol * max(abs(s2), 1e-12)
 
 
 def with_seq_len(workload: Workload, seq_len: int | None) -> Workload:
@@ -53,11 +75,12 @@ def _phase_split(phase_peaks: dict[str, int]) -> tuple[int, int]:
 def memory_curve(workload: Workload, *, batch_sizes: Sequence[int] | None = None, dtype: str = "float32",
                  amp: bool = False, checkpointing: bool = False, device: str = "cpu", seq_len: int | None = None,
                  optimizer_impl: str = "default", allow_fallback: bool = True) -> MemoryCurve:
-    """Trace a full training step at 2-3 micro-batches and fit ``M(B)``.
+    """Trace a full training step at a few micro-batches and fit ``M(B)``.
 
     Args:
         workload: the workload (its factories build separate tracing objects; nothing of the user's is touched).
-        batch_sizes: traced micro-batches (default ``b, 2b, 4b`` for the base batch ``b``).
+        batch_sizes: traced micro-batches (default: the ladder of :func:`default_batches`, extended
+            by factors of 4 until the per-sample slope settles; at most ``MAX_TRACES`` traces).
         dtype: ``float32``/``bfloat16``/``float16`` parameters, or the autocast dtype with ``amp``.
         amp: autocast with fp32 weights.
         checkpointing: activation checkpointing per block.
@@ -84,8 +107,15 @@ def memory_curve(workload: Workload, *, batch_sizes: Sequence[int] | None = None
     reason = ""
     if trace.mem_tracker_available():
         try:
-            traces = [trace.trace_step(workload, b, dtype=dtype, amp=amp, checkpointing=checkpointing,
-                                       target=target, optimizer_impl=optimizer_impl) for b in batches]
+            def one(b: int) -> trace.StepTrace:
+                return trace.trace_step(workload, b, dtype=dtype, amp=amp, checkpointing=checkpointing,
+                                        target=target, optimizer_impl=optimizer_impl)
+
+            traces = [one(b) for b in batches]
+            while (batch_sizes is None and len(traces) < MAX_TRACES
+                   and not slope_settled([(t.batch, t.peak_bytes) for t in traces])):
+                traces.append(one(traces[-1].batch * LADDER_RATIO))
+            batches = [t.batch for t in traces]
         except BatchpilotError:
             raise
         except Exception as exc:  # noqa: BLE001 - untraceable model: fall back below

@@ -1,16 +1,20 @@
 """The memory curve M(B): peak training-step memory as a function of the micro-batch.
 
-Each traced step has two kinds of peak:
+The step's live bytes at every moment are ``a_t + s_t * B`` (what exists at that moment,
+plus what scales with the batch), so the peak ``M(B) = max_t (a_t + s_t * B)`` is convex
+and piecewise linear in B: at small batches the peak sits where fixed memory dominates
+(the optimizer step, the end of backward), at large batches where activations do.
+Two consequences shape the fit:
 
-* forward/backward phases, where activations scale with the batch:
-  ``fixed_bytes + per_sample_bytes * B``;
-* optimizer phases, where activations are gone and only the inputs scale:
-  ``step_fixed_bytes + step_per_sample_bytes * B`` (the optimizer-state creation and
-  the update's temporaries; for small models this is the peak at small batches).
-
-``M(B)`` is the larger of the two lines. Both are least-squares fits to the traced
-phase peaks at 2-3 batches; ``residual_frac`` is the worst relative residual of the
-combined model at the traced points (0 for a step whose memory is exactly linear).
+* ``peak_bytes(B)`` interpolates linearly between traced batches. For a convex M the
+  chord lies *above* the curve, so between traced points the prediction errs on the
+  safe side, and it is exact at them. Beyond the largest traced batch it extends the
+  last chord, whose slope is the asymptotic per-sample cost once activations dominate
+  (hence the default ladder 1, 4, 16, ... extended until that slope settles: fake-tensor
+  tracing costs the same at any B).
+* ``fixed_bytes + per_sample_bytes * B`` is that large-batch asymptote (the line through
+  the two largest traced batches); ``residual_frac`` is the worst relative distance of
+  the traced peaks from it, i.e. how far from linear the small-batch end is.
 """
 
 from __future__ import annotations
@@ -27,17 +31,17 @@ FWD_BWD = ("forward", "backward")
 
 @dataclass(frozen=True)
 class MemoryCurve:
-    """``M(B) = max(fixed + per_sample * B, step_fixed + step_per_sample * B)``, fitted from traces.
+    """Peak training-step memory M(B), from traced batches (see the module docstring).
 
     Attributes:
-        fixed_bytes: batch-independent part of the forward/backward peak (params, grads, optimizer state...).
-        per_sample_bytes: bytes each sample of the micro-batch adds at that peak.
+        fixed_bytes: intercept of the large-batch asymptote ``fixed + per_sample * B``.
+        per_sample_bytes: bytes each extra sample adds once activations dominate.
         peak_bytes_at: traced batch -> peak bytes.
         breakdown: bytes by category at the peak of the largest traced batch.
         method: ``"fake-tensor mem_tracker"`` or ``"fallback: real measurement ..."``.
-        residual_frac: worst relative residual of the fit at the traced batches.
-        step_fixed_bytes: batch-independent part of the optimizer-phase peak.
-        step_per_sample_bytes: per-sample part of the optimizer-phase peak (the inputs).
+        residual_frac: worst relative distance of the traced peaks from the asymptote.
+        step_fixed_bytes: least-squares intercept of the optimizer-phase peaks (reporting only).
+        step_per_sample_bytes: its slope (the inputs, which stay alive through the step).
         peak_phase_at: traced batch -> phase of the peak (``step2.backward`` ...).
         seq_len: sequence length traced (sequence models), else ``None``.
         options: dtype/amp/checkpointing/target the trace used.
@@ -65,27 +69,48 @@ class MemoryCurve:
         if self.per_sample_bytes < 0 or self.step_per_sample_bytes < 0:
             raise BatchpilotError("MemoryCurve per-sample bytes must be >= 0")
 
+    def _points(self) -> list[tuple[int, float]]:
+        return sorted((int(b), float(v)) for b, v in self.peak_bytes_at.items())
+
     def peak_bytes(self, micro_batch: int) -> float:
-        """Predicted peak bytes of a training step at ``micro_batch``."""
+        """Predicted peak bytes of a training step at ``micro_batch`` (see the module docstring)."""
         b = float(micro_batch)
-        return max(self.fixed_bytes + self.per_sample_bytes * b, self.step_fixed_bytes + self.step_per_sample_bytes * b)
+        pts = self._points()
+        if len(pts) < 2:
+            return self.fixed_bytes + self.per_sample_bytes * b
+        if b >= pts[-1][0]:
+            return pts[-1][1] + self.per_sample_bytes * (b - pts[-1][0])
+        if b <= pts[0][0]:
+            (b0, v0), (b1, v1) = pts[0], pts[1]
+            return v0 - (v1 - v0) / (b1 - b0) * (b0 - b)
+        for (b0, v0), (b1, v1) in zip(pts, pts[1:]):
+            if b0 <= b <= b1:
+                return v0 + (v1 - v0) * (b - b0) / (b1 - b0)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def max_micro_batch(self, budget_bytes: float) -> int:
         """The largest micro-batch whose predicted peak fits in ``budget_bytes``; 0 when batch 1 does not fit."""
         if self.peak_bytes(1) > budget_bytes:
             return 0
-        limits = []
-        for fixed, per in ((self.fixed_bytes, self.per_sample_bytes), (self.step_fixed_bytes, self.step_per_sample_bytes)):
-            if per > 0:
-                limits.append(math.floor((budget_bytes - fixed) / per))
-        if not limits:
-            return 2**31 - 1
-        b = max(1, min(limits))
-        while b > 1 and self.peak_bytes(b) > budget_bytes:  # float rounding at the boundary
-            b -= 1
-        while self.peak_bytes(b + 1) <= budget_bytes and b < 2**31 - 1:
-            b += 1
-        return b
+        pts = self._points()
+        last_b = pts[-1][0] if pts else 1
+        if self.peak_bytes(last_b) <= budget_bytes:
+            if self.per_sample_bytes <= 0:
+                return 2**31 - 1
+            b = max(last_b, int((budget_bytes - self.peak_bytes(last_b)) // self.per_sample_bytes) + last_b)
+            while b > 1 and self.peak_bytes(b) > budget_bytes:  # float rounding at the boundary
+                b -= 1
+            while self.peak_bytes(b + 1) <= budget_bytes:
+                b += 1
+            return min(b, 2**31 - 1)
+        lo, hi = 1, last_b  # peak(lo) fits, peak(hi) does not; M is non-decreasing
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.peak_bytes(mid) <= budget_bytes:
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
     def activation_share(self, micro_batch: int) -> float:
         """Share of the peak at ``micro_batch`` that scales with the batch."""
@@ -129,10 +154,20 @@ def fit_line(batches: Sequence[int], values: Sequence[float]) -> tuple[float, fl
 
 def fit_curve(batches: Sequence[int], fwd_bwd_peaks: Sequence[float], step_peaks: Sequence[float],
               overall_peaks: Sequence[int], **fields: object) -> MemoryCurve:
-    """Fit both lines and the residual; ``fields`` fill the remaining :class:`MemoryCurve` fields."""
-    fixed, per = fit_line(batches, fwd_bwd_peaks)
+    """Build the curve from traced peaks; ``fields`` fill the remaining :class:`MemoryCurve` fields.
+
+    The asymptote is the line through the two largest traced batches; the optimizer-phase
+    line (``step_*``) is a least-squares fit, kept for reporting.
+    """
+    pts = sorted(zip(batches, overall_peaks))
+    if len(pts) >= 2:
+        (b0, v0), (b1, v1) = pts[-2], pts[-1]
+        per = max(0.0, (v1 - v0) / (b1 - b0))
+        fixed = v1 - per * b1
+    else:
+        fixed, per = fit_line(batches, fwd_bwd_peaks)
     sfixed, sper = fit_line(batches, step_peaks) if any(step_peaks) else (0.0, 0.0)
-    curve = MemoryCurve(fixed_bytes=fixed, per_sample_bytes=per, step_fixed_bytes=sfixed, step_per_sample_bytes=sper,
-                        peak_bytes_at=dict(zip(batches, overall_peaks)), residual_frac=0.0, **fields)  # type: ignore[arg-type]
-    resid = max((abs(curve.peak_bytes(b) - p) / p for b, p in zip(batches, overall_peaks) if p > 0), default=0.0)
-    return MemoryCurve(**{**curve.__dict__, "residual_frac": float(resid)})
+    resid = max((abs(fixed + per * b - p) / p for b, p in pts if p > 0), default=0.0)
+    return MemoryCurve(fixed_bytes=float(fixed), per_sample_bytes=float(per), step_fixed_bytes=sfixed,
+                       step_per_sample_bytes=sper, peak_bytes_at=dict(pts), residual_frac=float(resid),
+                       **fields)  # type: ignore[arg-type]

@@ -164,7 +164,8 @@ def find_max_batch(model: nn.Module, optimizer: torch.optim.Optimizer, make_batc
                 fits = False
             finally:
                 saved.restore(model, optimizer)
-                free_memory()
+            if not fits:
+                free_memory()  # the OOM's traceback held the trial's tensors
             peak = int(torch.cuda.max_memory_allocated()) if cuda and fits else None
             trials.append(Trial(b, fits, peak, time.perf_counter() - start))
             if fits:

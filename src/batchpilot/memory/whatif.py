@@ -77,7 +77,9 @@ def what_ifs(workload: Workload, curve: MemoryCurve, device: DeviceSpec, *, glob
     at = global_batch
     out = [Scenario("as configured", curve.per_sample_bytes, curve.peak_bytes(at), at,
                     curve.max_micro_batch(device.usable_bytes), "", curve)]
-    batches = list(batch_sizes) if batch_sizes is not None else sorted(curve.peak_bytes_at)[-2:]
+    batches = list(batch_sizes) if batch_sizes is not None else sorted({at, max(curve.peak_bytes_at)})
+    if len(batches) == 1:
+        batches.append(2 * batches[0])
     alternatives = []
     if not base_ckpt:
         alternatives.append(("checkpointing", dict(checkpointing=True, amp=base_amp, dtype=base_dtype),
