@@ -186,7 +186,10 @@ class _Spec:
 
 
 class _Curve:
-    residual_frac = 0.0
+    peak_bytes_at = {8: 1000.0, 64: 5000.0}
+
+    def peak_bytes(self, b):
+        return 1000.0 if b == 8 else 8000.0  # exact at 8, 60% off at 64
 
 
 def _caveats(chosen, *, batchnorm=False, probe=None, b_noise=90.0):
@@ -208,7 +211,10 @@ def test_caveats_flag_batchnorm_and_lr_beyond_the_critical_batch():
     text = " ".join(_caveats(cands[256], b_noise=90.0))
     assert "beyond the measured critical batch" in text and "BatchNorm" not in text
     text = " ".join(_caveats(cands[8], probe=_probe(samples_to_target=None, status="budget")))
-    assert "did not reach the target" in text
+    assert "did not reach the target" in text and "M(B)" not in text
+    micro64 = {c.global_batch: c for c in _search(FakeThroughput(0.01, 1e-4), max_micro=64)}[64]
+    assert micro64.micro_batch_per_rank == 64
+    assert "60% off the traced peak at micro-batch 64" in " ".join(_caveats(micro64))
 
 
 def test_lr_rule_note_says_where_it_stops_holding():

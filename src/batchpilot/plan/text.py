@@ -123,6 +123,11 @@ def caveats_for(*, workload: Workload, chosen: Candidate, probe: NoiseProbe, thr
     if world_size > 1:
         out.append(f"world size {world_size}: samples/s is the per-rank figure times {world_size}; gradient "
                    "all-reduce time is not measured.")
-    if curve.residual_frac > 0.05:
-        out.append(f"The memory model fits its traces only to {curve.residual_frac:.0%}.")
+    traced = getattr(curve, "peak_bytes_at", None) or {}
+    if traced:  # how far the fitted M(B) is from the trace nearest the chosen micro-batch
+        b = min(traced, key=lambda k: abs(math.log(k / chosen.micro_batch_per_rank)))
+        off = abs(curve.peak_bytes(b) - traced[b]) / traced[b] if traced[b] > 0 else 0.0
+        if off > 0.1:
+            out.append(f"The fitted M(B) is {off:.0%} off the traced peak at micro-batch {b}; peak_bytes near the "
+                       "chosen micro-batch is approximate.")
     return out
