@@ -225,3 +225,46 @@ def test_docs_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__doc_example__"}
     exec(compile(blocks[0], str(DOC), "exec"), namespace)
+
+
+def test_recorder_weights_give_unbiased_estimates_for_ragged_micro_batches():
+    """The effective big batch (Σc)²/Σ(c²/b) makes the two-batch estimators unbiased with Lightning's 1/k weights.
+
+    Fixed weights (no optimizer step), micro-batches of 16, 16 and 2 samples drawn with replacement from a
+    population whose |G|² and tr(Σ) are computed exactly from per-sample gradients. The naive big batch
+    Σb = 34 (right only for weights proportional to b) must be rejected by the same test.
+    """
+    from batchpilot.integrations.grads import MicroBatchGradients
+    from batchpilot.noise import GradientNoiseScale
+
+    g = torch.Generator().manual_seed(3)
+    n_pop, d, sizes = 4000, 4, (16, 16, 2)
+    x = torch.randn(n_pop, d, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(d, generator=g, dtype=torch.float64) + torch.randn(n_pop, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64))
+    per_sample = (x @ model.weight[0] - y).detach()[:, None] * x  # gradient of 0.5 (x.w - y)^2
+    true_g_sq = float(per_sample.mean(0).square().sum())
+    true_trace = float(per_sample.var(0, unbiased=False).sum())
+    rec = MicroBatchGradients(GradientNoiseScale())
+    rec.install(model.parameters())
+    k, pairs, naive = len(sizes), [], []
+    for _ in range(1500):
+        model.zero_grad(set_to_none=True)
+        rec.start_step()
+        smalls = []
+        for b in sizes:
+            idx = torch.randint(0, n_pop, (b,), generator=g)
+            (0.5 * (model(x[idx])[:, 0] - y[idx]).square().mean() / k).backward()
+            rec.end_micro()
+            smalls.append(per_sample[idx].mean(0))
+        pairs.append(rec.end_step(list(sizes), [1.0 / k] * k))
+        big = sum(smalls) / k
+        naive.append(two_batch_estimates([float(s.square().sum()) for s in smalls], float(big.square().sum()), list(sizes), sum(sizes)))
+    rec.remove()
+    for estimates, should_pass in ((pairs, True), (naive, False)):
+        t = torch.tensor(estimates, dtype=torch.float64)
+        se = t.std(0) / len(t) ** 0.5
+        z = ((t.mean(0) - torch.tensor([true_g_sq, true_trace], dtype=torch.float64)) / se).abs()
+        assert bool((z < 4).all()) is should_pass, (z, should_pass)

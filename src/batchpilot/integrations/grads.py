@@ -80,7 +80,7 @@ class MicroBatchGradients:
         g, prev = p.grad, self._prev[i]
         if self._stamp[i] != self._step_id:
             # first gradient of this parameter in the step: the framework zeroed it before, so Δ = g
-            self._acc.append(torch.linalg.vector_norm(g, dtype=torch.float64).square())
+            self._acc.append(_sq(g))
             if prev is None or prev.shape != g.shape or prev.dtype != g.dtype or prev.device != g.device:
                 self._prev[i] = g.detach().clone()
             else:
@@ -88,7 +88,7 @@ class MicroBatchGradients:
             self._stamp[i] = self._step_id
         else:
             prev.sub_(g)  # prev - now = -Δ, in our own buffer
-            self._acc.append(torch.linalg.vector_norm(prev, dtype=torch.float64).square())
+            self._acc.append(_sq(prev))
             prev.copy_(g)
 
     # -- step protocol ----------------------------------------------------------------------
@@ -157,5 +157,11 @@ def grad_sq_norm_of(tensors: Sequence[torch.Tensor]) -> float:
     """Σ |t|² in float64 over plain tensors (the recorded gradient copies), one sync per device."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(torch.linalg.vector_norm(t, dtype=torch.float64).square())
+        by_device.setdefault(t.device, []).append(_sq(t))
     return sum(float(torch.stack(ts).sum()) for ts in by_device.values())
+
+
+def _sq(t: torch.Tensor) -> torch.Tensor:
+    """|t|² as a float64 0-dim tensor; the norm runs in the tensor's own precision (float32 for 16-bit types)."""
+    low = t.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(t, dtype=torch.float32 if low else None).double().square()
