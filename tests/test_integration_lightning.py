@@ -210,6 +210,21 @@ def test_doctor_reports_batchnorm_under_accumulation_at_train_start():
     assert "BP504" not in {f.code for f in clean.findings}
 
 
+def test_lightning_batch_size_finder_is_reported_as_max_batch_that_fits():
+    cb = BatchpilotCallback(monitor_noise=False)
+    finder = L.callbacks.BatchSizeFinder(mode="power", steps_per_trial=1, init_val=8, max_trials=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(TinyModule(), TinyData(), finder, cb, max_steps=1)
+    assert "BP102" in {f.code for f in cb.findings}
+    data = TinyData()
+    with pytest.raises(BatchpilotError, match="the plan micro_batch_per_rank 16"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the finder overrides the plan's micro-batch: refused at train start
+        fit(TinyModule(), data, BatchpilotCallback(PLAN), L.callbacks.BatchSizeFinder(
+            mode="power", steps_per_trial=1, init_val=2, max_trials=2), max_steps=1)
+    assert data.batch_size != 16
+
+
 def test_doctor_raise_stops_a_fit_with_an_unscaled_lr():
     # batch 32 (8 x 4) at the LR tuned for the micro-batch 8: BP204 (accumulation without rescaling) is an error
     cb = BatchpilotCallback(doctor="raise", doctor_fields={"base_batch": 8, "base_lr": 0.1})

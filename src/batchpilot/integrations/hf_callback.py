@@ -285,6 +285,7 @@ class BatchpilotCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._remove()
+        self._doctor_inputs = {}
 
 
 def attach(trainer: Any, callback: BatchpilotCallback | None = None, **kwargs: Any) -> BatchpilotCallback:

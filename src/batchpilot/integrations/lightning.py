@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+    from lightning.pytorch.callbacks import BatchSizeFinder, GradientAccumulationScheduler
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
     from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -180,6 +180,8 @@ class BatchpilotCallback(pl.Callback):
             known: dict[str, Any] = {"world_size": trainer.world_size}
             if scheduler is None:
                 known["warmup_steps"] = 0  # no scheduler: a constant LR from step 0
+            if any(isinstance(cb, BatchSizeFinder) for cb in trainer.callbacks):
+                known["batch_source"] = "max_fit"  # Lightning's finder picks the largest batch that fits
             if pl_module.automatic_optimization:  # Lightning zeroes, scales the loss and steps the scheduler
                 known.update(zero_grad="per_optimizer_step", scheduler_step="per_optimizer_step",
                              loss_scaled_by_accumulation=True)
