@@ -144,7 +144,7 @@ def _write_outputs(out: Path, workload: Workload, curve: MemoryCurve, device: De
     rows = [["category", "bytes", "share"]]
     total = sum(curve.breakdown.values()) or 1
     rows += [[k, format_bytes(v), f"{v / total:.1%}"] for k, v in curve.breakdown.items()]
-    what = [["setting", "bytes/sample", f"peak at B", "largest micro-batch", "note"]]
+    what = [["setting", "bytes/sample", "peak at B", "largest micro-batch", "note"]]
     what += [[s.name, format_bytes(s.per_sample_bytes), f"{format_bytes(s.peak_bytes)} (B={s.at_batch})",
               s.max_micro_batch, s.note] for s in scenarios]
     write_html(out / "memory.html", f"batchpilot memory: {workload.name}", [

@@ -55,8 +55,15 @@ class HFLogits(nn.Module):
         super().__init__()
         self.model = model
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.model.gradient_checkpointing_enable(**kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """The wrapped model's own checkpointing (``activation_checkpointing_enable`` in transformers >= 5)."""
+        new = getattr(self.model, "activation_checkpointing_enable", None)
+        if callable(new):
+            new(activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        if getattr(self.model.config, "use_cache", None):
+            self.model.config.use_cache = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits

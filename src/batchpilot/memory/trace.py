@@ -205,7 +205,7 @@ def trace_step(workload: Workload, batch: int, *, dtype: str = "float32", amp: b
             tracker._peak_mem_snap = current
             tracker._peak_mem = {dev: snap.get("Total", 0) for dev, snap in tracker._peak_mem_snap.items()}
 
-        workspace = CpuKernelWorkspace(batch) if target == "cpu" else contextlib.nullcontext()
+        workspace = CpuKernelWorkspace() if target == "cpu" else contextlib.nullcontext()
         with tracker, workspace:
             for step in (1, 2):
                 with autocast_context(amp, dtype):

@@ -3,10 +3,10 @@
 ``MemTracker`` sees every tensor an op returns, but not the scratch buffers a CPU kernel
 allocates and frees internally (oneDNN reorders of a convolution's input, gradient and
 weight into blocked layouts, for example). For a CPU target we measure them: the first
-time a convolution of a given shape signature is traced, the real op runs at micro-batches
-8 and 16 under the profiler's allocator events, and the bytes it allocated beyond its
-outputs are fitted as ``c + s * B``. During the trace the op's workspace is then charged
-as a fake scratch tensor alive while the op runs.
+time a convolution of a given shape signature is traced, the real op runs with 8 and 16
+rows in its batched arguments under the profiler's allocator events, and the bytes it
+allocated beyond its outputs are fitted as ``c + s * rows``. During the trace the op's
+scratch is then charged as a fake tensor alive while the op runs.
 
 For a CUDA target no workspace is charged here: cuDNN/cuBLAS workspaces belong to the
 device's ``workspace_bytes`` allowance (:mod:`batchpilot.memory.devices`).
@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_map
 
 aten = torch.ops.aten
 # op -> positions of the arguments whose dim 0 is the batch.
@@ -48,52 +47,66 @@ def _op_extra_bytes(func: Any, args: tuple, kwargs: dict) -> int:
 class CpuKernelWorkspace(TorchDispatchMode):
     """A dispatch mode (entered inside ``MemTracker``) that charges measured CPU kernel scratch.
 
-    Args:
-        batch: the traced micro-batch (the dim-0 size of the batched arguments).
+    The scratch is calibrated per (op, non-batch shapes, dtypes) at :data:`CALIBRATION_BATCHES`
+    rows of the batched arguments (whatever their leading size is in the trace, e.g. B or B*s),
+    so calibration never allocates the traced batch. A calibration that cannot run (for
+    example under a user's own profiler) charges nothing and is recorded in ``failed``.
     """
-
-    def __init__(self, batch: int) -> None:
-        super().__init__()
-        self.batch = batch
-        self.charged: dict[str, int] = {}
 
     _cache: dict[tuple, tuple[float, float]] = {}
 
-    def _signature(self, func: Any, args: tuple) -> tuple:
-        def sig(a: Any) -> Any:
+    def __init__(self) -> None:
+        super().__init__()
+        self.charged: dict[str, int] = {}
+        self.failed: list[str] = []
+
+    @staticmethod
+    def _signature(func: Any, args: tuple) -> tuple:
+        batched = BATCHED_ARGS[func]
+
+        def sig(i: int, a: Any) -> Any:
             if isinstance(a, torch.Tensor):
-                return ("T", tuple(a.shape[1:]), a.shape[0] == self.batch, a.dtype, a.is_contiguous())
+                shape = tuple(a.shape[1:]) if i in batched else tuple(a.shape)
+                return ("T", shape, a.dtype, a.is_contiguous())
             if isinstance(a, (list, tuple)):
-                return tuple(sig(x) for x in a)
+                return tuple(sig(-1, x) for x in a)
             return a
 
-        return (str(func), tuple(sig(a) for a in args))
+        return (str(func), tuple(sig(i, a) for i, a in enumerate(args)))
 
     def _workspace(self, func: Any, args: tuple, kwargs: dict) -> int:
+        rows = [a.shape[0] for i, a in enumerate(args)
+                if i in BATCHED_ARGS[func] and isinstance(a, torch.Tensor) and a.dim() > 0]
+        if not rows or len(set(rows)) != 1:
+            return 0
         key = self._signature(func, args)
         if key not in self._cache:
-            points = []
-            with _disable_current_modes():
-                for b in CALIBRATION_BATCHES:
-                    real_args = self._real_args(func, args, b)
-                    real_kwargs = tree_map(lambda a: a, kwargs)
-                    points.append(_op_extra_bytes(func, real_args, real_kwargs))
-            (b1, b2), (w1, w2) = CALIBRATION_BATCHES, points
-            slope = max(0.0, (w2 - w1) / (b2 - b1))
-            self._cache[key] = (max(0.0, w1 - slope * b1), slope)
+            try:
+                points = []
+                with _disable_current_modes():
+                    for b in CALIBRATION_BATCHES:
+                        points.append(_op_extra_bytes(func, self._real_args(func, args, b), dict(kwargs)))
+            except Exception as exc:  # noqa: BLE001 - calibration is best effort
+                self.failed.append(f"{func}: {type(exc).__name__}: {exc}")
+                self._cache[key] = (0.0, 0.0)
+            else:
+                (b1, b2), (w1, w2) = CALIBRATION_BATCHES, points
+                slope = max(0.0, (w2 - w1) / (b2 - b1))
+                self._cache[key] = (max(0.0, w1 - slope * b1), slope)
         const, slope = self._cache[key]
-        return int(math.ceil(const + slope * self.batch))
+        return int(math.ceil(const + slope * rows[0]))
 
-    def _real_args(self, func: Any, args: tuple, batch: int) -> tuple:
+    @staticmethod
+    def _real_args(func: Any, args: tuple, rows: int) -> tuple:
         batched = BATCHED_ARGS[func]
         out = []
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
                 shape = list(a.shape)
-                if i in batched and shape and shape[0] == self.batch:
-                    shape[0] = batch
+                if i in batched and shape:
+                    shape[0] = rows
                 t = torch.randn(shape, dtype=a.dtype) if a.is_floating_point() else torch.zeros(shape, dtype=a.dtype)
-                out.append(t.requires_grad_(False))
+                out.append(t)
             else:
                 out.append(a)
         return tuple(out)
