@@ -106,6 +106,8 @@ def test_gpu_peak_table_lookup():
     assert gpu_peak_flops("NVIDIA A100-SXM4-40GB", tf32=True).flops_per_s == 156e12
     assert "datasheet" in gpu_peak_flops("Tesla T4").source
     assert gpu_peak_flops("Some Future GPU") is None
+    assert gpu_peak_flops("NVIDIA L40S") is None  # not the L4
+    assert gpu_peak_flops("NVIDIA L4").flops_per_s == pytest.approx(30.3e12)
 
 
 def test_thread_choice_restores_the_setting():

@@ -8,7 +8,7 @@ so the caller's model, optimizer and random state are untouched.
 MFU (model FLOP utilisation, Chowdhery et al. 2022, "PaLM", Appendix B) is the achieved
 FLOP/s over the device's peak. The FLOPs of forward + backward are counted by
 :class:`torch.utils.flop_counter.FlopCounterMode`. The peak comes from a float32 matmul
-microbenchmark on CPU, and from the vendors' datasheets for GPUs (:data:`GPU_PEAK_TFLOPS`).
+microbenchmark on CPU, and from the vendors' datasheets for GPUs (:mod:`batchpilot.peak_flops`).
 """
 
 from __future__ import annotations
@@ -24,83 +24,14 @@ import torch
 
 from batchpilot.data import fetch
 from batchpilot.errors import BatchpilotError
+from batchpilot.peak_flops import GPU_PEAK_TFLOPS, PeakFlops, cpu_peak_flops, gpu_peak_flops
 from batchpilot.workload import Workload
 
-# Dense (no structured sparsity) peak TFLOP/s: (fp32, tf32, bf16/fp16 tensor cores).
-# Sources, NVIDIA datasheets: H100 Tensor Core GPU datasheet (SXM5 column; PCIe column for "H100 PCIE"),
-# H200 Tensor Core GPU datasheet, A100 Tensor Core GPU datasheet, V100 Tensor Core GPU datasheet (SXM2),
-# T4 datasheet, L4 datasheet, A10 datasheet, NVIDIA Ada Lovelace GPU architecture whitepaper (RTX 4090,
-# FP16 tensor with FP32 accumulate) and NVIDIA Ampere GA102 whitepaper (RTX 3090, same). Sparsity
-# figures on the datasheets are twice these and are not reachable by dense training.
-GPU_PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
-    "H200": (67.0, 494.7, 989.4),
-    "H100 PCIE": (51.0, 378.0, 756.0),
-    "H100": (67.0, 494.7, 989.4),
-    "A100": (19.5, 156.0, 312.0),
-    "A10": (31.2, 62.5, 125.0),
-    "L4": (30.3, 60.0, 121.0),
-    "V100": (15.7, 15.7, 125.0),
-    "T4": (8.1, 8.1, 65.0),
-    "RTX 4090": (82.6, 82.6, 165.2),
-    "RTX 3090": (35.6, 35.6, 71.0),
-}
+__all__ = ["GPU_PEAK_TFLOPS", "PeakFlops", "ThroughputCurve", "ThroughputPoint", "choose_cpu_threads", "cpu_peak_flops",
+           "default_batches", "fit_step_time", "gpu_peak_flops", "measure_throughput"]
 
 Progress = Callable[[str, float], None]
 """``progress(description, fraction_done)``."""
-
-
-@dataclass(frozen=True)
-class PeakFlops:
-    """A device's peak FLOP/s and where the number comes from."""
-
-    flops_per_s: float
-    source: str
-
-
-def gpu_peak_flops(device_name: str, dtype: str = "float32", *, tf32: bool | None = None) -> PeakFlops | None:
-    """The datasheet peak for a GPU name (``None`` when the GPU is not in :data:`GPU_PEAK_TFLOPS`).
-
-    ``float32`` uses TF32 tensor cores only when torch allows it (``tf32=None`` reads
-    ``torch.backends.cuda.matmul.allow_tf32``).
-    """
-    name = device_name.upper().replace("NVIDIA ", "").replace("GEFORCE ", "")
-    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIE" before "H100"
-        if key in name:
-            fp32, tf, half = GPU_PEAK_TFLOPS[key]
-            if dtype in ("bfloat16", "float16"):
-                value, kind = half, "bf16/fp16 tensor"
-            elif tf32 if tf32 is not None else torch.backends.cuda.matmul.allow_tf32:
-                value, kind = tf, "tf32 tensor"
-            else:
-                value, kind = fp32, "fp32"
-            return PeakFlops(value * 1e12, f"NVIDIA {key} datasheet, dense {kind}")
-    return None
-
-
-_CPU_PEAK_CACHE: dict[tuple[int, str], PeakFlops] = {}
-
-
-def cpu_peak_flops(dtype: str = "float32", *, size: int = 1024, repeats: int = 5) -> PeakFlops:
-    """Measure this CPU's matmul FLOP/s at the current thread count (best of ``repeats``; cached).
-
-    Uses a private generator, so the global RNG is untouched. On a machine shared with other
-    jobs the figure is what this process can get, which is also what training gets.
-    """
-    key = (torch.get_num_threads(), dtype)
-    if key not in _CPU_PEAK_CACHE:
-        gen = torch.Generator().manual_seed(0)
-        tdtype = getattr(torch, dtype)
-        a = torch.randn(size, size, generator=gen).to(tdtype)
-        b = torch.randn(size, size, generator=gen).to(tdtype)
-        torch.mm(a, b)
-        best = math.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
-        _CPU_PEAK_CACHE[key] = PeakFlops(2 * size**3 / best,
-                                         f"measured: {size}x{size} {dtype} matmul, {key[0]} threads, best of {repeats}")
-    return _CPU_PEAK_CACHE[key]
 
 
 @dataclass(frozen=True)
@@ -307,9 +238,13 @@ def measure_throughput(
         optimizer = workload.make_optimizer(model.parameters(), workload.base_lr)
         _time_batch(workload, model, optimizer, batches[0], dev, tdtype, warmup_steps, 1, peak, 0.0)  # one-time init
         for i, batch in enumerate(batches):
-            if time_budget_s is not None and points and time.perf_counter() - start > time_budget_s:
-                truncated = batch
-                break
+            if time_budget_s is not None and points:
+                # the next batch's cost, projected from the last one (step time grows at most linearly)
+                last = points[-1]
+                projected = last.step_s * batch / last.batch * (warmup_steps + timed_steps)
+                if time.perf_counter() - start + projected > time_budget_s:
+                    truncated = batch
+                    break
             if progress is not None:
                 progress(f"throughput: batch {batch}", i / len(batches))
             points.append(_time_batch(workload, model, optimizer, batch, dev, tdtype, warmup_steps, timed_steps, peak))
@@ -324,7 +259,7 @@ def measure_throughput(
 
 
 def _time_batch(workload, model, optimizer, batch, dev, tdtype, warmup_steps, timed_steps, peak,
-                min_time_s: float = 0.2) -> ThroughputPoint:
+                min_time_s: float = 0.2, max_step_s: float = 1.0) -> ThroughputPoint:
     x, y = _batch(workload, batch, dev, tdtype)
     units = max(1, workload.count_units(y))
     flops = _count_flops(model, workload.loss_sum, x, y, units)
@@ -334,6 +269,8 @@ def _time_batch(workload, model, optimizer, batch, dev, tdtype, warmup_steps, ti
     # tiny steps on a busy machine need many samples
     while k < warmup_steps + timed_steps or (
             sum(steps) < min_time_s and len(steps) < 8 * timed_steps):
+        if k == warmup_steps + 3 and min(steps) > max_step_s:
+            break  # slow steps: three timed ones are enough (their spread is small next to their length)
         _sync(dev)
         t0 = time.perf_counter()
         xb, yb = _batch(workload, batch, dev, tdtype)

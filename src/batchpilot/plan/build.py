@@ -125,7 +125,8 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
         batches = set(default_batches(workload.base_batch, max_batch))
         batches |= {b for b in (workload.base_batch, probe_micro_batch(workload.base_batch)) if b <= max_batch}
         throughput = measure_throughput(workload, batch_sizes=sorted(batches), device=measure_device,
-                                        time_budget_s=throughput_budget_s, seed=seed,
+                                        time_budget_s=max(5.0, throughput_budget_s - (time.perf_counter() - t0)),
+                                        seed=seed,
                                         progress=_staged(progress, "throughput"))
     timings["throughput"] = time.perf_counter() - t0
 
