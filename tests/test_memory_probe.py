@@ -173,3 +173,33 @@ def test_bad_arguments():
     model, opt, seen, make_batch = _setup("forward")
     with pytest.raises(BatchpilotError):
         find_max_batch(model, opt, make_batch, _loss, predicted=0)
+
+
+class _Capped(nn.Module):
+    """Raises the allocator's OOM message when the batch exceeds 40 rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 40:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes")
+        return self.fc(x)
+
+
+def test_probe_workload_builds_its_own_objects_and_keeps_global_rng():
+    from torch.utils.data import TensorDataset
+
+    from batchpilot.memory import probe_workload
+    from batchpilot.workload import Workload
+
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    w = Workload(name="capped", make_model=_Capped, train_data=TensorDataset(x, y), val_data=TensorDataset(x, y),
+                 loss_sum=_loss, make_optimizer=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9),
+                 base_batch=8, base_lr=0.1)
+    rng = torch.get_rng_state()
+    res = probe_workload(w, 38, device="cpu", tolerance=0.0)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert res.max_micro_batch == 40 and res.first_failing == 41
+    assert [(t.micro_batch, t.fits) for t in res.trials] == [(38, True), (42, False), (40, True), (41, False)]
