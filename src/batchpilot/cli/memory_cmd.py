@@ -176,9 +176,8 @@ def render(workload: Workload, curve: MemoryCurve, device: DeviceSpec, scenarios
     console.print(t)
     m = curve.max_micro_batch(device.usable_bytes)
     c = Table(show_header=False, title="M(B) and device")
-    floor = curve.step_fixed_bytes + curve.step_per_sample_bytes > curve.fixed_bytes + curve.per_sample_bytes
-    c.add_row("fit", f"M(B) = {format_bytes(curve.fixed_bytes)} + {format_bytes(curve.per_sample_bytes)} x B"
-              + (f", at least {format_bytes(curve.step_fixed_bytes)} (optimizer-step peak)" if floor else ""))
+    c.add_row("fit", f"M(B) = {format_bytes(curve.fixed_bytes)} + {format_bytes(curve.per_sample_bytes)} x B "
+              f"for large B; between traced batches, interpolated (B=1: {format_bytes(curve.peak_bytes(1))})")
     c.add_row("bytes per sample", format_bytes(curve.per_sample_bytes)
               + (f" ({format_bytes(curve.per_sample_bytes / curve.seq_len)} per token at seq_len {curve.seq_len})" if curve.seq_len else ""))
     c.add_row("traced", ", ".join(f"B={b}: {format_bytes(v)}" for b, v in sorted(curve.peak_bytes_at.items())))
