@@ -210,3 +210,25 @@ def test_spread_shrinks_with_a_longer_window():
     assert long.b_simple_low < true * 1.2 and long.b_simple_high > true * 0.8
     for est in (short, long):  # the weighted bootstrap is centred on the EMA point estimate
         assert est.b_simple_low <= est.b_simple <= est.b_simple_high
+
+
+def test_state_dict_round_trip_continues_identically():
+    rng = np.random.default_rng(6)
+
+    def step_norms():
+        units = 1.0 + 2.0 * rng.normal(size=(32, 5))
+        micro = units.reshape(4, 8, 5).mean(1)
+        return [float(m @ m) for m in micro], float(units.mean(0) @ units.mean(0))
+
+    a = GradientNoiseScale(ema_decay=0.9)
+    steps = [step_norms() for _ in range(30)]
+    for small, big in steps[:20]:
+        a.update(small, big, 8, 32)
+    b = GradientNoiseScale(ema_decay=0.9)
+    b.load_state_dict(a.state_dict())
+    for small, big in steps[20:]:
+        a.update(small, big, 8, 32)
+        b.update(small, big, 8, 32)
+    assert a.estimate() == b.estimate()
+    with pytest.raises(BatchpilotError):
+        GradientNoiseScale(ema_decay=0.5).load_state_dict(a.state_dict())

@@ -339,6 +339,24 @@ class GradientNoiseScale:
         self.history.append((g_sq, trace_sigma))
         return g_sq, trace_sigma
 
+    def state_dict(self) -> dict:
+        """The smoothed state as plain data, for a checkpoint (a pending step is finished first)."""
+        self.end_step()
+        return {"g_ema": [self._g_ema.value, self._g_ema.count], "s_ema": [self._s_ema.value, self._s_ema.count],
+                "recent": [list(p) for p in self._recent], "history": [list(p) for p in self.history],
+                "steps_seen": self._steps_seen, "ema_decay": self.ema_decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the attached parameters stay as they are)."""
+        if float(state.get("ema_decay", self.ema_decay)) != self.ema_decay:
+            raise BatchpilotError(f"noise monitor state has ema_decay {state['ema_decay']}, this monitor {self.ema_decay}")
+        self.reset()
+        self._g_ema.value, self._g_ema.count = float(state["g_ema"][0]), int(state["g_ema"][1])
+        self._s_ema.value, self._s_ema.count = float(state["s_ema"][0]), int(state["s_ema"][1])
+        self._recent.extend(tuple(float(v) for v in p) for p in state["recent"])
+        self.history.extend(tuple(float(v) for v in p) for p in state["history"])
+        self._steps_seen = int(state.get("steps_seen", len(self.history)))
+
     @property
     def n_updates(self) -> int:
         """Steps observed so far."""
