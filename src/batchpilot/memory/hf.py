@@ -182,7 +182,8 @@ def _factory(arch: str):
     return make
 
 
-for _arch, _desc in (("gpt2", "GPT-2 small (124M) from its config, 1024 tokens, AdamW; memory-only (needs batchpilot[hf])"),
-                     ("bert-base", "BERT-base from its config, 512 tokens, cls head, AdamW; memory-only (needs batchpilot[hf])"),
-                     ("bert-large", "BERT-large from its config, 512 tokens, cls head, AdamW; memory-only (needs batchpilot[hf])")):
+_ONLY = "memory-only, random tokens (needs the hf extra: transformers)"
+for _arch, _desc in (("gpt2", f"GPT-2 small (124M) from its config, 1024 tokens, AdamW; {_ONLY}"),
+                     ("bert-base", f"BERT-base from its config, 512 tokens, cls head, AdamW; {_ONLY}"),
+                     ("bert-large", f"BERT-large from its config, 512 tokens, cls head, AdamW; {_ONLY}")):
     register(f"hf:{_arch}", _desc)(_factory(_arch))
