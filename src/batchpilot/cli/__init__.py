@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)  # e.g. for `train --nproc` to relaunch itself
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

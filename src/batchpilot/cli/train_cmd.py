@@ -51,12 +51,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt and summary.json")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--noise-scale", action="store_true",
+                   help="measure the gradient noise scale B_simple while training (from the DDP ranks, or from the "
+                        "micro-batches on one process); in metrics.jsonl at evaluations and in the summary")
+    ddp = p.add_argument_group("distributed (DDP; or launch with `torchrun --nproc-per-node N -m batchpilot train ...`)")
+    ddp.add_argument("--nproc", type=int, default=None, metavar="N",
+                     help="run on N local ranks through torchrun (torch.distributed.run; gloo on CPU); --batch stays "
+                          "the global batch, split as micro-batch x accumulation x N")
+    ddp.add_argument("--max-restarts", type=int, default=0, metavar="R",
+                     help="with --nproc: restart after a lost rank up to R times, resuming from --out's latest checkpoint")
+    ddp.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm: BatchNorm statistics over all ranks")
     p.add_argument("--plan", default=None, metavar="PLAN_JSON",
                    help="run a plan.json from `batchpilot plan` (batch split, LR, warmup, threads; explicit flags win)")
     p.set_defaults(func=run)
 
 
-def config_from_args(args: argparse.Namespace, base_batch: int, regime: FinetuneRegime | None = None) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, base_batch: int, regime: FinetuneRegime | None = None,
+                     world_size: int = 1) -> TrainConfig:
     """The :class:`TrainConfig` the flags describe (a fine-tuning regime fills in batch and LR not given)."""
     batch = args.batch if args.batch is not None else (regime.batch if regime else base_batch)
     lr = args.lr if args.lr is not None or regime is None or args.lr_rule is not None else regime.lr
@@ -67,11 +78,44 @@ def config_from_args(args: argparse.Namespace, base_batch: int, regime: Finetune
         grad_clip=args.grad_clip, ema_decay=args.ema, seed=args.seed, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, target=args.target, stop_at_target=args.stop_at_target,
         dtype=args.dtype, optimizer=args.optimizer, batch_schedule=args.batch_schedule, adaptive=args.adaptive,
-        max_batch=args.max_batch, init_from=args.init_from,
+        max_batch=args.max_batch, init_from=args.init_from, world_size=world_size,
+        sync_batchnorm=getattr(args, "sync_bn", False),
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from batchpilot.train.distributed import init_distributed, shutdown_distributed, torchrun_env
+
+    env = torchrun_env()
+    if args.nproc is not None and not env.launched:
+        return _launch(args)
+    if args.nproc is not None and args.nproc != env.world_size:
+        raise BatchpilotError(f"--nproc {args.nproc} given inside a torchrun launch of {env.world_size} ranks")
+    env = init_distributed("cpu")
+    try:
+        return _run(args, env)
+    finally:
+        shutdown_distributed()
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: check the flags here, then run this command on N ranks with torchrun."""
+    from batchpilot.train.distributed import launch, strip_launcher_args
+
+    if args.nproc < 1:
+        raise BatchpilotError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.max_restarts < 0:
+        raise BatchpilotError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.max_restarts and not args.out:
+        raise BatchpilotError("--max-restarts needs --out DIR (the checkpoint a restarted run resumes from)")
+    if not args.plan:  # bad flags fail here, once, rather than on every rank
+        workload = load_workload(args)
+        if not args.finetune:
+            config_from_args(args, workload.base_batch, world_size=args.nproc)
+    return launch(args.nproc, strip_launcher_args(args.raw_argv), max_restarts=args.max_restarts)
+
+
+def _run(args: argparse.Namespace, env) -> int:
     if args.resume and not args.out:
         raise BatchpilotError("--resume needs --out DIR (where the checkpoint is)")
     if args.finetune and not args.init_from:
@@ -87,12 +131,26 @@ def run(args: argparse.Namespace) -> int:
 
         w = with_optimizer(workload, args.optimizer)
         regime = finetune_regime(w.base_batch, w.base_lr, w.optimizer_family(), num_train=w.num_train, batch=args.batch)
-    config = config_from_args(args, workload.base_batch, regime)
-    trainer = Trainer(workload, config, out_dir=args.out, resume=args.resume, progress=True)
+    config = config_from_args(args, workload.base_batch, regime, world_size=env.world_size)
+    noise = None
+    if args.noise_scale:
+        from batchpilot.noise import GradientNoiseScale
+
+        noise = GradientNoiseScale()
+    resume = args.resume or bool(env.restart_count and args.out)  # a torchrun restart resumes its run
+    trainer = Trainer(workload, config, out_dir=args.out, resume=resume, progress=env.is_main, noise=noise)
     result = trainer.run()
+    if not env.is_main:  # rank 0 alone prints and writes
+        return {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
     summary = result.to_dict()
     if regime is not None:
         summary["finetune"] = regime.to_dict()
+    if noise is not None:
+        import math
+
+        summary["noise_scale"] = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                                  for k, v in noise.estimate().to_dict().items()}
+        summary["noise_scale"]["source"] = "ranks" if env.world_size > 1 else "micro-batches"
     if args.out:
         import json
         from pathlib import Path

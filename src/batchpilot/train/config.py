@@ -55,6 +55,7 @@ class TrainConfig:
             starting at ``global_batch``.
         max_batch: the adaptive controller's largest batch (default ``min(16 x global_batch, N / 2)``).
         init_from: start from these weights (a batchpilot checkpoint or a ``state_dict`` file), e.g. to fine-tune.
+        sync_batchnorm: convert BatchNorm to SyncBatchNorm, statistics over all ranks (:mod:`batchpilot.train.sync_bn`).
     """
 
     global_batch: int
@@ -80,6 +81,7 @@ class TrainConfig:
     adaptive: bool = False
     max_batch: int | None = None
     init_from: str | None = None
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("batch", self.global_batch)
@@ -125,6 +127,8 @@ class TrainConfig:
         self._check_batching()
 
     def _check_batching(self) -> None:
+        if not isinstance(self.sync_batchnorm, bool):
+            raise BatchpilotError(f"sync_batchnorm must be True or False, got {self.sync_batchnorm!r}")
         if self.optimizer not in OPTIMIZERS:
             raise BatchpilotError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.batch_schedule is not None and self.adaptive:

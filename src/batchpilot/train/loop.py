@@ -5,6 +5,9 @@ scheduler and the EMA advance only on optimizer steps; clipping applies to the
 accumulated gradient. The caller's global RNG is restored when the run ends.
 With a batch schedule or adaptive batching, a *batch driver* (:mod:`batchpilot.batching`)
 sets each step's batch, micro-batch and LR; the run is then counted in samples.
+With ``world_size > 1`` (a ``torchrun`` launch) the model runs under DDP: each rank takes its exact
+share of every global batch, the loss is normalised by the all-reduced unit count, and rank 0 alone
+logs and writes checkpoints (:mod:`batchpilot.train.distributed`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from batchpilot.schedules import make_scheduler
 from batchpilot.train.accumulation import AfterMicro, accumulate_gradients
 from batchpilot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from batchpilot.train.config import TrainConfig
+from batchpilot.train.distributed import check_world_size, maybe_inject_fault, torchrun_env
 from batchpilot.train.result import TrainResult
 from batchpilot.workload import Workload
 
@@ -84,8 +88,11 @@ class Trainer:
         out_dir: directory for ``metrics.jsonl`` and ``checkpoint.pt`` (``None``: nothing written).
         resume: continue from ``out_dir/checkpoint.pt`` if it exists.
         progress: show a rich progress bar on stderr.
-        after_micro: hook after each micro-batch backward (e.g. a noise monitor).
+        after_micro: hook after each micro-batch backward (e.g. a noise monitor); under DDP it sees this
+            rank's local gradient until the last micro-batch.
         on_step: hook receiving each step's record.
+        noise: a :class:`~batchpilot.noise.GradientNoiseScale` to feed: from the ranks under DDP
+            (:class:`~batchpilot.noise_ddp.RankNoiseScale`), else from the micro-batches (needs accumulation).
     """
 
     def __init__(
@@ -98,6 +105,7 @@ class Trainer:
         progress: bool = False,
         after_micro: AfterMicro | None = None,
         on_step: StepCallback | None = None,
+        noise=None,
     ) -> None:
         workload = with_optimizer(workload, config.optimizer)
         self.workload, self.config = workload, config
@@ -113,7 +121,16 @@ class Trainer:
         self.total_steps = config.total_steps(n)
         batch_rule = config.lr_rule or default_lr_rule(workload.optimizer_family())
         self.batching = make_batch_driver(config, workload, batch_rule)
-        hooks = [h for h in (getattr(self.batching, "after_micro", None), after_micro) if h is not None]
+        self.dist = check_world_size(config.world_size)
+        self.is_main = self.dist is None or self.dist.is_main
+        self.noise, self.rank_noise, self._ddp = noise, None, None
+        if noise is not None and self.dist is None:
+            if config.accumulation_steps < 2 and not config.variable_batch:
+                raise BatchpilotError("the noise scale needs two batch sizes: a micro-batch below the batch "
+                                      "(accumulation) or more than one rank")
+            noise.attach(lambda: self.model)
+        hooks = [h for h in (getattr(self.batching, "after_micro", None), after_micro,
+                             noise.after_micro if noise is not None and self.dist is None else None) if h is not None]
         self.after_micro = hooks[0] if len(hooks) == 1 else (_chain(hooks) if hooks else None)
         self.model: nn.Module | None = None
         self.ema: AveragedModel | None = None
@@ -130,11 +147,15 @@ class Trainer:
                 group["lr"] = group["initial_lr"] * plan.lr_scale
         lr = optimizer.param_groups[0]["lr"]
         idx = sampler.next_batch(batch)
+        parts = split_micro(idx, micro_batch) if self.dist is None else self.dist.micro_batches(idx, micro_batch)
         micro = []
-        for part in split_micro(idx, micro_batch):
+        for part in parts:
             x, y = fetch(w.train_data, part)
             micro.append((_to_dtype(x, self.dtype), y))
-        loss = accumulate_gradients(model, micro, w.loss_sum, w.count_units, after_micro=self.after_micro)
+        if self.dist is None:
+            loss = accumulate_gradients(model, micro, w.loss_sum, w.count_units, after_micro=self.after_micro)
+        else:
+            loss = self._ddp_accumulate(micro)
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -146,6 +167,19 @@ class Trainer:
         if self.batching is not None:
             self.batching.after_step(self._counters.step + 1, len(idx))
         return loss, {"lr": lr, "batch": len(idx), **info}
+
+    def _ddp_accumulate(self, micro) -> float:
+        """This rank's share under DDP: loss x world / global units, so DDP's average is the global mean."""
+        w, d = self.workload, self.dist
+        local_units = sum(w.count_units(y) for _, y in micro)
+        total = round(d.all_reduce_sum([local_units])[0])
+        if self.rank_noise is not None:
+            self.rank_noise.begin_step(local_units)
+        loss = accumulate_gradients(self._ddp, micro, w.loss_sum, w.count_units, total_units=total,
+                                    loss_scale=float(d.world_size), after_micro=self.after_micro)
+        if self.rank_noise is not None:
+            self.rank_noise.end_step()
+        return d.all_reduce_sum([loss])[0]
 
     def _finished(self) -> bool:
         if self.batching is not None:
@@ -172,7 +206,13 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "counters": {k: getattr(c, k) for k in c.__dataclass_fields__},
             "batching": self.batching.state_dict() if self.batching is not None else None,
+            **({"rng_cpu_ranks": self.dist.gather(torch.get_rng_state())} if self.dist is not None else {}),
         }
+
+    def _save(self, ckpt: Path, *objects) -> None:
+        state = self._state(*objects)  # every rank: the RNG states are gathered
+        if self.is_main:
+            save_checkpoint(ckpt, state)
 
     def _restore(self, state: dict, model, optimizer, scheduler, ema, sampler) -> None:
         saved = {k: v for k, v in state["config"].items() if k not in ("steps", "epochs", "checkpoint_every", "eval_every")}
@@ -187,6 +227,9 @@ class Trainer:
             ema.load_state_dict(state["ema"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng_cpu"])
+        ranks = state.get("rng_cpu_ranks")
+        if self.dist is not None and ranks is not None and len(ranks) == self.dist.world_size:
+            torch.set_rng_state(ranks[self.dist.rank])
         self._counters = _Counters(**state["counters"])
         if self.batching is not None:
             self.batching.load_state_dict(state["batching"])
@@ -210,6 +253,10 @@ class Trainer:
         model = w.make_model().to(self.dtype)
         if cfg.init_from:
             model.load_state_dict(load_pretrained(cfg.init_from))
+        if cfg.sync_batchnorm:
+            from batchpilot.train.sync_bn import convert_sync_batchnorm
+
+            convert_sync_batchnorm(model)
         model.train()
         optimizer = w.make_optimizer(model.parameters(), self.lr)
         scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps)
@@ -222,27 +269,40 @@ class Trainer:
         ckpt = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.resume and ckpt is not None and ckpt.exists():
+        if self.dist is not None and self.dist.rank > 0:
+            torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank)  # rank r's own dropout stream
+        if self.resume and ckpt is not None and ckpt.exists():  # every rank loads the checkpoint
             self._restore(load_checkpoint(ckpt), model, optimizer, scheduler, ema, sampler)
-            self._truncate_metrics(self._counters.step)
-        elif self.out_dir is not None:
+            if self.is_main:
+                self._truncate_metrics(self._counters.step)
+        elif self.out_dir is not None and self.is_main:
             (self.out_dir / "metrics.jsonl").write_text("")
+            if ckpt is not None and ckpt.exists() and torchrun_env().launched:
+                ckpt.unlink()  # a restarted attempt of this run must not resume from an older run's checkpoint
+        if self.dist is not None:
+            self.dist.check_same(self._counters.step, "the step to resume from")
+            self._ddp = self.dist.wrap(model)
+            if self.noise is not None:
+                from batchpilot.noise_ddp import RankNoiseScale
+
+                self.rank_noise = RankNoiseScale(self._ddp, self.noise)
         return self._loop(model, optimizer, scheduler, ema, sampler, ckpt, stop_after)
 
     def _loop(self, model, optimizer, scheduler, ema, sampler, ckpt, stop_after) -> TrainResult:
         cfg, c = self.config, self._counters
-        metrics = open(self.out_dir / "metrics.jsonl", "a") if self.out_dir is not None else None
+        metrics = open(self.out_dir / "metrics.jsonl", "a") if self.out_dir is not None and self.is_main else None
         status = "completed"
         bar_total, bar_done = (self.total_steps, lambda: c.step) if self.batching is None else \
             (self.batching.budget_samples, lambda: c.samples)
-        bar = _progress(self.progress, bar_total, bar_done(), self.workload.name)
-        save = (lambda: save_checkpoint(ckpt, self._state(model, optimizer, scheduler, ema, sampler))) if ckpt else (lambda: None)
+        bar = _progress(self.progress and self.is_main, bar_total, bar_done(), self.workload.name)
+        save = (lambda: self._save(ckpt, model, optimizer, scheduler, ema, sampler)) if ckpt else (lambda: None)
         try:
             while not self._finished():
                 t0 = time.perf_counter()
                 loss, info = self._step(model, optimizer, scheduler, ema, sampler)
                 c.train_wall_s += time.perf_counter() - t0
                 c.step += 1
+                maybe_inject_fault(c.step)
                 if c.step == 1:
                     c.initial_loss = loss
                 c.last_loss = loss
@@ -255,6 +315,9 @@ class Trainer:
                 if (cfg.eval_every and c.step % cfg.eval_every == 0) or self._finished():
                     record.update(self._eval(model, ema))
                     self._check_target(record)
+                    if self.noise is not None and self.noise.n_updates:
+                        b = self.noise.estimate().b_simple
+                        record.setdefault("b_noise", b if math.isfinite(b) else None)
                 _write(metrics, record)
                 if self.on_step is not None:
                     self.on_step(record)
@@ -275,8 +338,8 @@ class Trainer:
                 bar.stop()
             if metrics is not None:
                 metrics.close()
-        if status != "diverged":
-            save()
+        if status != "diverged" and not (status == "interrupted" and self.dist is not None):
+            save()  # (an interrupted DDP run keeps its last periodic checkpoint: the peers may be gone)
         return self._result(model, ema, status)
 
     def _eval(self, model, ema) -> dict[str, float]:
