@@ -189,6 +189,13 @@ def test_no_accumulation_gives_no_estimate_and_bad_input_is_rejected():
         GradientNoiseScale(ema_decay=1.0)
     with pytest.raises(BatchpilotError):
         GradientNoiseScale().after_micro(0, 8)  # nothing attached
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    monitor.after_micro(0, 8)
+    monitor.reset()
+    monitor.after_micro(1, 8)  # micro-batch 0 not seen: the step cannot be decomposed and is skipped
+    monitor.after_micro(2, 8)
+    assert monitor.end_step() is None and monitor.n_updates == 0
 
 
 def test_spread_shrinks_with_a_longer_window():

@@ -298,12 +298,18 @@ class GradientNoiseScale:
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return
-        if index == 0 or self._snap is None or len(grads) != len(self._snap.shapes):
+        if index == 0:
             # micro-batch 0: the gradient was zero before it, so the snapshot is the delta itself
             if self._snap is None or not self._snap.matches(grads):
                 self._snap = _Snapshot(grads)
             delta_sq = self._snap.copy_from(grads)
             self._micro_sq, self._micro_units = [], []
+        elif self._snap is None or len(grads) != len(self._snap.shapes) or not self._micro_sq:
+            # a parameter got its first gradient mid-step (or micro-batch 0 was not seen): the
+            # differences no longer add up to this step's gradient, so the step is skipped
+            self._micro_sq, self._micro_units = [], []
+            self._active = False
+            return
         else:
             delta_sq = self._snap.diff_sq_and_copy(grads)
         self._micro_sq.append(delta_sq)
