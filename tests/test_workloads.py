@@ -55,7 +55,7 @@ def test_charlm_loss_is_per_token():
 
 
 def test_unknown_workload_lists_known():
-    with pytest.raises(BatchpilotError, match="known: charlm, digits-cnn-bn, mnist1d-cnn, mnist1d-mlp"):
+    with pytest.raises(BatchpilotError, match="unknown workload 'resnet-9000'; known: charlm, digits-cnn-bn, .*mnist1d-cnn, mnist1d-mlp"):
         get_workload("resnet-9000")
 
 
@@ -115,3 +115,13 @@ def test_mnist1d_disk_cache_round_trip(tmp_path, monkeypatch):
     assert mnist1d._cache_path(200, 100, 42).exists()
     cached = mnist1d._generate.__wrapped__(200, 100, 42)
     assert all(torch.equal(a, b) for a, b in zip(fresh, cached))
+
+
+def test_memory_only_workload_is_not_trained(mlp_workload):
+    import dataclasses
+
+    from batchpilot.train import TrainConfig, Trainer
+
+    fake = dataclasses.replace(mlp_workload, name="hf:toy", memory_only=True)
+    with pytest.raises(BatchpilotError, match="memory-only"):
+        Trainer(fake, TrainConfig(global_batch=8, steps=1))

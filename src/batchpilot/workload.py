@@ -94,6 +94,7 @@ class Workload:
         target: optional target the metric should reach, e.g. ``val_acc>=0.85``.
         description: one line for ``batchpilot workloads``.
         seq_len: sequence length for sequence models, else ``None``.
+        memory_only: random data for memory prediction only (``hf:*``); training it is refused.
     """
 
     name: str
@@ -111,6 +112,7 @@ class Workload:
     target: Target | None = None
     description: str = ""
     seq_len: int | None = None
+    memory_only: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.base_batch, bool) or not isinstance(self.base_batch, int) or self.base_batch < 1:

@@ -162,7 +162,7 @@ def hf_workload(arch: str, head: str | None = None, seq_len: int | None = None, 
     return Workload(
         name=name, make_model=make_model, train_data=data, val_data=data, loss_sum=loss, metric_sum=loss,
         metric_name="val_loss", higher_is_better=False, make_optimizer=_adamw, base_batch=base_batch,
-        base_lr=base_lr, description=f"memory-only {arch} ({head} head) from its config, {s} tokens", seq_len=s,
+        base_lr=base_lr, description=f"memory-only {arch} ({head} head) from its config, {s} tokens", seq_len=s, memory_only=True,
         **kwargs,
     )
 

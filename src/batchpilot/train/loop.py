@@ -112,6 +112,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume, self.progress = resume, progress
         self.after_micro, self.on_step = after_micro, on_step
+        if workload.memory_only:
+            raise BatchpilotError(f"workload {workload.name!r} is memory-only (random data): use `batchpilot memory`, not training")
         n = workload.num_train
         if config.global_batch > n:
             raise BatchpilotError(f"batch {config.global_batch} is larger than the training set of {workload.name!r} ({n} samples)")
