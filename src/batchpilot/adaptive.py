@@ -9,8 +9,10 @@ form used by Pollux, Qiao et al. 2021, OSDI): relative to a base batch ``B0``, o
 ``r`` is the AdaScale gain (Johnson et al. 2020, "AdaScale SGD"): ``(σ² + μ²) / (σ²/S + μ²)`` with
 ``S = B/B0``, ``σ² = tr(Σ)/B0``, ``μ² = |G|²`` and ``B_noise = tr(Σ)/|G|²``. Goodput is
 ``samples_per_s(B) · E(B)``; the controller picks the candidate batch of highest predicted goodput
-and **switches only when it beats the current batch's by a margin** (Pollux: 5%), so noise in the
-estimate does not make the batch flap. The batch stays between the base batch and the
+and **switches only when it beats the current batch's by a margin** (Pollux: 5%). The noise scale
+is itself noisy, so the switch must also hold at the cautious end of the monitor's bootstrap
+interval (its low end for a larger batch, its high end for a smaller one): the batch does not flap
+on an estimate that cannot tell the two apart. The batch stays between the base batch and the
 memory/accumulation limit. The LR follows the AdaScale gain (SGD-like optimizers; AdaScale is
 derived for SGD) or the run's scaling rule (the Adam family: square root, Malladi et al. 2022).
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 import bisect
 import copy
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Sequence
@@ -37,6 +38,9 @@ from batchpilot.scaling import ADAPTIVE_OPTIMIZERS
 
 POLLUX_MARGIN = 0.05
 """Switch only when the predicted goodput improves by at least this fraction (Pollux)."""
+DECISION_CONFIDENCE = 0.5
+"""Coverage of the noise-scale interval a switch must hold across (the interquartile range): an 80%
+interval from the few noisy steps of early training is so wide that it freezes the batch."""
 
 
 def efficiency(batch: int, b_noise: float, base_batch: int) -> float:
@@ -105,6 +109,8 @@ class Decision:
     b_noise: float
     current_goodput: float
     best_goodput: float
+    b_noise_low: float = float("nan")
+    b_noise_high: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +124,7 @@ def decide_batch(
     base_batch: int,
     margin: float = POLLUX_MARGIN,
     step: int = 0,
+    b_noise_range: tuple[float, float] | None = None,
 ) -> Decision:
     """Pick the batch of highest predicted goodput; keep ``current`` unless that beats it by ``margin``.
 
@@ -129,6 +136,8 @@ def decide_batch(
         base_batch: ``B0`` of the efficiency (the batch the LR was tuned at).
         margin: required relative goodput improvement to switch (Pollux: 0.05).
         step: recorded in the decision.
+        b_noise_range: an interval for ``b_noise`` (e.g. the monitor's bootstrap); if given, the switch
+            must also beat the margin at its low end (moving up) or high end (moving down).
 
     Returns:
         The :class:`Decision`; ``batch == current`` when not switching or when ``b_noise`` is not a number.
@@ -138,13 +147,18 @@ def decide_batch(
     if margin < 0:
         raise BatchpilotError(f"margin must be >= 0, got {margin!r}")
     speed = samples_per_s.__getitem__ if isinstance(samples_per_s, Mapping) else samples_per_s
+    low, high = b_noise_range if b_noise_range is not None else (float("nan"), float("nan"))
     if math.isnan(b_noise):
-        return Decision(step, current, current, False, b_noise, float("nan"), float("nan"))
+        return Decision(step, current, current, False, b_noise, float("nan"), float("nan"), low, high)
     now = goodput(current, b_noise, base_batch, speed)
     best = max(candidates, key=lambda b: (goodput(b, b_noise, base_batch, speed), -b))
     best_gp = goodput(best, b_noise, base_batch, speed)
     switch = best != current and best_gp > (1 + margin) * now
-    return Decision(step, current, best if switch else current, switch, b_noise, now, best_gp)
+    if switch and b_noise_range is not None:
+        cautious = low if best > current else high
+        switch = not math.isnan(cautious) and (
+            goodput(best, cautious, base_batch, speed) > (1 + margin) * goodput(current, cautious, base_batch, speed))
+    return Decision(step, current, best if switch else current, switch, b_noise, now, best_gp, low, high)
 
 
 def measure_throughput(workload, model: torch.nn.Module, batches: Sequence[int], micro_for: Callable[[int], int],
@@ -152,8 +166,8 @@ def measure_throughput(workload, model: torch.nn.Module, batches: Sequence[int],
     """Time whole training steps (fetch, forward/backward per micro-batch, optimizer step) at each batch.
 
     Runs on a deep copy of ``model`` with a fresh optimizer, under a forked RNG: the caller's
-    model, optimizer and random state are untouched. Reports the median of ``repeats`` timed steps
-    after one warm-up step.
+    model, optimizer and random state are untouched. Reports the fastest of ``repeats`` timed steps
+    after one warm-up step (the minimum: on a shared machine, other work only ever adds time).
     """
     from batchpilot.data import fetch, split_micro
     from batchpilot.train.accumulation import accumulate_gradients
@@ -177,41 +191,46 @@ def measure_throughput(workload, model: torch.nn.Module, batches: Sequence[int],
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 times.append(time.perf_counter() - t0)
-            rates.append(b / statistics.median(times[1:]))
+            rates.append(b / min(times[1:]))
     return ThroughputTable(tuple(batches), tuple(rates))
 
 
 class AdaptiveDriver(BatchDriver):
     """Runs :func:`decide_batch` every ``decide_every`` steps with the live noise monitor.
 
-    Every step has at least two micro-batches, so the monitor gets its two batch sizes from
-    accumulation for free. Throughput is measured once, at the first decision, on a copy of the
-    model (the measurement time counts as training time). The LR multiplier is the AdaScale gain
+    Every ``monitor_every``-th step is split into at least two micro-batches and fed to the monitor,
+    which gets its two batch sizes from accumulation; the other steps run unsplit (unless the
+    micro-batch cap splits them) and unmonitored, so measuring costs little. Throughput is measured
+    once, at the first decision, on a copy of the model, for unsplit steps (the measurement time
+    counts as training time). The LR multiplier is the AdaScale gain
     for SGD-like optimizers and the run's rule for the Adam family (``lr_mode='auto'``).
 
     Args:
         max_batch: the memory/accumulation limit.
         monitor: a :class:`~batchpilot.noise.GradientNoiseScale` (one is made if ``None``).
         decide_every: steps between decisions.
-        min_updates: noise-monitor steps before the first decision.
+        min_updates: monitored steps before the first decision.
+        monitor_every: measure the noise scale on every this many steps (1: every step).
         margin: Pollux's switching margin.
         lr_mode: ``adascale``, ``rule`` or ``auto``.
         **kwargs: see :class:`~batchpilot.batching.BatchDriver`.
     """
 
-    min_micro_batches = 2
-
-    def __init__(self, *, max_batch: int, monitor=None, decide_every: int = 10, min_updates: int = 5,
-                 margin: float = POLLUX_MARGIN, lr_mode: str = "auto", **kwargs) -> None:
+    def __init__(self, *, max_batch: int, monitor=None, decide_every: int = 8, min_updates: int = 4,
+                 monitor_every: int = 4, margin: float = POLLUX_MARGIN, lr_mode: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
         if lr_mode not in ("auto", "adascale", "rule"):
             raise BatchpilotError(f"lr mode must be auto, adascale or rule, got {lr_mode!r}")
         if monitor is None:
             from batchpilot.noise import GradientNoiseScale
 
-            monitor = GradientNoiseScale()
+            monitor = GradientNoiseScale(confidence=DECISION_CONFIDENCE)
         self.monitor, self.max_batch = monitor, max_batch
         self.decide_every, self.min_updates, self.margin, self.lr_mode = decide_every, min_updates, margin, lr_mode
+        self.monitor_every = monitor_every
+        self._monitoring = False
+        self.probe_s = 0.0
+        """Seconds the throughput probe took (counted as training time by the trainer)."""
         self.candidates = candidate_batches(self.ref_batch, max_batch)
         self.current = self.ref_batch
         self.b_noise = float("nan")
@@ -228,10 +247,15 @@ class AdaptiveDriver(BatchDriver):
         if self.lr_mode == "auto":
             self.lr_mode = "rule" if family.lower() in ADAPTIVE_OPTIMIZERS else "adascale"
 
+    def min_micro_batches(self, step: int) -> int:
+        self._monitoring = step % self.monitor_every == 0
+        return 2 if self._monitoring else 1
+
     def after_micro(self, index: int, units: int) -> None:
-        """Feed the monitor (the trainer's ``after_micro`` hook)."""
-        self.monitor.after_micro(index, units)
-        self._units += int(units)
+        """Feed the monitor on monitored steps (the trainer's ``after_micro`` hook)."""
+        if self._monitoring:
+            self.monitor.after_micro(index, units)
+            self._units += int(units)
 
     def batch_at(self, step: int, samples: int) -> tuple[int, float | None]:
         if self.lr_mode == "adascale":
@@ -243,22 +267,29 @@ class AdaptiveDriver(BatchDriver):
         return {"b_noise": self.b_noise if math.isfinite(self.b_noise) else None}  # type: ignore[dict-item]
 
     def after_step(self, step: int, batch: int) -> None:
-        self._samples += batch
+        if self._monitoring:
+            self._samples += batch
+            self.monitor.end_step()  # finish this step's estimate now (the monitor would at its next step)
         if step % self.decide_every or self.monitor.n_updates < self.min_updates:
             return
         est = self.monitor.estimate()
         units_per_sample = self._units / max(1, self._samples)
-        self.b_noise = est.b_simple / units_per_sample if units_per_sample > 0 else float("nan")
+        if not units_per_sample > 0:
+            return
+        self.b_noise = est.b_simple / units_per_sample
+        b_range = (est.b_simple_low / units_per_sample, est.b_simple_high / units_per_sample)
         if math.isnan(self.b_noise):
             return
         if self.throughput is None:
             if self._workload is None or self._model_fn is None:
                 raise BatchpilotError("AdaptiveDriver.bind(model_fn, workload, dtype, family) must be called before training")
+            t0 = time.perf_counter()
             self.throughput = measure_throughput(
                 self._workload, self._model_fn(), self.candidates,
-                lambda b: micro_batch_for(b, self.micro_cap, self.min_micro_batches), self._dtype)
+                lambda b: micro_batch_for(b, self.micro_cap, 1), self._dtype)
+            self.probe_s = time.perf_counter() - t0
         d = decide_batch(self.current, self.b_noise, self.throughput, self.candidates, self.ref_batch,
-                         self.margin, step=step)
+                         self.margin, step=step, b_noise_range=b_range)
         self.decisions.append(d.to_dict())
         self.current = d.batch
 

@@ -59,10 +59,8 @@ class BatchDriver:
         schedule: LR schedule name (``constant``, ``cosine``).
         warmup_steps: warmup length in steps at ``ref_batch``.
         micro_cap: largest micro-batch (the run's ``micro_batch_per_rank``), ``None`` for no cap.
-        min_micro_batches: fewest micro-batches per step (2 for a noise monitor).
     """
 
-    min_micro_batches = 1
     after_micro = None
     """A hook for the trainer's ``after_micro`` (``None``: none needed)."""
 
@@ -98,8 +96,13 @@ class BatchDriver:
         if not self.changes or self.changes[-1][1] != batch:
             self.changes.append([step + 1, batch])
         run_batch = max(1, min(batch, self.budget_samples - samples))
-        return StepPlan(run_batch, micro_batch_for(run_batch, self.micro_cap, self.min_micro_batches), factor * mult,
+        pieces = self.min_micro_batches(step)
+        return StepPlan(run_batch, micro_batch_for(run_batch, self.micro_cap, pieces), factor * mult,
                         tuple(self.record_fields().items()))
+
+    def min_micro_batches(self, step: int) -> int:
+        """Fewest micro-batches for 0-based ``step`` (a noise monitor needs 2 on the steps it measures)."""
+        return 1
 
     def record_fields(self) -> dict[str, float]:
         """Extra fields for the metrics record of the step being planned."""
