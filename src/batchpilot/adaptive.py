@@ -299,7 +299,7 @@ class AdaptiveDriver(BatchDriver):
                      units=self._units, samples=self._samples, lr_mode=self.lr_mode,
                      throughput=None if self.throughput is None else
                      {"batches": list(self.throughput.batches), "samples_per_s": list(self.throughput.samples_per_s)},
-                     monitor=monitor_state(self.monitor))
+                     monitor=self.monitor.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -311,30 +311,4 @@ class AdaptiveDriver(BatchDriver):
         self.throughput = None if t is None else ThroughputTable(tuple(int(b) for b in t["batches"]),
                                                                  tuple(float(s) for s in t["samples_per_s"]))
         if state.get("monitor") is not None:
-            load_monitor_state(self.monitor, state["monitor"])
-
-
-def monitor_state(monitor) -> dict:
-    """The noise monitor's smoothed state, for a checkpoint (plain floats and ints).
-
-    Uses the monitor's own ``state_dict`` when it has one. Otherwise (``GradientNoiseScale`` has none
-    yet) it reads the monitor's EMAs and recent window directly, after finishing the pending step,
-    which the monitor would otherwise do identically at the next micro-batch 0.
-    """
-    if hasattr(monitor, "state_dict"):
-        return {"native": monitor.state_dict()}
-    monitor.end_step()
-    return {"g_ema": [monitor._g_ema.value, monitor._g_ema.count], "s_ema": [monitor._s_ema.value, monitor._s_ema.count],
-            "recent": [list(p) for p in monitor._recent], "history": [list(p) for p in monitor.history]}
-
-
-def load_monitor_state(monitor, state: dict) -> None:
-    """Restore :func:`monitor_state` into a fresh monitor."""
-    if "native" in state:
-        monitor.load_state_dict(state["native"])
-        return
-    monitor.reset()
-    monitor._g_ema.value, monitor._g_ema.count = float(state["g_ema"][0]), int(state["g_ema"][1])
-    monitor._s_ema.value, monitor._s_ema.count = float(state["s_ema"][0]), int(state["s_ema"][1])
-    monitor._recent.extend(tuple(float(v) for v in p) for p in state["recent"])
-    monitor.history.extend(tuple(float(v) for v in p) for p in state["history"])
+            self.monitor.load_state_dict(state["monitor"])
