@@ -19,6 +19,13 @@ def _fig():
     return plt.subplots(figsize=(6.4, 4.0))
 
 
+def _legend(ax, **kw) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, **kw)
+    else:
+        ax.text(0.5, 0.5, "nothing measured", ha="center", transform=ax.transAxes)
+
+
 def _mark_plan(ax, analysis: SweepAnalysis) -> None:
     if analysis.plan is not None:
         ax.axvline(analysis.plan.global_batch, color="tab:red", ls=":", lw=1.5, label=f"plan: B={analysis.plan.global_batch}")
@@ -45,7 +52,7 @@ def _steps_figure(a: SweepAnalysis):
     ax.set_xlabel("global batch B")
     ax.set_ylabel(f"steps to {a.target}")
     ax.set_title("Steps to target (Shallue et al. 2019; McCandlish et al. 2018)")
-    ax.legend(fontsize=8)
+    _legend(ax)
     return fig
 
 
@@ -64,7 +71,7 @@ def _examples_figure(a: SweepAnalysis):
     ax.set_xlabel("global batch B")
     ax.set_ylabel("examples to target")
     ax.set_title("Examples to target")
-    ax.legend(fontsize=8)
+    _legend(ax)
     return fig
 
 
@@ -75,7 +82,7 @@ def _val_figure(a: SweepAnalysis):
         ax.semilogx([r.batch for r in rows], [r.best_val_metric for r in rows], "o-", label=f"{a.metric_name} (best LR)")
         tr = [(r.batch, r.train_metric) for r in rows if r.train_metric is not None]
         if tr:
-            ax.semilogx(*zip(*tr), "s--", color="tab:orange", alpha=0.7, label="train metric")
+            ax.semilogx(*zip(*tr), "s--", color="tab:orange", alpha=0.7, label="train metric (fewest-steps LR)")
         best = next(r for r in rows if r.batch == a.best_val_batch)
         sign = -1 if a.higher_is_better else 1
         ax.axhline(best.best_val_metric + sign * a.gap_threshold, color="tab:red", ls="--", lw=0.8,
@@ -86,7 +93,7 @@ def _val_figure(a: SweepAnalysis):
     ax.set_xlabel("global batch B")
     ax.set_ylabel(a.metric_name)
     ax.set_title("Final metric (red x: flagged by the gap rule)")
-    ax.legend(fontsize=8)
+    _legend(ax)
     return fig
 
 
@@ -101,12 +108,12 @@ def _sharpness_figure(a: SweepAnalysis, mode: str):
             ax2.set_yscale("log")
             ax2.plot(*zip(*tr), "s--", color="tab:purple", alpha=0.7, label="Hessian trace (Hutchinson)")
             ax2.set_ylabel("trace")
-            ax2.legend(fontsize=8, loc="lower right")
+            _legend(ax2, loc="lower right")
     _mark_plan(ax, a)
     ax.set_xlabel("global batch B")
     ax.set_ylabel("top eigenvalue")
     ax.set_title(f"Sharpness of the trained weights ({mode} mode)")
-    ax.legend(fontsize=8, loc="upper left")
+    _legend(ax, loc="upper left")
     return fig
 
 
