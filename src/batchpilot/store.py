@@ -14,6 +14,12 @@ transaction that marks it done) or ``failed`` (an exception; retried on the next
 ``kill -9`` leaves the row ``running``; it is reclaimed when its owner is on this host and its
 pid is gone, or when its heartbeat is older than ``stale_after_s`` (owners on other hosts).
 WAL with ``synchronous=FULL`` makes every committed trial survive a killed process.
+
+Scope: processes on one machine (or containers sharing a local disk). SQLite's locking is not
+reliable over network file systems (NFS/SMB), so a sweep across machines needs a server
+database; this store does not speak one yet. The SQL is plain (one table, ``BEGIN IMMEDIATE``
+becomes ``SELECT ... FOR UPDATE`` on PostgreSQL), and owners already carry their hostname and a
+heartbeat for exactly that case.
 """
 
 from __future__ import annotations
