@@ -111,8 +111,24 @@ def init_distributed(device: str | torch.device = "cpu", *, timeout_s: float = D
     backend = backend_for(device)
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, store=_attempt_store(env, timeout), rank=env.rank,
+                            world_size=env.world_size, timeout=timeout)
     return env
+
+
+def _attempt_store(env: DistEnv, timeout: timedelta) -> dist.Store:
+    """The ``env://`` store, under a prefix of its own for each torchrun attempt.
+
+    torchrun's agent hosts one TCPStore for all attempts (``TORCHELASTIC_USE_AGENT_STORE``), and
+    ``env://`` adds no per-attempt prefix; a restarted attempt then races the dead attempt's keys
+    (gloo reads a dead peer's address: "connection refused", or waits forever).
+    """
+    addr, port = os.environ.get("MASTER_ADDR", "localhost"), _env_int(os.environ, "MASTER_PORT", 29500)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(addr, port, env.world_size, is_master=not agent_store and env.rank == 0, timeout=timeout,
+                          multi_tenant=True)
+    return dist.PrefixStore(f"batchpilot/attempt_{env.restart_count}", store)
 
 
 def shutdown_distributed() -> None:
