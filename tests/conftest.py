@@ -7,6 +7,14 @@ import os
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The test models are tiny: one intra-op thread is faster than two, and on a shared 2-core
+# machine two threads per process oversubscribe the cores (measured 10x slower under load).
+# The env var reaches subprocesses (CLI, torchrun); set_num_threads covers this process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

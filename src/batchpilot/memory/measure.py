@@ -26,6 +26,7 @@ from batchpilot.memory.options import (apply_checkpointing, autocast_context, ca
                                        torch_dtype)
 from batchpilot.workload import Workload
 from batchpilot.workloads.common import preserved_host_rng
+from batchpilot.memory.quiet import native_stderr_silenced
 
 _TAG = "batchpilot::"
 METHOD = "real measurement (CPU allocator events via torch.profiler)"
@@ -68,7 +69,7 @@ def measure_step(workload: Workload, batch: int, *, dtype: str = "float32", amp:
     param_dtype = torch_dtype(dtype)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]), preserved_host_rng():
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             model = workload.make_model()
             if not amp and param_dtype != torch.float32:
                 model = cast_model(model, param_dtype)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from batchpilot.memory.quiet import native_stderr_silenced
+
 aten = torch.ops.aten
 # op -> positions of the arguments whose dim 0 is the batch.
 BATCHED_ARGS: dict[Any, tuple[int, ...]] = {
@@ -33,7 +35,7 @@ def _op_extra_bytes(func: Any, args: tuple, kwargs: dict) -> int:
     """Run ``func`` for real and return the bytes it allocated beyond its outputs (its peak scratch)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = func(*args, **kwargs)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
