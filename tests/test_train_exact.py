@@ -14,7 +14,8 @@ def _train(workload, **kw):
 
 
 def _max_rel_diff(m1, m2):
-    return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(m1.parameters(), m2.parameters()))
+    with torch.no_grad():
+        return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(m1.parameters(), m2.parameters()))
 
 
 def test_accumulation_equals_large_batch_fp64(mlp_workload):
