@@ -11,7 +11,7 @@ micro-batches (the non-final ones run in ``no_sync``), so the two sizes stay B/w
 gradient bucket it takes the squared norm of the local gradient before the all-reduce and of the
 averaged one after it. The ranks' local norms and unit counts ride along in the last bucket's
 all-reduce (``2 x world`` extra numbers; no collective of their own). After the backward,
-:meth:`RankNoiseScale.end_step` feeds one step's norms to
+:meth:`RankNoiseScale.end_step` queues one step's norms for
 :meth:`batchpilot.noise.GradientNoiseScale.update`, which keeps the estimator, the separate EMAs
 of numerator and denominator and the bootstrap spread.
 
@@ -29,7 +29,6 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.noise import GradientNoiseScale, NoiseEstimate
@@ -85,24 +84,30 @@ class RankNoiseScale:
             optimizer.step(); optimizer.zero_grad()
         print(ranks.estimate().b_simple)            # in units (samples or tokens)
 
+    The step path does no host synchronisation: :meth:`end_step` queues the step's norms (as
+    tensors) and they reach the monitor in batches (:meth:`flush`, called by :meth:`estimate` and
+    :attr:`history`, and every ``flush_every`` steps).
+
     Args:
         ddp_model: a ``DistributedDataParallel`` module without a communication hook yet.
         monitor: the estimator fed with each step's norms (default: a new :class:`GradientNoiseScale`).
         normalization: ``global`` (each rank's summed loss x world / global units, as batchpilot's
             trainer) or ``mean`` (each rank averages its own loss, as a plain DDP loop).
         every: observe one step in ``every``; the other steps run the plain ``allreduce_hook``.
+        flush_every: queued steps that trigger a :meth:`flush`.
     """
 
     def __init__(self, ddp_model: nn.Module, monitor: GradientNoiseScale | None = None, *,
-                 normalization: str = "global", every: int = 1) -> None:
+                 normalization: str = "global", every: int = 1, flush_every: int = 64) -> None:
         if normalization not in NORMALIZATIONS:
             raise BatchpilotError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise BatchpilotError(f"every must be a positive integer, got {every!r}")
+        for name, value in (("every", every), ("flush_every", flush_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BatchpilotError(f"{name} must be a positive integer, got {value!r}")
         if not hasattr(ddp_model, "register_comm_hook"):
             raise BatchpilotError("RankNoiseScale needs a DistributedDataParallel model")
         self.monitor = monitor if monitor is not None else GradientNoiseScale()
-        self.normalization, self.every = normalization, every
+        self.normalization, self.every, self.flush_every = normalization, every, flush_every
         self.group = getattr(ddp_model, "process_group", None) or dist.group.WORLD
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         if self.world < 2:
@@ -110,87 +115,103 @@ class RankNoiseScale:
         self._steps = 0
         self._units: float | None = None
         self._ext: torch.Tensor | None = None
-        self._reset()
-        ddp_model.register_comm_hook(state=self.group, hook=self._hook)
-
-    def _reset(self) -> None:
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._local: list[torch.Tensor] = []
         self._reduced: list[torch.Tensor] = []
         self._stats: torch.Tensor | None = None
+        ddp_model.register_comm_hook(state=self.group, hook=self._hook)
 
     # -- the step ---------------------------------------------------------------------------
     def begin_step(self, local_units: int | float) -> None:
         """Declare this rank's loss units for the coming synchronised backward (call on every rank)."""
         if not local_units >= 0:
             raise BatchpilotError(f"local units must be >= 0, got {local_units!r}")
-        self._reset()
+        self._local, self._reduced, self._stats = [], [], None
         self._steps += 1
         self._units = float(local_units) if (self._steps - 1) % self.every == 0 else None
 
-    def end_step(self) -> tuple[float, float] | None:
-        """Feed the finished step's norms to the monitor; returns its ``(g_sq, trace_sigma)``.
-
-        ``None`` when the step was not observed (``every``, no :meth:`begin_step`, no synchronised
-        backward) or fewer than two ranks had units.
-        """
+    def end_step(self) -> None:
+        """Queue the finished step's norms for the monitor (nothing when the step was not observed:
+        ``every``, no :meth:`begin_step`, or no synchronised backward)."""
         stats, reduced = self._stats, self._reduced
-        self._units = None
-        self._reset()
-        if stats is None:
-            return None
-        values = stats.tolist()
-        local_sq, units = values[: self.world], values[self.world :]
-        small, sizes, big = rank_estimates_inputs(local_sq, units, self.normalization)
-        if len(small) < 2 or not big > 0:
-            return None
-        big_sq = float(sum(r.double() for r in reduced))
-        return self.monitor.update(small, big_sq, sizes, big)
+        self._units, self._stats, self._reduced, self._local = None, None, [], []
+        if stats is None or not reduced:
+            return
+        big_sq = reduced[0] if len(reduced) == 1 else torch.stack([r.double() for r in reduced]).sum()
+        self._pending.append((stats, big_sq))
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> list[tuple[float, float]]:
+        """Feed the queued steps to the monitor, oldest first; returns their ``(g_sq, trace_sigma)``
+        (steps where fewer than two ranks had units are skipped)."""
+        pending, self._pending = self._pending, []
+        out = []
+        for stats, big_sq in pending:
+            values = stats.tolist()
+            small, sizes, big = rank_estimates_inputs(values[: self.world], values[self.world :], self.normalization)
+            if len(small) >= 2 and big > 0:
+                out.append(self.monitor.update(small, float(big_sq), sizes, big))
+        return out
 
     def estimate(self) -> NoiseEstimate:
         """The monitor's smoothed B_simple with its spread (see :meth:`GradientNoiseScale.estimate`)."""
+        self.flush()
         return self.monitor.estimate()
 
     @property
     def history(self) -> list[tuple[float, float]]:
         """Per-step ``(g_sq, trace_sigma)`` estimates."""
+        self.flush()
         return self.monitor.history
 
     # -- the communication hook -------------------------------------------------------------
     def _hook(self, group, bucket):  # no annotations: DDP checks them against the real classes, and ours are strings
         if self._units is None:
-            return allreduce_hook(group, bucket)
+            return self._plain(group, bucket.buffer())
         buf = bucket.buffer()
-        self._local.append(_sq(buf))
+        local = _sq(buf)
         if not bucket.is_last():
-            return allreduce_hook(group, bucket).then(self._after)
-        stats = torch.zeros(2 * self.world, dtype=torch.float64 if buf.dtype == torch.float64 else torch.float32,
-                            device=buf.device)
-        stats[self.rank] = torch.stack([x.to(stats.dtype) for x in self._local]).sum()
-        stats[self.world + self.rank] = self._units
+            self._local.append(local)
+            return self._plain(group, buf).then(self._after)
+        if self._local:
+            local = torch.stack([x.to(local.dtype) for x in self._local] + [local]).sum()
         if buf.dtype not in _FUSED_DTYPES:  # half precision: the numbers need float32, so a collective of their own
+            stats = torch.zeros(2 * self.world, dtype=torch.float32, device=buf.device)
+            stats[self.rank] = local
+            stats[self.world + self.rank] = self._units
             dist.all_reduce(stats, group=group)
             self._stats = stats
-            return allreduce_hook(group, bucket).then(self._after)
+            return self._plain(group, buf).then(self._after)
         n = buf.numel()
-        if self._ext is None or self._ext.numel() != n + 2 * self.world or self._ext.dtype != buf.dtype \
-                or self._ext.device != buf.device:
-            self._ext = torch.empty(n + 2 * self.world, dtype=buf.dtype, device=buf.device)
         ext = self._ext
-        torch.div(buf, self.world, out=ext[:n])
-        ext[n:].copy_(stats)
-        fut = dist.all_reduce(ext, group=group, async_op=True).get_future()
+        if ext is None or ext.numel() != n + 2 * self.world or ext.dtype != buf.dtype or ext.device != buf.device:
+            ext = self._ext = torch.empty(n + 2 * self.world, dtype=buf.dtype, device=buf.device)
+            self._ext_grad, self._ext_tail = ext[:n], ext[n:]
+        torch.div(buf, self.world, out=self._ext_grad)
+        tail = self._ext_tail
+        tail.zero_()
+        tail[self.rank] = local
+        tail[self.world + self.rank] = self._units
+        return group.allreduce([ext]).get_future().then(self._after_last)
 
-        def done(f: torch.futures.Future) -> torch.Tensor:
-            out = f.value()[0]
-            self._stats = out[n:].clone()
-            grad = out[:n]
-            self._reduced.append(_sq(grad))
-            return grad
+    @staticmethod
+    def _plain(group, buf: torch.Tensor) -> torch.futures.Future:
+        """``allreduce_hook`` on the process group directly (without ``dist.all_reduce``'s Python wrapper)."""
+        buf.div_(group.size())
+        return group.allreduce([buf]).get_future().then(_first)
 
-        return fut.then(done)
+    def _after_last(self, fut: torch.futures.Future) -> torch.Tensor:
+        self._stats = self._ext_tail.clone()  # the buffer is reused next step
+        grad = self._ext_grad
+        self._reduced.append(_sq(grad))
+        return grad
 
     def _after(self, fut: torch.futures.Future) -> torch.Tensor:
         out = fut.value()
-        out = out[0] if isinstance(out, list) else out
         self._reduced.append(_sq(out))
         return out
+
+
+def _first(fut: torch.futures.Future) -> torch.Tensor:
+    return fut.value()[0]

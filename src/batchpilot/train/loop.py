@@ -317,6 +317,8 @@ class Trainer:
                 if (cfg.eval_every and c.step % cfg.eval_every == 0) or self._finished():
                     record.update(self._eval(model, ema))
                     self._check_target(record)
+                    if self.rank_noise is not None:
+                        self.rank_noise.flush()
                     if self.noise is not None and self.noise.n_updates:
                         b = self.noise.estimate().b_simple
                         record.setdefault("b_noise", b if math.isfinite(b) else None)
@@ -336,6 +338,8 @@ class Trainer:
         except KeyboardInterrupt:
             status = "interrupted"
         finally:
+            if self.rank_noise is not None:
+                self.rank_noise.flush()
             if bar is not None:
                 bar.stop()
             if metrics is not None:
