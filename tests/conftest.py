@@ -17,6 +17,14 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that changes the thread count (e.g. the planner's thread choice) gets it put back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def mlp_workload():
     from batchpilot import get_workload

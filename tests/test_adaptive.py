@@ -15,15 +15,6 @@ from batchpilot.adaptive import (POLLUX_MARGIN, AdaptiveDriver, ThroughputTable,
 from batchpilot.train import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, busy 2-core box, tiny models run many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_efficiency_and_adascale_gain_match_their_definitions():
     trace_sigma, g_sq, b0 = 300.0, 2.0, 32
     b_noise = trace_sigma / g_sq

@@ -14,15 +14,6 @@ from batchpilot.data import EpochBatchSampler
 from batchpilot.train import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, busy 2-core box, tiny models run many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_ramps_hit_their_endpoints_and_are_monotone():
     for ramp in (linear_ramp, exponential_ramp):
         values = [ramp(t, start=32, end=512, duration=100) for t in range(0, 131)]

@@ -24,15 +24,6 @@ from batchpilot.integrations.hf import (BatchpilotCallback, attach, check_traini
                                         plan_to_training_arguments, write_accelerate_config)
 from batchpilot.noise import two_batch_estimates  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core box (results are unchanged)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "hf.md"
 PLAN = {"micro_batch_per_rank": 8, "accumulation_steps": 4, "world_size": 1, "global_batch": 32, "lr": 0.05,
         "warmup_steps": 2, "lr_rule": "sqrt", "base_batch": 16, "base_lr": 0.05 / 2**0.5, "caveats": []}

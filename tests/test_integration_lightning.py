@@ -21,15 +21,6 @@ from batchpilot.errors import BatchpilotError  # noqa: E402
 from batchpilot.integrations.lightning import BatchpilotCallback  # noqa: E402
 from batchpilot.noise import two_batch_estimates  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin-waiting on a busy 2-core box (results are unchanged)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations" / "lightning.md"
 
 

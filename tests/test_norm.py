@@ -9,14 +9,6 @@ from batchpilot.norm import (GhostBatchNorm, batchnorm_caveats, convert_batchnor
                              measure_bn_accumulation_bias)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return get_workload("digits-cnn-bn")

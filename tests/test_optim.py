@@ -11,15 +11,6 @@ from batchpilot.optim import LAMB, LARS, OPTIMIZERS, exclude_bias_and_norm, with
 from batchpilot.train import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, busy 2-core box, tiny models run many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _problem(seed=0):
     """A small least-squares problem with a known optimum (loss 0 at w*)."""
     g = torch.Generator().manual_seed(seed)

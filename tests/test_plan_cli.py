@@ -20,14 +20,6 @@ KEYS = ("micro_batch_per_rank", "accumulation_steps", "world_size", "global_batc
         "noise_scale", "samples_per_s", "efficiency", "goodput", "peak_bytes", "max_micro_batch", "caveats")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _fake_curve() -> ThroughputCurve:
     pts = []
     for b in (8, 16, 32, 64, 128):

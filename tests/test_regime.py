@@ -12,14 +12,6 @@ from batchpilot.regime import finetune_regime, load_pretrained, regularization_h
 from batchpilot.train import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _run_json(capsys, *argv):
     code = main(["train", *argv, "--json"])
     return code, json.loads(capsys.readouterr().out)

@@ -15,15 +15,6 @@ from batchpilot.workload import Workload
 from batchpilot.workloads.common import correct_sum, cross_entropy_sum
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two intra-op threads on a shared 2-core box run 10x slower than one; restore the count after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Tiny(nn.Module):
     def __init__(self, bn: bool = False, dropout: float = 0.0) -> None:
         super().__init__()

@@ -7,21 +7,11 @@ from types import SimpleNamespace
 import time
 
 import pytest
-import torch
 
 from batchpilot.cli.sweep_cmd import parse_batches
 from batchpilot.errors import BatchpilotError
 from batchpilot.store import TrialStore
 from batchpilot.sweep import SweepConfig, TrialSpec, run_sweep, run_trial, warmup_steps_for, with_plan_trial
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two intra-op threads on a shared 2-core box run 10x slower than one; restore the count after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fake_workload():

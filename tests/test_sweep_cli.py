@@ -5,18 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from batchpilot.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two intra-op threads on a shared 2-core box run 10x slower than one; restore the count after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 SMALL = ["--workload", "mnist1d-mlp", "--workload-opt", "num_train=600", "--workload-opt", "num_val=200"]
 

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from batchpilot.cli import main
 from batchpilot.store import TrialStore
@@ -18,14 +17,6 @@ from batchpilot.store import TrialStore
 ARGS = ["sweep", "--workload", "mnist1d-mlp", "--workload-opt", "num_train=600", "--workload-opt", "num_val=200",
         "--max-epochs", "3", "--sharpness-samples", "64", "--json"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _spawn(db, batches):

@@ -22,14 +22,6 @@ from batchpilot.throughput import (
 from batchpilot.workload import Workload
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _linear_workload(n: int = 256, d_in: int = 10, d_out: int = 3) -> Workload:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d_in, generator=g)
