@@ -10,7 +10,6 @@ every framework must respect (seed 002, pattern 3)::
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,16 +83,9 @@ def _as_mapping(plan: Any) -> Mapping[str, Any]:
     if isinstance(plan, Mapping):
         return plan
     if isinstance(plan, (str, Path)):
-        path = Path(plan)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise BatchpilotError(f"plan file {str(path)!r} does not exist (write one with `batchpilot plan`)") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BatchpilotError(f"plan file {str(path)!r} is not readable JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise BatchpilotError(f"plan file {str(path)!r} must hold a JSON object, got {type(data).__name__}")
-        return data
+        from batchpilot.plan.result import read_plan
+
+        return read_plan(plan)
     to_dict = getattr(plan, "to_dict", None)
     if callable(to_dict):
         data = to_dict()
