@@ -22,7 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_workload_args(p)
     p.add_argument("--device", default=None, help="cpu (default), cuda, a GPU name (H100, A100-40GB, ...) or a size")
     p.add_argument("--memory", default=None, help="device memory overriding the device's, e.g. 24GiB")
-    p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (default 1)")
+    p.add_argument("--world-size", default="1", metavar="N[,N...]",
+                   help="data-parallel ranks (default 1), or a list such as 1,2,4,8: plan at each, recommend one, and "
+                        "list how the global batch splits at other sizes")
+    p.add_argument("--allreduce-gbps", type=float, default=None, metavar="GB/S",
+                   help="all-reduce bus bandwidth for world sizes > 1 (default: measured between two gloo processes here)")
     p.add_argument("--lr-rule", choices=LR_RULES, default=None, help="LR scaling rule (default: sqrt for Adam-type, linear otherwise)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the measurements (recorded in the plan)")
     p.add_argument("--noise-budget", type=float, default=50.0, metavar="SECONDS", help="time for the noise probe run (default 50)")
@@ -49,9 +53,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BatchpilotError(f"--out {str(out)!r} exists and is not a directory")
+    from batchpilot.plan.worlds import parse_world_sizes
+
+    sizes = parse_world_sizes(args.world_size)
+    if args.allreduce_gbps is not None and not args.allreduce_gbps > 0:
+        raise BatchpilotError(f"--allreduce-gbps must be > 0, got {args.allreduce_gbps!r}")
     workload = load_workload(args)
     with _progress() as progress:
-        plan = make_plan(workload, device=args.device, memory=args.memory, world_size=args.world_size,
+        plan = make_plan(workload, device=args.device, memory=args.memory, world_size=sizes[0],
+                         world_sizes=sizes if len(sizes) > 1 else None, allreduce_gbps=args.allreduce_gbps,
                          lr_rule=args.lr_rule, noise_budget_s=args.noise_budget,
                          throughput_budget_s=args.throughput_budget, seed=args.seed, progress=progress)
         write_plan(plan, out / "plan.json")
@@ -110,11 +120,49 @@ def render_plan(plan: dict, out: Path, *, report: bool = True) -> None:
         alts.add_row(name, str(a["global_batch"]), f"{a['samples_per_s']:.0f}", f"{a['efficiency']:.3f}",
                      f"{a['goodput']:.0f}", f"{t:.2f}" if t is not None else "n/a")
     console.print(alts)
+    if plan.get("worlds", {}).get("table"):
+        render_worlds(plan["worlds"], console)
     console.print(f"[bold]Why:[/bold] {plan['why']}")
     for c in plan["caveats"]:
         console.print(f"[yellow]caveat:[/yellow] {c}")
     written = [str(out / "plan.json")] + ([str(out / "report.html")] if report else [])
     console.print(f"wrote {', '.join(written)}; run it with: batchpilot train --plan {out / 'plan.json'}")
+
+
+def render_worlds(worlds: dict, console) -> None:
+    """The world-size table: the best split at each size, and how the chosen batch splits elsewhere."""
+    from rich.table import Table
+
+    table = Table(title=f"world sizes (recommended: {worlds['recommended']}; all-reduce {worlds['comm']['source']})")
+    for col in ("ranks", "micro×acc", "batch", "step ms", "comm ms", "goodput", "speedup", "time s"):
+        table.add_column(col, no_wrap=True)
+    for r in worlds["table"]:
+        t = r.get("time_to_target_s")
+        table.add_row(str(r["world_size"]), f"{r['micro_batch_per_rank']}×{r['accumulation_steps']}",
+                      str(r["global_batch"]), f"{r['step_s'] * 1e3:.2f}", f"{r['allreduce_s'] * 1e3:.2f}",
+                      f"{r['goodput']:.0f}", f"{r['speedup']:.2f}x", f"{t:.2f}" if t is not None else "n/a")
+    console.print(table)
+    splits = ", ".join(f"{e['world_size']}: {e['micro_batch_per_rank']} x {e['accumulation_steps']}" if e["compatible"]
+                       else f"{e['world_size']}: incompatible" for e in worlds.get("elastic", []))
+    console.print(f"the chosen global batch at other world sizes (ranks: micro x accumulation): {splits}; it divides "
+                  f"over {len(worlds.get('compatible_world_sizes', []))} world sizes up to 1024")
+
+
+def _split_for(plan: dict, world: int, path: str) -> dict:
+    """The plan's global batch at ``world`` ranks: its listed split (``plan --world-size``), else the largest
+    micro-batch <= the plan's that divides the per-rank batch."""
+    batch = plan["global_batch"]
+    if batch % world:
+        raise BatchpilotError(f"plan {path!r} has global batch {batch}, which does not divide over {world} ranks; "
+                              f"plan again with --world-size {world}")
+    split = next((e for e in (plan.get("worlds") or {}).get("elastic", []) if e["world_size"] == world and e["compatible"]),
+                 None)
+    if split is None:
+        per_rank = batch // world
+        micro = max(d for d in range(1, min(per_rank, plan["micro_batch_per_rank"]) + 1) if per_rank % d == 0)
+        split = {"micro_batch_per_rank": micro, "accumulation_steps": per_rank // micro}
+    return {"world_size": world, "micro_batch_per_rank": split["micro_batch_per_rank"],
+            "accumulation_steps": split["accumulation_steps"]}
 
 
 def apply_plan_to_train_args(args: argparse.Namespace) -> dict:
@@ -126,7 +174,8 @@ def apply_plan_to_train_args(args: argparse.Namespace) -> dict:
     every ~5% of them. Returns the plan's data.
 
     Raises:
-        BatchpilotError: an unreadable/inconsistent plan, a different ``--workload``, or world size > 1.
+        BatchpilotError: an unreadable/inconsistent plan, a different ``--workload``, or a global batch that
+            does not divide over this run's ranks (torchrun's, or ``--nproc``).
     """
     import math
 
@@ -134,11 +183,12 @@ def apply_plan_to_train_args(args: argparse.Namespace) -> dict:
 
     from batchpilot.cli.common import DEFAULT_WORKLOAD
     from batchpilot.plan import read_plan
+    from batchpilot.train.distributed import torchrun_env
 
     plan = read_plan(args.plan)
-    if plan["world_size"] != 1:
-        raise BatchpilotError(f"plan {args.plan!r} is for {plan['world_size']} ranks; batchpilot train runs one "
-                              "process (launch a multi-rank run with torchrun)")
+    world = getattr(args, "nproc", None) or torchrun_env().world_size
+    if plan["world_size"] != world:  # the same global batch at another world size: only the split changes
+        plan = {**plan, **_split_for(plan, world, args.plan)}
     name = plan.get("workload")
     if name and args.workload != name:
         if args.workload != DEFAULT_WORKLOAD:

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from dataclasses import asdict
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.plan import goodput as gp
+from batchpilot.plan import worlds as wd
 from batchpilot.plan.probe import NoiseProbe, probe_micro_batch, probe_noise
 from batchpilot.plan.result import Plan
+from batchpilot.plan.worlds import CommModel
 from batchpilot.plan.text import caveats_for, lr_rule_note, noise_note, why_text
 from batchpilot.scaling import LR_RULES, default_lr_rule
 from batchpilot.throughput import ThroughputCurve, choose_cpu_threads, default_batches, measure_throughput
@@ -55,6 +58,9 @@ def make_plan(
     progress: Progress | None = None,
     probe: NoiseProbe | None = None,
     throughput: ThroughputCurve | None = None,
+    world_sizes: Sequence[int] | None = None,
+    allreduce_gbps: float | None = None,
+    comm: CommModel | None = None,
 ) -> Plan:
     """Measure the workload and choose the goodput-optimal configuration.
 
@@ -71,6 +77,10 @@ def make_plan(
         seed: seeds the measurement runs.
         progress: ``progress(description, fraction)``.
         probe, throughput: reuse earlier measurements instead of measuring again.
+        world_sizes: plan at each of these world sizes and recommend one (:mod:`.worlds`); the plan's
+            ``world_size`` is then the recommended one and ``worlds`` holds the table.
+        allreduce_gbps: all-reduce bus bandwidth for world sizes > 1 (default: measured with gloo here).
+        comm: a ready all-reduce model (overrides ``allreduce_gbps``).
     """
     from batchpilot.memory import memory_curve, resolve_device
 
@@ -82,14 +92,22 @@ def make_plan(
     try:
         return _make_plan(workload, device=device, memory=memory, world_size=world_size, lr_rule=lr_rule,
                           threads=threads, throughput_budget_s=throughput_budget_s, noise_budget_s=noise_budget_s,
-                          seed=seed, progress=progress, probe=probe, throughput=throughput)
+                          seed=seed, progress=progress, probe=probe, throughput=throughput,
+                          world_sizes=tuple(world_sizes) if world_sizes else None, allreduce_gbps=allreduce_gbps,
+                          comm=comm)
     finally:
         torch.set_num_threads(before)
 
 
 def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throughput_budget_s, noise_budget_s, seed,
-               progress, probe, throughput) -> Plan:
+               progress, probe, throughput, world_sizes=None, allreduce_gbps=None, comm=None) -> Plan:
     from batchpilot.memory import memory_curve, resolve_device
+
+    if world_sizes:
+        if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in world_sizes):
+            raise BatchpilotError(f"world sizes must be positive integers, got {list(world_sizes)}")
+        world_sizes = tuple(sorted(set(world_sizes)))
+        world_size = world_sizes[0]  # the measurements' batch cap
 
     timings: dict[str, float] = {}
     spec = resolve_device(device, memory)
@@ -148,6 +166,21 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
     common = dict(throughput=throughput, memory=curve, base_batch=workload.base_batch, base_lr=workload.base_lr,
                   lr_rule=rule, anchor=anchor, steps_per_epoch_base=math.ceil(workload.num_train / workload.base_batch))
     micro_choices = [b for b in throughput.batches if b <= max_micro]
+    worlds_info: dict = {}
+    if max(world_sizes or (world_size,)) > 1:  # the all-reduce term (plan/worlds.py)
+        comm = comm or wd.comm_model(workload, allreduce_gbps=allreduce_gbps)
+        with_comm = lambda w: wd.StepTimeWithComm(throughput, comm.allreduce_s(w))  # noqa: E731
+        if world_sizes:
+            def best_at(w: int) -> gp.Candidate:
+                return gp.choose(gp.search(micro_choices=micro_choices, world_size=w, max_micro_batch=max_micro,
+                                           max_global_batch=workload.num_train, b_noise=b_noise_used,
+                                           **{**common, "throughput": with_comm(w)}))
+            rows, world_size = wd.compare_world_sizes(world_sizes, best_at, comm)
+            worlds_info = {"world_sizes": list(world_sizes), "recommended": world_size,
+                           "recommend_margin": wd.RECOMMEND_MARGIN, "table": [asdict(r) for r in rows]}
+            max_batch = min(max_micro, workload.num_train // world_size)
+        common["throughput"] = with_comm(world_size)
+        worlds_info["comm"] = comm.to_dict()
     candidates = gp.search(micro_choices=micro_choices, world_size=world_size, max_micro_batch=max_micro,
                            max_global_batch=workload.num_train, b_noise=b_noise_used, **common)
     chosen = gp.choose(candidates)
@@ -161,10 +194,17 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
             alt = gp.choose(gp.search(micro_choices=micro_choices, world_size=world_size, max_micro_batch=max_micro,
                                       max_global_batch=workload.num_train, b_noise=value, **common))
             alternatives[f"best_if_{name}"] = alt.to_dict()
+    if worlds_info:
+        listed = world_sizes or (world_size,)
+        sizes = sorted(set(listed) | {1 << i for i in range(max(listed).bit_length())})  # and the powers of two
+        worlds_info["elastic"] = wd.elastic_splits(chosen.global_batch, sizes, max_micro_batch=max_micro,
+                                                   step_model=with_comm)
+        worlds_info["compatible_world_sizes"] = wd.compatible_world_sizes(chosen.global_batch)
     bn = has_batchnorm(workload)
     caveats = caveats_for(workload=workload, chosen=chosen, probe=probe, throughput=throughput, curve=curve,
                           batchnorm=bn, measured_on=measure_device, spec=spec, candidates=candidates,
-                          world_size=world_size, b_noise_used=b_noise_used)
+                          world_size=world_size, b_noise_used=b_noise_used,
+                          comm_note=worlds_info["comm"]["source"] if "comm" in worlds_info else None)
     timings["plan"] = sum(timings.values())
     return Plan(
         workload=workload.name, micro_batch_per_rank=chosen.micro_batch_per_rank,
@@ -181,7 +221,7 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
         threads=torch.get_num_threads(), thread_choice={str(k): v for k, v in thread_scores.items()},
         alternatives=alternatives,
         candidates=tuple(c.to_dict() for c in candidates), throughput=throughput.to_dict(), memory=curve.to_dict(),
-        noise_probe=probe.to_dict(), timings_s=timings,
+        noise_probe=probe.to_dict(), timings_s=timings, worlds=worlds_info,
     )
 
 

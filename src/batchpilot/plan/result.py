@@ -58,6 +58,9 @@ class Plan:
     memory: dict = field(default_factory=dict)
     noise_probe: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
+    worlds: dict = field(default_factory=dict)
+    """Across world sizes (``plan --world-size 1,2,4,8``; :mod:`.worlds`): the all-reduce model, the best split
+    and goodput at each size, the recommended size, and how the chosen global batch splits at other sizes."""
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:

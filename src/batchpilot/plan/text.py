@@ -81,7 +81,7 @@ def why_text(chosen: Candidate, base: Candidate | None, largest: Candidate, thro
 
 def caveats_for(*, workload: Workload, chosen: Candidate, probe: NoiseProbe, throughput: ThroughputCurve, curve,
                 batchnorm: bool, measured_on: str, spec, candidates: Sequence[Candidate], world_size: int,
-                b_noise_used: float) -> list[str]:
+                b_noise_used: float, comm_note: str | None = None) -> list[str]:
     """Everything a reader should know before trusting the plan."""
     out: list[str] = []
     if batchnorm and chosen.accumulation_steps > 1:
@@ -120,7 +120,10 @@ def caveats_for(*, workload: Workload, chosen: Candidate, probe: NoiseProbe, thr
     if spec.kind == "cuda" and measured_on == "cpu":
         out.append(f"Memory is planned for {spec.name}, but throughput was measured on this CPU: samples/s, "
                    "goodput and wall times are this machine's, not the GPU's.")
-    if world_size > 1:
+    if world_size > 1 and comm_note:
+        out.append(f"world size {world_size}: each step adds a ring all-reduce of the gradient ({comm_note}), "
+                   "counted without overlap with the backward, so the step time is an upper bound.")
+    elif world_size > 1:
         out.append(f"world size {world_size}: samples/s is the per-rank figure times {world_size}; gradient "
                    "all-reduce time is not measured.")
     traced = getattr(curve, "peak_bytes_at", None) or {}
