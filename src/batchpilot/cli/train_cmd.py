@@ -162,6 +162,14 @@ def _run(args: argparse.Namespace, env) -> int:
         render_summary(result)
         if regime is not None:
             render_regime(regime)
+        if noise is not None:
+            from rich.console import Console
+
+            n = summary["noise_scale"]
+            fmt = lambda v: "n/a" if v is None else f"{v:,.0f}"  # noqa: E731
+            Console().print(f"gradient noise scale B_simple ≈ {fmt(n['b_simple'])} units (80% interval "
+                            f"{fmt(n['b_simple_low'])}–{fmt(n['b_simple_high'])}; {n['n_updates']} steps, from the "
+                            f"{n['source']})")
     return {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
 
 
