@@ -67,3 +67,11 @@ def test_resume_with_different_run_is_refused(mlp_workload, tmp_path):
     Trainer(mlp_workload, TrainConfig(global_batch=32, steps=2), out_dir=tmp_path).run()
     with pytest.raises(BatchpilotError, match="differs in: global_batch"):
         Trainer(mlp_workload, TrainConfig(global_batch=64, steps=4), out_dir=tmp_path, resume=True).run()
+
+
+def test_resuming_a_run_that_reached_its_target_takes_no_step(mlp_workload, tmp_path):
+    cfg = TrainConfig(global_batch=32, steps=200, eval_every=5, target="val_acc>=0.3", stop_at_target=True, seed=0)
+    first = Trainer(mlp_workload, cfg, out_dir=tmp_path).run()
+    assert first.status == "target_reached" and first.steps < 200
+    again = Trainer(mlp_workload, cfg, out_dir=tmp_path, resume=True).run()
+    assert (again.status, again.steps, again.samples) == ("target_reached", first.steps, first.samples)

@@ -183,7 +183,12 @@ class Trainer:
             self.rank_noise.end_step()
         return d.all_reduce_sum([loss])[0]
 
+    def _target_stop(self) -> bool:
+        return self.config.stop_at_target and self._counters.steps_to_target is not None
+
     def _finished(self) -> bool:
+        if self._target_stop():  # also on resuming a run that already reached its target
+            return True
         if self.batching is not None:
             return self.batching.done(self._counters.samples)
         return self._counters.step >= self.total_steps
@@ -293,7 +298,7 @@ class Trainer:
     def _loop(self, model, optimizer, scheduler, ema, sampler, ckpt, stop_after) -> TrainResult:
         cfg, c = self.config, self._counters
         metrics = open(self.out_dir / "metrics.jsonl", "a") if self.out_dir is not None and self.is_main else None
-        status = "completed"
+        status = "target_reached" if self._target_stop() else "completed"
         bar_total, bar_done = (self.total_steps, lambda: c.step) if self.batching is None else \
             (self.batching.budget_samples, lambda: c.samples)
         bar = _progress(self.progress and self.is_main, bar_total, bar_done(), self.workload.name)
@@ -329,7 +334,7 @@ class Trainer:
                     bar.update(bar.task_ids[0], completed=bar_done(), description=f"{self.workload.name} loss {loss:.4f}")
                 if cfg.checkpoint_every and c.step % cfg.checkpoint_every == 0:
                     save()
-                if cfg.stop_at_target and c.steps_to_target is not None:
+                if self._target_stop():
                     status = "target_reached"
                     break
                 if stop_after is not None and c.step >= stop_after and not self._finished():
