@@ -149,3 +149,30 @@ def test_trainer_noise_without_two_batch_sizes_is_refused(mlp_workload):
     noise = GradientNoiseScale()
     Trainer(mlp_workload, TrainConfig(global_batch=32, micro_batch_per_rank=8, steps=3), noise=noise).run()
     assert noise.n_updates == 3
+
+
+def test_non_final_micro_batches_run_inside_no_sync():
+    import contextlib
+
+    from batchpilot.train import accumulate_gradients
+
+    class FakeDDP(nn.Linear):
+        def __init__(self):
+            super().__init__(3, 2)
+            self.synced, self.inside = [], False
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.inside = True
+            yield
+            self.inside = False
+
+        def forward(self, x):
+            self.synced.append(not self.inside)
+            return super().forward(x)
+
+    model = FakeDDP()
+    micro = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(3)]
+    loss_sum = lambda out, y: nn.functional.cross_entropy(out, y, reduction="sum")  # noqa: E731
+    accumulate_gradients(model, micro, loss_sum, len, total_units=24, loss_scale=2.0)
+    assert model.synced == [False, False, True]  # only the last backward all-reduces
