@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.memory.options import (apply_checkpointing, autocast_context, cast_model, force_optimizer_impl,
-                                       torch_dtype)
+from batchpilot.memory.options import autocast_context, build_step_objects, torch_dtype
 from batchpilot.workload import Workload
 from batchpilot.workloads.common import preserved_host_rng
 from batchpilot.memory.quiet import native_stderr_silenced
@@ -70,14 +69,8 @@ def measure_step(workload: Workload, batch: int, *, dtype: str = "float32", amp:
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]), preserved_host_rng():
         with native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model = workload.make_model()
-            if not amp and param_dtype != torch.float32:
-                model = cast_model(model, param_dtype)
-            model.train()
-            if checkpointing:
-                apply_checkpointing(model)
-            optimizer = workload.make_optimizer(model.parameters(), workload.base_lr)
-            force_optimizer_impl(optimizer, optimizer_impl)
+            model, optimizer = build_step_objects(workload, param_dtype, amp=amp, checkpointing=checkpointing,
+                                                  optimizer_impl=optimizer_impl)
             x, y = _real_batch(workload, batch)
             if x.is_floating_point() and not amp:
                 x = x.to(param_dtype)

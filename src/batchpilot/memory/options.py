@@ -140,6 +140,23 @@ def force_optimizer_impl(optimizer: torch.optim.Optimizer, impl: str) -> None:
             group["fused"] = impl == "fused"
 
 
+def build_step_objects(workload: Any, param_dtype: torch.dtype, *, amp: bool, checkpointing: bool,
+                       optimizer_impl: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A fresh model (cast, train mode, optionally checkpointed) and its optimizer, as the step to measure uses them.
+
+    Called under fake tensors by the trace and for real by the measurement, so both see the same objects.
+    """
+    model = workload.make_model()
+    if not amp and param_dtype != torch.float32:
+        model = cast_model(model, param_dtype)
+    model.train()
+    if checkpointing:
+        apply_checkpointing(model)
+    optimizer = workload.make_optimizer(model.parameters(), workload.base_lr)
+    force_optimizer_impl(optimizer, optimizer_impl)
+    return model, optimizer
+
+
 def _flash_like(orig: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     @functools.wraps(orig)
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):

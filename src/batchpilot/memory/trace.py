@@ -28,8 +28,7 @@ from typing import Any, Iterator
 import torch
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.memory.options import (apply_checkpointing, autocast_context, cast_model, cuda_attention,
-                                       force_optimizer_impl, torch_dtype)
+from batchpilot.memory.options import autocast_context, build_step_objects, cuda_attention, torch_dtype
 from batchpilot.memory.workspace import CpuKernelWorkspace
 from batchpilot.workload import Workload
 from batchpilot.workloads.common import preserved_host_rng
@@ -180,14 +179,8 @@ def trace_step(workload: Workload, batch: int, *, dtype: str = "float32", amp: b
     best: tuple[int, dict[str, int], str] = (-1, {}, "")
     with torch.random.fork_rng(devices=[]), preserved_host_rng(), _cuda_block_rounding(target == "cuda"), \
             cuda_attention(target == "cuda"), FakeTensorMode():
-        model = workload.make_model()
-        if not amp and param_dtype != torch.float32:
-            model = cast_model(model, param_dtype)
-        model.train()
-        if checkpointing:
-            apply_checkpointing(model)
-        optimizer = workload.make_optimizer(model.parameters(), workload.base_lr)
-        force_optimizer_impl(optimizer, impl)
+        model, optimizer = build_step_objects(workload, param_dtype, amp=amp, checkpointing=checkpointing,
+                                              optimizer_impl=impl)
         x = torch.empty((batch, *x_shape), dtype=x_dtype)
         y = torch.zeros((batch, *y_shape), dtype=y_dtype)
         tracker = _global_peak_tracker()
