@@ -8,28 +8,11 @@ from batchpilot import BatchpilotError, get_workload
 from batchpilot.cli import main
 from batchpilot.cli.plan_cmd import _split_for
 from batchpilot.plan import make_plan
-from batchpilot.plan.probe import NoisePoint, NoiseProbe
 from batchpilot.plan.worlds import (
     CommModel, StepTimeWithComm, compatible_world_sizes, elastic_splits, gradient_bytes, measure_allreduce,
     parse_world_sizes,
 )
-from batchpilot.throughput import ThroughputCurve, ThroughputPoint
-
-
-def _curve() -> ThroughputCurve:
-    pts = []
-    for b in (8, 16, 32, 64, 128):
-        step = 0.002 + 2e-5 * b
-        pts.append(ThroughputPoint(b, step, step - 0.0005, 0.0005, 0.1, 1e5 * b, b / step, 0.01))
-    return ThroughputCurve(tuple(pts), 0.002, 2e-5, 900.0, 1e10, "test", "cpu", 1)
-
-
-def _probe() -> NoiseProbe:
-    pts = tuple(NoisePoint(20 * i, 640 * i, 60.0 + 10 * i, 40.0 + 10 * i, 90.0 + 10 * i, 0.1 * i) for i in range(1, 6))
-    return NoiseProbe(points=pts, batch=32, micro_batch=16, units_per_sample=1.0, phases=((1600, 70.0), (3200, 100.0)),
-                      b_noise_effective=82.0, b_noise_low=70.0, b_noise_high=95.0, b_noise_last=110.0,
-                      steps_to_target=100, samples_to_target=3200, time_to_target_s=1.0, steps=100, wall_s=1.0,
-                      status="target_reached")
+from plan_fakes import fake_curve, fake_probe
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +21,7 @@ def workload():
 
 
 def _plan(workload, gbps, sizes=(1, 2, 4, 8)):
-    return make_plan(workload, probe=_probe(), throughput=_curve(), threads=1, world_sizes=list(sizes),
+    return make_plan(workload, probe=fake_probe(), throughput=fake_curve(), threads=1, world_sizes=list(sizes),
                      allreduce_gbps=gbps).to_dict()
 
 
@@ -50,7 +33,7 @@ def test_ring_allreduce_time():
     assert m.allreduce_s(2) < m.allreduce_s(4) < m.allreduce_s(8) < 2 * 0.01 + 1  # bounded by 2x bytes/bw + latency
     with pytest.raises(BatchpilotError, match="bandwidth"):
         CommModel(1, 0.0, 0.0, "x")
-    assert StepTimeWithComm(_curve(), 0.5).step_s(32, 2) == pytest.approx(_curve().step_s(32, 2) + 0.5)
+    assert StepTimeWithComm(fake_curve(), 0.5).step_s(32, 2) == pytest.approx(fake_curve().step_s(32, 2) + 0.5)
 
 
 def test_world_size_lists_parse():
@@ -79,7 +62,7 @@ def test_fast_links_recommend_more_ranks_and_slow_links_one(workload):
     assert fast["world_size"] > 1 and slow["world_size"] == 1
     slow2 = next(r for r in slow["worlds"]["table"] if r["world_size"] == 2)
     assert slow2["allreduce_s"] > 0.5 * slow2["step_s"]  # the slow link's all-reduce dominates the step
-    assert slow2["step_s"] == pytest.approx(_curve().step_s(slow2["micro_batch_per_rank"], slow2["accumulation_steps"])
+    assert slow2["step_s"] == pytest.approx(fake_curve().step_s(slow2["micro_batch_per_rank"], slow2["accumulation_steps"])
                                             + slow2["allreduce_s"])
     assert any("ring all-reduce" in c for c in fast["caveats"])
 
@@ -96,7 +79,7 @@ def test_the_chosen_global_batch_keeps_its_size_at_other_world_sizes(workload):
 
 def test_elastic_splits_absorb_the_world_size_in_accumulation():
     def model(w):
-        return StepTimeWithComm(_curve(), 0.0)
+        return StepTimeWithComm(fake_curve(), 0.0)
     splits = {e["world_size"]: e for e in elastic_splits(256, [1, 2, 3, 4, 8], max_micro_batch=64, step_model=model)}
     assert (splits[1]["micro_batch_per_rank"], splits[1]["accumulation_steps"]) == (64, 4)
     assert (splits[2]["micro_batch_per_rank"], splits[2]["accumulation_steps"]) == (64, 2)

@@ -11,35 +11,18 @@ import torch
 
 from batchpilot.cli import main
 from batchpilot.plan import make_plan, probe_noise, write_plan
-from batchpilot.plan.probe import NoisePoint, NoiseProbe
 from batchpilot.report.plan_report import write_plan_report
-from batchpilot.throughput import ThroughputCurve, ThroughputPoint
+from plan_fakes import fake_curve, fake_probe
 from batchpilot.workload import get_workload
 
 KEYS = ("micro_batch_per_rank", "accumulation_steps", "world_size", "global_batch", "lr", "lr_rule", "warmup_steps",
         "noise_scale", "samples_per_s", "efficiency", "goodput", "peak_bytes", "max_micro_batch", "caveats")
 
 
-def _fake_curve() -> ThroughputCurve:
-    pts = []
-    for b in (8, 16, 32, 64, 128):
-        step = 0.002 + 2e-5 * b
-        pts.append(ThroughputPoint(b, step, step - 0.0005, 0.0005, 0.1, 1e5 * b, b / step, 0.01))
-    return ThroughputCurve(tuple(pts), 0.002, 2e-5, 900.0, 1e10, "test", "cpu", 1)
-
-
-def _fake_probe() -> NoiseProbe:
-    pts = tuple(NoisePoint(20 * i, 640 * i, 60.0 + 10 * i, 40.0 + 10 * i, 90.0 + 10 * i, 0.1 * i) for i in range(1, 6))
-    return NoiseProbe(points=pts, batch=32, micro_batch=16, units_per_sample=1.0, phases=((1600, 70.0), (3200, 100.0)),
-                      b_noise_effective=82.0, b_noise_low=70.0, b_noise_high=95.0, b_noise_last=110.0,
-                      steps_to_target=100, samples_to_target=3200, time_to_target_s=1.0, steps=100, wall_s=1.0,
-                      status="target_reached")
-
-
 def test_make_plan_with_given_measurements_and_its_report(tmp_path):
     w = get_workload("mnist1d-mlp", num_train=400, num_val=100)
     rng = torch.get_rng_state()
-    plan = make_plan(w, probe=_fake_probe(), throughput=_fake_curve(), threads=1)
+    plan = make_plan(w, probe=fake_probe(), throughput=fake_curve(), threads=1)
     assert torch.equal(torch.get_rng_state(), rng)
     d = plan.to_dict()
     assert all(k in d for k in KEYS)
@@ -81,7 +64,7 @@ def test_plan_cli_rejects_bad_input(tmp_path, capsys):
 
 def test_train_runs_a_plan(tmp_path, capsys):
     w = get_workload("mnist1d-mlp", num_train=400, num_val=100)
-    plan = make_plan(w, probe=_fake_probe(), throughput=_fake_curve(), threads=1)
+    plan = make_plan(w, probe=fake_probe(), throughput=fake_curve(), threads=1)
     data = plan.to_dict()
     write_plan(plan, tmp_path / "plan.json")
     rc = main(["train", "--plan", str(tmp_path / "plan.json"), "--workload-opt", "num_train=400",
