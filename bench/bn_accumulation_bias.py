@@ -16,8 +16,8 @@ import argparse
 import torch
 
 from batchpilot import get_workload
-from batchpilot.data import fetch
-from batchpilot.norm import measure_bn_accumulation_bias
+from batchpilot.workloads.data import fetch
+from batchpilot.train.bn_bias import measure_bn_accumulation_bias
 from batchpilot.train.accumulation import accumulate_gradients
 
 

@@ -2,7 +2,7 @@
 
 Two gloo ranks (torchrun) each hold three identical DDP replicas of a workload's model: DDP's own
 C++ all-reduce, torch's Python ``allreduce_hook`` (what any Python communication hook costs), and
-:class:`batchpilot.noise_ddp.RankNoiseScale`. Steps cycle through them on the same data, so all see
+:class:`batchpilot.noise.ranks.RankNoiseScale`. Steps cycle through them on the same data, so all see
 the same machine load. A step is the trainer's DDP step: fetch this rank's
 micro-batches, all-reduce the unit count, forward/backward with ``no_sync`` on the non-final ones,
 all-reduce the loss, ``end_step`` (the hooked replica), optimizer step. Printed per workload: the
@@ -34,11 +34,11 @@ def worker(steps: int, out_path: str) -> None:
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from batchpilot.data import EpochBatchSampler, fetch
-    from batchpilot.noise_ddp import RankNoiseScale
+    from batchpilot.workloads.data import EpochBatchSampler, fetch
+    from batchpilot.noise.ranks import RankNoiseScale
     from batchpilot.train import accumulate_gradients
     from batchpilot.train.distributed import DistContext, init_distributed
-    from batchpilot.workload import get_workload
+    from batchpilot.workloads import get_workload
 
     init_distributed("cpu")
     ctx = DistContext()

@@ -25,7 +25,7 @@ import torch
 
 from batchpilot.memory import format_bytes, memory_curve
 from batchpilot.memory.measure import measure_step
-from batchpilot.workload import get_workload
+from batchpilot.workloads import get_workload
 
 CASES = {
     "mnist1d-mlp": [8, 64, 512, 2048],
@@ -41,7 +41,7 @@ BUDGET_AT = {"mnist1d-mlp": 3000, "mnist1d-cnn": 1500, "digits-cnn-bn": 700, "ch
 
 RSS_SNIPPET = r"""
 import sys, torch, json
-from batchpilot.workload import get_workload
+from batchpilot.workloads import get_workload
 name, batch = sys.argv[1], int(sys.argv[2])
 w = get_workload(name)
 items = [w.train_data[i % w.num_train] for i in range(batch)]

@@ -21,7 +21,7 @@ from datetime import date
 import torch
 
 from batchpilot.memory import format_bytes, memory_curve, probe_workload, resolve_device
-from batchpilot.workload import get_workload
+from batchpilot.workloads import get_workload
 
 BATCHES = {"mnist1d-cnn": [64, 1024, 16384], "charlm": [32, 256, 1024], "hf:gpt2": [1, 2, 4, 8]}
 

@@ -14,7 +14,7 @@ import time
 from batchpilot.memory import format_bytes, memory_curve
 from batchpilot.memory.hf import transformers_available
 from batchpilot.memory.trace import trace_step
-from batchpilot.workload import get_workload
+from batchpilot.workloads import get_workload
 
 
 def adam_state() -> None:

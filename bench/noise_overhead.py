@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from batchpilot.data import EpochBatchSampler, fetch, split_micro
-from batchpilot.noise import GradientNoiseScale
+from batchpilot.workloads.data import EpochBatchSampler, fetch, split_micro
+from batchpilot.noise.microbatch import GradientNoiseScale
 from batchpilot.train import accumulate_gradients
-from batchpilot.workload import get_workload
+from batchpilot.workloads import get_workload
 
 
 def main() -> None:

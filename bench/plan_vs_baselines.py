@@ -27,10 +27,10 @@ import time
 import torch
 
 from batchpilot.plan import make_plan
-from batchpilot.scaling import scale_lr
-from batchpilot.throughput import PeakFlops, measure_throughput
+from batchpilot.scaling.lr_rules import scale_lr
+from batchpilot.throughput.measure import PeakFlops, measure_throughput
 from batchpilot.train import TrainConfig, Trainer
-from batchpilot.workload import get_workload
+from batchpilot.workloads import get_workload
 
 
 class _Cap(Exception):

@@ -34,11 +34,11 @@ from dataclasses import replace
 import torch
 
 from batchpilot.plan import make_plan
-from batchpilot.scaling import scale_lr
-from batchpilot.store import TrialStore
-from batchpilot.sweep import SweepConfig, TrialSpec, run_sweep, with_plan_trial
-from batchpilot.sweep_analysis import TIME_BASES, analyze, as_jsonable
-from batchpilot.workload import get_workload
+from batchpilot.scaling.lr_rules import scale_lr
+from batchpilot.sweep.store import TrialStore
+from batchpilot.sweep.runner import SweepConfig, TrialSpec, run_sweep, with_plan_trial
+from batchpilot.sweep.analysis import TIME_BASES, analyze, as_jsonable
+from batchpilot.workloads import get_workload
 
 
 def grid_batches(largest: int, smallest: int = 16) -> tuple[int, ...]:
@@ -64,7 +64,7 @@ def interleaved_step_s(workload, configs: list[tuple[int, int]], *, rounds: int 
     """
     import statistics
 
-    from batchpilot.data import fetch, split_micro
+    from batchpilot.workloads.data import fetch, split_micro
     from batchpilot.train import accumulate_gradients
 
     g = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
 """Given measurements for planner tests: a throughput curve and a noise probe, no training."""
 
 from batchpilot.plan.probe import NoisePoint, NoiseProbe
-from batchpilot.throughput import ThroughputCurve, ThroughputPoint
+from batchpilot.throughput.measure import ThroughputCurve, ThroughputPoint
 
 
 def fake_curve() -> ThroughputCurve:

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from batchpilot import BatchpilotError, get_workload
-from batchpilot.norm import (GhostBatchNorm, batchnorm_caveats, convert_batchnorm, find_batchnorm, has_batchnorm,
-                             measure_bn_accumulation_bias)
+from batchpilot.norm import GhostBatchNorm, batchnorm_caveats, convert_batchnorm, find_batchnorm, has_batchnorm
+from batchpilot.train.bn_bias import measure_bn_accumulation_bias
 
 
 @pytest.fixture(scope="module")

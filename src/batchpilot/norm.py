@@ -3,8 +3,8 @@
 BatchNorm is the one common layer that couples the samples of a batch: it normalises with the
 statistics of the batch it sees. So with gradient accumulation it sees micro-batches, and ``k``
 micro-batches of ``m`` are *not* one batch of ``k·m`` (seeds/README.md errors 4 and 5: everything
-else is exact). :func:`measure_bn_accumulation_bias` measures by how much; the plan and the doctor
-cite it. The remedies:
+else is exact). :func:`batchpilot.train.bn_bias.measure_bn_accumulation_bias` measures by how much;
+the plan and the doctor cite it. The remedies:
 
 * :func:`convert_batchnorm` to ``sync`` (``torch.nn.SyncBatchNorm``: statistics over all DDP ranks),
   ``group`` (GroupNorm, Wu & He 2018: batch-free), or ``ghost``;
@@ -19,7 +19,6 @@ behind their back.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Literal
 
 import torch
@@ -123,59 +122,6 @@ def convert_batchnorm(model: nn.Module, to: Literal["sync", "group", "ghost"], *
     return out
 
 
-def _flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
-                      for p in model.parameters()])
-
-
-@torch.no_grad()
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def measure_bn_accumulation_bias(workload, global_batch: int, micro_batch: int, *, batches: int = 4,
-                                 seed: int = 0, dtype: torch.dtype = torch.float64) -> float:
-    """Relative gradient error of accumulation under BatchNorm: ``||g_acc − g_full|| / ||g_full||``.
-
-    ``g_full`` is the gradient of one batch of ``global_batch`` samples, ``g_acc`` the exact
-    accumulation of the same samples in micro-batches of ``micro_batch`` (loss normalised by the
-    global count, as in the trainer). Both are taken at the workload's freshly initialised model
-    (seeded by ``seed``) in training mode, in float64 so rounding is negligible: without a
-    batch-coupled layer the result is ~1e-15; with BatchNorm it is the bias accumulation adds. The
-    mean over ``batches`` random batches is returned. The caller's RNG is untouched.
-
-    Raises:
-        BatchpilotError: for sizes that do not fit the training set or do not divide.
-    """
-    from batchpilot.data import fetch, split_micro
-    from batchpilot.train.accumulation import accumulate_gradients
-
-    n = workload.num_train
-    if not 1 <= micro_batch <= global_batch <= n:
-        raise BatchpilotError(f"need 1 <= micro batch ({micro_batch}) <= global batch ({global_batch}) <= {n}")
-    rels = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = workload.make_model().to(dtype).train()
-        start = _snapshot(model)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(batches):
-            idx = torch.randperm(n, generator=gen)[:global_batch]
-            grads = []
-            for size in (global_batch, micro_batch):
-                model.load_state_dict(start)  # BN running statistics back to where they were
-                model.zero_grad(set_to_none=True)
-                micro = []
-                for part in split_micro(idx, size):
-                    x, y = fetch(workload.train_data, part)
-                    micro.append((x.to(dtype) if x.is_floating_point() else x, y))
-                accumulate_gradients(model, micro, workload.loss_sum, workload.count_units)
-                grads.append(_flat_grad(model))
-            full, acc = grads
-            rels.append(float(torch.linalg.vector_norm(acc - full) / torch.linalg.vector_norm(full)))
-    return math.fsum(rels) / len(rels)
-
-
 def batchnorm_caveats(model: nn.Module, micro_batch_per_rank: int, accumulation_steps: int, *,
                       measured_bias: float | None = None, synced_ranks: int = 1) -> list[str]:
     """One-line caveats for a plan or the doctor: BN on a small per-device batch, BN with accumulation.
@@ -184,7 +130,7 @@ def batchnorm_caveats(model: nn.Module, micro_batch_per_rank: int, accumulation_
         model: the model.
         micro_batch_per_rank: samples each BatchNorm call sees per device.
         accumulation_steps: micro-batches per optimizer step.
-        measured_bias: :func:`measure_bn_accumulation_bias` at this configuration, cited if given.
+        measured_bias: :func:`~batchpilot.train.bn_bias.measure_bn_accumulation_bias` at this configuration, cited if given.
         synced_ranks: ranks a SyncBatchNorm pools over (1 without it).
     """
     names = find_batchnorm(model)
@@ -200,3 +146,27 @@ def batchnorm_caveats(model: nn.Module, micro_batch_per_rank: int, accumulation_
         out.append(f"BatchNorm with {accumulation_steps}-step accumulation: statistics come from micro-batches of "
                    f"{micro_batch_per_rank}, not the global batch, so accumulation is not one large batch{bias}")
     return out
+
+
+def normalization_of(model: nn.Module) -> tuple[str, ...]:
+    """Names of the normalization layers in ``model`` (schema names; ``("none",)`` if there are none)."""
+    found: list[str] = []
+    rms = getattr(nn, "RMSNorm", ())
+    for mod in model.modules():
+        if isinstance(mod, nn.SyncBatchNorm):
+            name = "syncbatchnorm"
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            name = "batchnorm"
+        elif isinstance(mod, nn.LayerNorm):
+            name = "layernorm"
+        elif isinstance(mod, nn.GroupNorm):
+            name = "groupnorm"
+        elif isinstance(mod, nn.modules.instancenorm._InstanceNorm):
+            name = "instancenorm"
+        elif rms and isinstance(mod, rms):
+            name = "rmsnorm"
+        else:
+            continue
+        if name not in found:
+            found.append(name)
+    return tuple(found) or ("none",)

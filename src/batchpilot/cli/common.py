@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.workload import Workload, get_workload
+from batchpilot.workloads import Workload, get_workload
 
 DEFAULT_WORKLOAD = "mnist1d-cnn"
 

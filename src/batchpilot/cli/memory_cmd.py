@@ -11,7 +11,7 @@ from batchpilot.cli.common import add_workload_args, load_workload, print_json
 from batchpilot.errors import BatchpilotError
 from batchpilot.memory import DeviceSpec, MemoryCurve, format_bytes, memory_curve, resolve_device
 from batchpilot.memory.options import DTYPES
-from batchpilot.workload import REGISTRY, Workload
+from batchpilot.workloads import REGISTRY, Workload
 
 
 def register(sub: argparse._SubParsersAction) -> None:

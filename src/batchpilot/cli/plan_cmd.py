@@ -11,7 +11,7 @@ from pathlib import Path
 
 from batchpilot.cli.common import add_workload_args, load_workload, print_json
 from batchpilot.errors import BatchpilotError
-from batchpilot.scaling import LR_RULES
+from batchpilot.scaling.lr_rules import LR_RULES
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from batchpilot.cli.common import _clean, add_workload_args, print_json
 from batchpilot.errors import EXIT_FINDINGS, EXIT_INTERRUPTED, BatchpilotError
-from batchpilot.scaling import LR_RULES
+from batchpilot.scaling.lr_rules import LR_RULES
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
@@ -86,7 +86,7 @@ def _workload_options(args: argparse.Namespace) -> dict:
 def build_config(args: argparse.Namespace):
     """The :class:`SweepConfig` (and the plan, if any) the flags describe."""
     from batchpilot.plan.result import read_plan
-    from batchpilot.sweep import SweepConfig, with_plan_trial
+    from batchpilot.sweep.runner import SweepConfig, with_plan_trial
 
     plan = read_plan(args.plan) if args.plan else None
     threads = args.threads if args.threads is not None else (plan.get("threads") if plan else None)
@@ -148,7 +148,7 @@ class _Progress:
 
 def result_data(outcome, analysis, store_path: str) -> dict:
     """The JSON document: config, counts, trials and analysis."""
-    from batchpilot.sweep_analysis import as_jsonable
+    from batchpilot.sweep.analysis import as_jsonable
 
     return _clean({"sweep": as_jsonable(outcome.config), "store": store_path, "ran": outcome.ran, "skipped": outcome.skipped,
                    "failed": list(outcome.failed), "wall_s": outcome.wall_s, "trials": list(outcome.trials),
@@ -156,9 +156,9 @@ def result_data(outcome, analysis, store_path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchpilot.store import TrialStore
-    from batchpilot.sweep import run_sweep
-    from batchpilot.sweep_analysis import analyze
+    from batchpilot.sweep.store import TrialStore
+    from batchpilot.sweep.runner import run_sweep
+    from batchpilot.sweep.analysis import analyze
 
     config, plan = build_config(args)
     if not args.gap_threshold >= 0:

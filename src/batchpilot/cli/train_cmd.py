@@ -7,9 +7,9 @@ import argparse
 from batchpilot.cli.common import add_workload_args, load_workload, print_json
 from batchpilot.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, BatchpilotError
 from batchpilot.optim import OPTIMIZERS
-from batchpilot.regime import FinetuneRegime, finetune_regime
-from batchpilot.scaling import LR_RULES
-from batchpilot.schedules import SCHEDULES
+from batchpilot.train.regime import FinetuneRegime, finetune_regime
+from batchpilot.scaling.lr_rules import LR_RULES
+from batchpilot.scaling.lr_schedules import SCHEDULES
 from batchpilot.train import TrainConfig, TrainResult, Trainer
 from batchpilot.train.config import DTYPES
 
@@ -134,7 +134,7 @@ def _run(args: argparse.Namespace, env) -> int:
     config = config_from_args(args, workload.base_batch, regime, world_size=env.world_size)
     noise = None
     if args.noise_scale:
-        from batchpilot.noise import GradientNoiseScale
+        from batchpilot.noise.microbatch import GradientNoiseScale
 
         noise = GradientNoiseScale()
     resume = args.resume or bool(env.restart_count and args.out)  # a torchrun restart resumes its run

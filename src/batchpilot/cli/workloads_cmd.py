@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from batchpilot.cli.common import print_json
-from batchpilot.workload import list_workloads
+from batchpilot.workloads import list_workloads
 
 
 def register(sub: argparse._SubParsersAction) -> None:

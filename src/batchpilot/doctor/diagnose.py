@@ -21,8 +21,8 @@ def fill_from_workload(cfg: DoctorConfig) -> DoctorConfig:
     """
     if not cfg.workload:
         return cfg
-    from batchpilot.doctor.live import normalization_of
-    from batchpilot.workload import get_workload
+    from batchpilot.norm import normalization_of
+    from batchpilot.workloads import get_workload
 
     wl = get_workload(cfg.workload)
     extra: dict[str, Any] = {}

@@ -20,33 +20,10 @@ from batchpilot.doctor.diagnose import diagnose
 from batchpilot.doctor.findings import Finding
 from batchpilot.doctor.schema import FIELDS, DoctorConfig, parse_config
 from batchpilot.errors import BatchpilotError, require_positive_int
+from batchpilot.norm import normalization_of
 
 LAMBDA_SCAN_STEPS = 100_000
 """How many steps of a ``LambdaLR`` factor are evaluated to find its warmup and peak."""
-
-
-def normalization_of(model: nn.Module) -> tuple[str, ...]:
-    """Names of the normalization layers in ``model`` (schema names; ``("none",)`` if there are none)."""
-    found: list[str] = []
-    rms = getattr(nn, "RMSNorm", ())
-    for mod in model.modules():
-        if isinstance(mod, nn.SyncBatchNorm):
-            name = "syncbatchnorm"
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            name = "batchnorm"
-        elif isinstance(mod, nn.LayerNorm):
-            name = "layernorm"
-        elif isinstance(mod, nn.GroupNorm):
-            name = "groupnorm"
-        elif isinstance(mod, nn.modules.instancenorm._InstanceNorm):
-            name = "instancenorm"
-        elif rms and isinstance(mod, rms):
-            name = "rmsnorm"
-        else:
-            continue
-        if name not in found:
-            found.append(name)
-    return tuple(found) or ("none",)
 
 
 def _parallel_of(model: nn.Module) -> tuple[str, int | None]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.scaling import LR_RULES
+from batchpilot.scaling.lr_rules import LR_RULES
 
 STEP_WHEN = ("per_micro_batch", "per_optimizer_step")
 PARALLEL = ("none", "dp", "ddp", "fsdp")

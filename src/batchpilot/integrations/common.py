@@ -15,7 +15,7 @@ DOCTOR_MODES = ("warn", "raise", "off")
 """``warn``: report findings as warnings; ``raise``: also stop on an error finding; ``off``: skip."""
 
 NOISE_KEYS = ("b_simple", "b_simple_low", "b_simple_high", "g_sq", "trace_sigma")
-"""Fields of :class:`batchpilot.noise.NoiseEstimate` that the integrations log."""
+"""Fields of :class:`batchpilot.noise.microbatch.NoiseEstimate` that the integrations log."""
 
 
 def check_mode(doctor: str) -> str:

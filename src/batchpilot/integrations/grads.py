@@ -15,7 +15,7 @@ Lightning uses ``c_i = 1/accumulate_grad_batches``; the HF Trainer ``1/k`` or ``
 units of micro-batch ``i``, and the accumulated ``g = Σ c_i G_i`` satisfies
 ``E|g/Σc|² = |G|² + tr(Σ)/B_eff`` with ``B_eff = (Σc)² / Σ(c_i²/b_i)`` (``= Σ b_i`` for
 ``c_i ∝ b_i``, ``= k·b`` for equal micro-batches). These are the two batch sizes of McCandlish
-et al. 2018 (Appendix A), fed to :meth:`batchpilot.noise.GradientNoiseScale.update`.
+et al. 2018 (Appendix A), fed to :meth:`batchpilot.noise.microbatch.GradientNoiseScale.update`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from batchpilot.noise import GradientNoiseScale
+from batchpilot.noise.microbatch import GradientNoiseScale
 
 
 class MicroBatchGradients:

@@ -41,7 +41,7 @@ from batchpilot.integrations.common import (check_every, check_mode, count_sampl
 from batchpilot.integrations.grads import MicroBatchGradients
 from batchpilot.integrations.hf_args import check_training_arguments
 from batchpilot.integrations.plan import PlanSettings, load_plan
-from batchpilot.noise import GradientNoiseScale, NoiseEstimate
+from batchpilot.noise.microbatch import GradientNoiseScale, NoiseEstimate
 
 log = logging.getLogger("batchpilot.integrations.hf")
 
@@ -96,7 +96,7 @@ class BatchpilotCallback(TrainerCallback):
         every_n_steps: record one optimizer step in ``n``.
         doctor: ``warn``, ``raise`` (stop on an error finding) or ``off``.
         doctor_fields: extra facts for the doctor (``base_batch``, ``base_lr``, ``finetune`` ...).
-        noise_monitor: the :class:`~batchpilot.noise.GradientNoiseScale` to feed.
+        noise_monitor: the :class:`~batchpilot.noise.microbatch.GradientNoiseScale` to feed.
         log_prefix: prefix of the logged keys.
     """
 

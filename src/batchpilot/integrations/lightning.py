@@ -40,7 +40,7 @@ from batchpilot.integrations.common import (check_every, check_mode, count_sampl
                                             run_doctor)
 from batchpilot.integrations.grads import MicroBatchGradients
 from batchpilot.integrations.plan import PlanSettings, load_plan
-from batchpilot.noise import GradientNoiseScale, NoiseEstimate
+from batchpilot.noise.microbatch import GradientNoiseScale, NoiseEstimate
 
 LR_ATTRS = ("lr", "learning_rate")
 """Where the plan's LR goes when ``lr_attr`` is not given (the names Lightning's LR finder uses)."""
@@ -62,7 +62,7 @@ class BatchpilotCallback(pl.Callback):
         lr_attr: the attribute ``configure_optimizers`` reads the LR from (default: ``lr`` or
             ``learning_rate``, whichever exists).
         warmup_attr: the attribute that sets the warmup length, if the module has it.
-        noise_monitor: the :class:`~batchpilot.noise.GradientNoiseScale` to feed (default: a new one).
+        noise_monitor: the :class:`~batchpilot.noise.microbatch.GradientNoiseScale` to feed (default: a new one).
         log_prefix: prefix of the logged metric names.
     """
 

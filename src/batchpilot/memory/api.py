@@ -10,7 +10,7 @@ from batchpilot.errors import BatchpilotError
 from batchpilot.memory import measure, trace
 from batchpilot.memory.curve import MemoryCurve, fit_curve
 from batchpilot.memory.options import DTYPES
-from batchpilot.workload import Workload, get_workload
+from batchpilot.workloads import Workload, get_workload
 
 FALLBACK_BATCHES = (1, 2, 4)
 """Batches the fallback really runs (small: the real batch is allocated; the asymptote is less certain)."""

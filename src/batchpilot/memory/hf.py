@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.workload import Workload, count_tokens, register
+from batchpilot.workloads import Workload, count_tokens, register
 
 HEADS = ("lm", "cls")
 NUM_ITEMS = 64

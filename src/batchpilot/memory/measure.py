@@ -23,7 +23,7 @@ import torch
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.memory.options import autocast_context, build_step_objects, torch_dtype
-from batchpilot.workload import Workload
+from batchpilot.workloads import Workload
 from batchpilot.workloads.common import preserved_host_rng
 from batchpilot.memory.quiet import native_stderr_silenced
 

@@ -28,7 +28,7 @@ from batchpilot.errors import BatchpilotError
 from batchpilot.memory.snapshot import TrainingState
 
 if TYPE_CHECKING:
-    from batchpilot.workload import Workload
+    from batchpilot.workloads import Workload
 
 OOM_MESSAGES = (
     "out of memory",  # "CUDA out of memory.", "CUDA error: out of memory", "XPU out of memory"

@@ -30,7 +30,7 @@ import torch
 from batchpilot.errors import BatchpilotError
 from batchpilot.memory.options import autocast_context, build_step_objects, cuda_attention, torch_dtype
 from batchpilot.memory.workspace import CpuKernelWorkspace
-from batchpilot.workload import Workload
+from batchpilot.workloads import Workload
 from batchpilot.workloads.common import preserved_host_rng
 
 PHASES = ("step1.forward", "step1.backward", "step1.optimizer", "step2.forward", "step2.backward", "step2.optimizer")

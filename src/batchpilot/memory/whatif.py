@@ -13,7 +13,7 @@ from typing import Sequence
 from batchpilot.memory.api import memory_curve
 from batchpilot.memory.curve import MemoryCurve
 from batchpilot.memory.devices import DeviceSpec
-from batchpilot.workload import Workload
+from batchpilot.workloads import Workload
 
 
 @dataclass(frozen=True)

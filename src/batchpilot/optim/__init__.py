@@ -19,7 +19,7 @@ from torch import nn
 from batchpilot.errors import BatchpilotError
 from batchpilot.optim.lamb import LAMB
 from batchpilot.optim.lars import LARS, exclude_bias_and_norm
-from batchpilot.workload import Workload
+from batchpilot.workloads import Workload
 
 OPTIMIZERS: tuple[str, ...] = ("default", "sgd", "adamw", "lars", "lamb")
 

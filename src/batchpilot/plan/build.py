@@ -20,9 +20,9 @@ from batchpilot.plan.probe import NoiseProbe, probe_micro_batch, probe_noise
 from batchpilot.plan.result import Plan
 from batchpilot.plan.worlds import CommModel
 from batchpilot.plan.text import caveats_for, lr_rule_note, noise_note, why_text
-from batchpilot.scaling import LR_RULES, default_lr_rule
-from batchpilot.throughput import ThroughputCurve, choose_cpu_threads, default_batches, measure_throughput
-from batchpilot.workload import Workload
+from batchpilot.scaling.lr_rules import LR_RULES, default_lr_rule
+from batchpilot.throughput.measure import ThroughputCurve, choose_cpu_threads, default_batches, measure_throughput
+from batchpilot.workloads import Workload
 
 Progress = Callable[[str, float], None]
 STAGES = (("memory", 0.1), ("throughput", 0.3), ("noise", 0.55), ("plan", 0.05))
@@ -82,7 +82,6 @@ def make_plan(
         allreduce_gbps: all-reduce bus bandwidth for world sizes > 1 (default: measured with gloo here).
         comm: a ready all-reduce model (overrides ``allreduce_gbps``).
     """
-    from batchpilot.memory import memory_curve, resolve_device
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise BatchpilotError(f"world size must be a positive integer, got {world_size!r}")

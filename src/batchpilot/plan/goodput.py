@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Protocol, Sequence
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.scaling import scale_lr
+from batchpilot.scaling.lr_rules import scale_lr
 
 MAX_ACCUMULATION = 64
 """The largest accumulation the search considers."""

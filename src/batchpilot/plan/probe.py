@@ -1,7 +1,7 @@
 """The noise probe: a short training run at the base batch that measures B_noise as it goes.
 
 The run trains a fresh model at the workload's base batch and base LR (the point the user
-tuned), split into micro-batches so that :class:`~batchpilot.noise.GradientNoiseScale` gets its
+tuned), split into micro-batches so that :class:`~batchpilot.noise.microbatch.GradientNoiseScale` gets its
 two batch sizes for free. It records the smoothed B_simple at every evaluation and stops at the
 target or at the time budget. The noise scale grows as the loss falls (McCandlish et al. 2018,
 Fig. 5), so one number measured at the start would understate it; the probe keeps them all, and
@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.noise import GradientNoiseScale
+from batchpilot.noise.microbatch import GradientNoiseScale
 from batchpilot.plan.goodput import effective_noise_scale
-from batchpilot.throughput import Progress
+from batchpilot.throughput.measure import Progress
 from batchpilot.train import TrainConfig, Trainer
-from batchpilot.workload import Workload
+from batchpilot.workloads import Workload
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from typing import Sequence
 
 from batchpilot.plan.goodput import Candidate
 from batchpilot.plan.probe import NoiseProbe
-from batchpilot.throughput import ThroughputCurve
-from batchpilot.workload import Workload
+from batchpilot.throughput.measure import ThroughputCurve
+from batchpilot.workloads import Workload
 
 BN_SMALL_BATCH = 16
 """Per-device batch below which BatchNorm statistics get noisy (Wu & He 2018, "Group Normalization", Fig. 1)."""

@@ -1,6 +1,6 @@
 """The sweep's HTML report: steps, examples, validation metric and sharpness against batch.
 
-Rendering only: every number comes from :class:`batchpilot.sweep_analysis.SweepAnalysis`
+Rendering only: every number comes from :class:`batchpilot.sweep.analysis.SweepAnalysis`
 and the trial results.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from batchpilot.report.html import Section, write_html
-from batchpilot.sweep_analysis import SweepAnalysis
+from batchpilot.sweep.analysis import SweepAnalysis
 
 
 def _fig():

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from batchpilot.batch_schedules import BatchSchedule
+from batchpilot.scaling.batch_schedules import BatchSchedule
 from batchpilot.errors import BatchpilotError
 from batchpilot.optim import OPTIMIZERS
-from batchpilot.scaling import LR_RULES, default_lr_rule, scale_lr
-from batchpilot.schedules import SCHEDULES
-from batchpilot.workload import Target, Workload
+from batchpilot.scaling.lr_rules import LR_RULES, default_lr_rule, scale_lr
+from batchpilot.scaling.lr_schedules import SCHEDULES
+from batchpilot.workloads import Target, Workload
 
 DTYPES = ("float32", "float64")
 
@@ -34,7 +34,7 @@ class TrainConfig:
         micro_batch_per_rank: samples per forward/backward on one rank; ``None`` means no accumulation.
         world_size: data-parallel ranks.
         lr: peak LR; ``None`` scales the workload's base LR by ``lr_rule``.
-        lr_rule: ``linear``, ``sqrt`` or ``none``; ``None`` picks by optimizer (see :mod:`batchpilot.scaling`).
+        lr_rule: ``linear``, ``sqrt`` or ``none``; ``None`` picks by optimizer (see :mod:`batchpilot.scaling.lr_rules`).
         warmup_steps: linear warmup length in optimizer steps.
         schedule: ``constant`` or ``cosine``.
         steps: optimizer steps; exclusive with ``epochs``.
@@ -50,8 +50,8 @@ class TrainConfig:
         diverge_factor: the run is diverged when the loss exceeds this multiple of its first value.
         optimizer: ``default`` (the workload's) or ``sgd``, ``adamw``, ``lars``, ``lamb`` (see :mod:`batchpilot.optim`).
         batch_schedule: a batch-size schedule such as ``linear:end=512,over=200``
-            (:mod:`batchpilot.batch_schedules`); ``global_batch`` is then the reference batch of the LR.
-        adaptive: grow the batch with the measured gradient noise scale (:mod:`batchpilot.adaptive`),
+            (:mod:`batchpilot.scaling.batch_schedules`); ``global_batch`` is then the reference batch of the LR.
+        adaptive: grow the batch with the measured gradient noise scale (:mod:`batchpilot.train.adaptive`),
             starting at ``global_batch``.
         max_batch: the adaptive controller's largest batch (default ``min(16 x global_batch, N / 2)``).
         init_from: start from these weights (a batchpilot checkpoint or a ``state_dict`` file), e.g. to fine-tune.

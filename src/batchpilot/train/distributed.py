@@ -4,7 +4,7 @@ batchpilot runs on the engine users already have: ``torch.distributed`` with
 :class:`~torch.nn.parallel.DistributedDataParallel`, launched by ``torchrun`` (``torch.distributed.run``);
 there is no launcher of its own (``batchpilot train --nproc N`` calls ``torch.distributed.run``).
 
-**Exact batches.** Every rank runs the same resumable :class:`~batchpilot.data.EpochBatchSampler`
+**Exact batches.** Every rank runs the same resumable :class:`~batchpilot.workloads.data.EpochBatchSampler`
 (same seed), so every rank knows the global batch; rank ``r`` keeps the ``r``-th of ``world``
 contiguous, near-equal pieces (:func:`shard_batch`), which is a ``DistributedSampler`` with exact epoch
 semantics: each sample is used once per epoch, ragged last batches included, nothing padded or

@@ -3,7 +3,7 @@
 One optimizer step = one global batch = ``accumulation_steps`` micro-batches. The
 scheduler and the EMA advance only on optimizer steps; clipping applies to the
 accumulated gradient. The caller's global RNG is restored when the run ends.
-With a batch schedule or adaptive batching, a *batch driver* (:mod:`batchpilot.batching`)
+With a batch schedule or adaptive batching, a *batch driver* (:mod:`batchpilot.train.batching`)
 sets each step's batch, micro-batch and LR; the run is then counted in samples.
 With ``world_size > 1`` (a ``torchrun`` launch) the model runs under DDP: each rank takes its exact
 share of every global batch, the loss is normalised by the all-reduced unit count, and rank 0 alone
@@ -23,19 +23,19 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from batchpilot.batching import make_batch_driver
-from batchpilot.data import EpochBatchSampler, fetch, split_micro
+from batchpilot.train.drivers import make_batch_driver
+from batchpilot.workloads.data import EpochBatchSampler, fetch, split_micro
 from batchpilot.errors import BatchpilotError
 from batchpilot.optim import with_optimizer
-from batchpilot.regime import load_pretrained
-from batchpilot.scaling import default_lr_rule
-from batchpilot.schedules import make_scheduler
+from batchpilot.train.regime import load_pretrained
+from batchpilot.scaling.lr_rules import default_lr_rule
+from batchpilot.scaling.lr_schedules import make_scheduler
 from batchpilot.train.accumulation import AfterMicro, accumulate_gradients
 from batchpilot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from batchpilot.train.config import TrainConfig
 from batchpilot.train.distributed import check_world_size, maybe_inject_fault, torchrun_env
 from batchpilot.train.result import TrainResult
-from batchpilot.workload import Workload
+from batchpilot.workloads import Workload
 
 EVAL_BATCH = 1024
 StepCallback = Callable[[dict], None]
@@ -91,8 +91,8 @@ class Trainer:
         after_micro: hook after each micro-batch backward (e.g. a noise monitor); under DDP it sees this
             rank's local gradient until the last micro-batch.
         on_step: hook receiving each step's record.
-        noise: a :class:`~batchpilot.noise.GradientNoiseScale` to feed: from the ranks under DDP
-            (:class:`~batchpilot.noise_ddp.RankNoiseScale`), else from the micro-batches (needs accumulation).
+        noise: a :class:`~batchpilot.noise.microbatch.GradientNoiseScale` to feed: from the ranks under DDP
+            (:class:`~batchpilot.noise.ranks.RankNoiseScale`), else from the micro-batches (needs accumulation).
     """
 
     def __init__(
@@ -290,7 +290,7 @@ class Trainer:
             self.dist.check_same(self._counters.step, "the step to resume from")
             self._ddp = self.dist.wrap(model)
             if self.noise is not None:
-                from batchpilot.noise_ddp import RankNoiseScale
+                from batchpilot.noise.ranks import RankNoiseScale
 
                 self.rank_noise = RankNoiseScale(self._ddp, self.noise)
         return self._loop(model, optimizer, scheduler, ema, sampler, ckpt, stop_after)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.workload import Target, Workload, count_tokens, register
+from batchpilot.workloads.spec import Target, Workload, count_tokens, register
 
 DESC = "char-level GPT (2 layers, LayerNorm) on Python's stdlib source, AdamW; base batch 32 x 64 tokens, LR 2e-3; target val_loss<=2.2"
 VOCAB = 128  # ASCII; other bytes map to '?'

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from batchpilot.workload import Target, Workload, register
+from batchpilot.workloads.spec import Target, Workload, register
 from batchpilot.workloads.common import correct_sum, cross_entropy_sum
 
 DESC = "sklearn digits (8x8), CNN with BatchNorm, SGD+momentum; base batch 32, LR 0.05; target val_acc>=0.95"

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.workload import Target, Workload, register
+from batchpilot.workloads.spec import Target, Workload, register
 from batchpilot.workloads.common import correct_sum, cross_entropy_sum, preserved_host_rng
 
 SEQ_LEN = 40

@@ -7,7 +7,7 @@ from typing import Iterator
 from batchpilot.doctor.catalog import RULES
 from batchpilot.doctor.context import Context
 from batchpilot.doctor.findings import Finding
-from batchpilot.scaling import ADAPTIVE_OPTIMIZERS
+from batchpilot.scaling.lr_rules import ADAPTIVE_OPTIMIZERS
 
 LONG_ACCUMULATION = 16
 """The seed's pitfall 7 threshold; above it the doctor only notes the wall-clock cost."""

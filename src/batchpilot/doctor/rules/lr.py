@@ -1,7 +1,7 @@
 """Learning-rate checks: BP201-BP206.
 
-The expected LR comes from :func:`batchpilot.scaling.scale_lr` with the declared rule
-or :func:`batchpilot.scaling.default_lr_rule` for the optimizer (linear for SGD,
+The expected LR comes from :func:`batchpilot.scaling.lr_rules.scale_lr` with the declared rule
+or :func:`batchpilot.scaling.lr_rules.default_lr_rule` for the optimizer (linear for SGD,
 Goyal et al. 2017; square root for the Adam family, Malladi et al. 2022).
 """
 
@@ -13,7 +13,7 @@ from typing import Iterator
 from batchpilot.doctor.catalog import RULES
 from batchpilot.doctor.context import Context, close, fmt
 from batchpilot.doctor.findings import Finding
-from batchpilot.scaling import default_lr_rule, scale_lr
+from batchpilot.scaling.lr_rules import default_lr_rule, scale_lr
 
 WARMUP_WARN_RATIO = 2.0
 """An LR above this multiple of the base LR without warmup is a warning (seed 002's table: 4x 'maybe')."""

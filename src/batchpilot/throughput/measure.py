@@ -1,0 +1,321 @@
+"""Throughput: measured step time T(B), a fitted ``step_s(B) = overhead + per_sample·B``, and MFU.
+
+A full training step (fetching the batch, forward, backward, optimizer step, zeroing the
+gradients) is timed at geometric batch sizes on a *fresh* model after a warm-up, and the
+median of several steps is kept. Everything runs under a forked RNG on objects built here,
+so the caller's model, optimizer and random state are untouched.
+
+MFU (model FLOP utilisation, Chowdhery et al. 2022, "PaLM", Appendix B) is the achieved
+FLOP/s over the device's peak. The FLOPs of forward + backward are counted by
+:class:`torch.utils.flop_counter.FlopCounterMode`. The peak comes from a float32 matmul
+microbenchmark on CPU, and from the vendors' datasheets for GPUs (:mod:`batchpilot.throughput.peak_flops`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from batchpilot.workloads.data import fetch
+from batchpilot.errors import BatchpilotError
+from batchpilot.throughput.peak_flops import GPU_PEAK_TFLOPS, PeakFlops, cpu_peak_flops, gpu_peak_flops
+from batchpilot.workloads import Workload
+
+__all__ = ["GPU_PEAK_TFLOPS", "PeakFlops", "ThroughputCurve", "ThroughputPoint", "choose_cpu_threads", "cpu_peak_flops",
+           "default_batches", "fit_step_time", "gpu_peak_flops", "measure_throughput"]
+
+Progress = Callable[[str, float], None]
+"""``progress(description, fraction_done)``."""
+
+
+@dataclass(frozen=True)
+class ThroughputPoint:
+    """Medians of the timed steps at one batch size.
+
+    Attributes:
+        batch: samples per forward/backward (no accumulation).
+        step_s: full step: batch fetch, forward, backward, optimizer step, zero_grad.
+        micro_s: the batch fetch, forward and backward alone (one micro-batch of an accumulated step).
+        optimizer_s: optimizer step and zero_grad.
+        step_s_spread: (max - min) / median of the timed full steps.
+        flops: forward + backward FLOPs of one step (FlopCounterMode).
+        samples_per_s: ``batch / step_s``.
+        mfu: ``flops / step_s / peak``.
+    """
+
+    batch: int
+    step_s: float
+    micro_s: float
+    optimizer_s: float
+    step_s_spread: float
+    flops: float
+    samples_per_s: float
+    mfu: float
+
+
+@dataclass(frozen=True)
+class ThroughputCurve:
+    """Measured points, the fitted line and MFU.
+
+    Attributes:
+        points: measurements, by increasing batch.
+        overhead_s: fitted fixed cost per step.
+        per_sample_s: fitted cost per sample.
+        saturation_batch: ``9·overhead/per_sample``, where the fixed cost is 10% of the step: beyond
+            it samples/s grows by less than 10% however large the batch (the hardware is full).
+        peak_flops: the device peak used for MFU.
+        peak_source: where ``peak_flops`` comes from.
+        device: measured device.
+        threads: torch intra-op threads during the measurement.
+        truncated_at: the first batch not measured because of the time budget, else ``None``.
+    """
+
+    points: tuple[ThroughputPoint, ...]
+    overhead_s: float
+    per_sample_s: float
+    saturation_batch: float
+    peak_flops: float
+    peak_source: str
+    device: str
+    threads: int
+    truncated_at: int | None = None
+    wall_s: float = field(default=0.0, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise BatchpilotError("a throughput curve needs at least one measured point")
+
+    @property
+    def batches(self) -> list[int]:
+        """Measured batch sizes."""
+        return [p.batch for p in self.points]
+
+    @property
+    def optimizer_s(self) -> float:
+        """Median optimizer-step time over the points (it does not depend on the batch)."""
+        return statistics.median(p.optimizer_s for p in self.points)
+
+    def micro_s(self, batch: int) -> float:
+        """Forward + backward time at ``batch``: log-log interpolation inside the measured range,
+        the fitted per-sample cost beyond it."""
+        xs = [p.batch for p in self.points]
+        ys = [p.micro_s for p in self.points]
+        if batch in xs:
+            return ys[xs.index(batch)]
+        if batch < xs[0]:  # the fitted slope below the range, never below proportional scaling
+            return max(ys[0] - self.per_sample_s * (xs[0] - batch), ys[0] * batch / xs[0])
+        if batch > xs[-1]:
+            return ys[-1] + self.per_sample_s * (batch - xs[-1])
+        return float(np.exp(np.interp(math.log(batch), np.log(xs), np.log(ys))))
+
+    def step_s(self, micro_batch: int, accumulation_steps: int = 1) -> float:
+        """Predicted time of one optimizer step of ``accumulation_steps`` micro-batches."""
+        return accumulation_steps * self.micro_s(micro_batch) + self.optimizer_s
+
+    def samples_per_s(self, micro_batch: int, accumulation_steps: int = 1) -> float:
+        """Predicted samples/s of that step (one rank)."""
+        return micro_batch * accumulation_steps / self.step_s(micro_batch, accumulation_steps)
+
+    def to_dict(self) -> dict:
+        """Plain data."""
+        return asdict(self)
+
+
+def fit_step_time(batches: Sequence[int], step_s: Sequence[float]) -> tuple[float, float]:
+    """Least squares ``step_s = overhead + per_sample·B`` on relative errors, both terms >= 0."""
+    b = np.asarray(batches, dtype=float)
+    t = np.asarray(step_s, dtype=float)
+    if len(b) == 1:
+        return 0.0, float(t[0] / b[0])
+    w = 1.0 / t
+    (overhead, per_sample), *_ = np.linalg.lstsq(np.stack([w, b * w], 1), t * w, rcond=None)
+    if overhead < 0 or per_sample <= 0:
+        if per_sample <= 0:  # time does not grow with the batch: all overhead
+            return float(np.median(t)), 1e-12
+        per_sample = float(np.sum(t * b * w * w) / np.sum(b * b * w * w))
+        overhead = 0.0
+    return float(overhead), float(per_sample)
+
+
+def default_batches(base_batch: int, max_batch: int) -> list[int]:
+    """Powers of two from ``base_batch/4`` (at least 1) up to ``max_batch``, plus ``max_batch`` itself."""
+    if max_batch < 1:
+        raise BatchpilotError(f"max batch must be >= 1, got {max_batch}")
+    start = 1 << max(0, (max(1, base_batch // 4)).bit_length() - 1)
+    out = []
+    b = min(start, 1 << (max_batch.bit_length() - 1))
+    while b <= max_batch:
+        out.append(b)
+        b *= 2
+    if out[-1] != max_batch:
+        out.append(max_batch)
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch(workload: Workload, batch: int, device: torch.device, dtype: torch.dtype):
+    idx = torch.arange(batch) % workload.num_train
+    x, y = fetch(workload.train_data, idx)
+    x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+    return x, y.to(device)
+
+
+def _count_flops(model, loss_fn, x, y, units: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        (loss_fn(model(x), y) / units).backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def measure_throughput(
+    workload: Workload,
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    max_batch: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    warmup_steps: int = 2,
+    timed_steps: int = 5,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    peak: PeakFlops | None = None,
+    progress: Progress | None = None,
+) -> ThroughputCurve:
+    """Time full training steps of a fresh copy of the workload's model at several batch sizes.
+
+    Args:
+        workload: what to time (its factories build the model and optimizer used here).
+        batch_sizes: batches to time (default :func:`default_batches` up to ``max_batch``).
+        max_batch: largest batch (default: the training-set size); e.g. the memory model's limit.
+        device: ``cpu`` or ``cuda[:i]``.
+        dtype: parameter and input dtype.
+        warmup_steps: untimed steps per batch first.
+        timed_steps: timed steps per batch; the median is kept.
+        seed: seeds the fresh model (under a forked RNG).
+        time_budget_s: stop before a batch once this much time has gone (the curve says where).
+        peak: device peak FLOP/s (default: measured on CPU, datasheet for GPUs).
+        progress: optional ``progress(description, fraction)`` callback.
+
+    Raises:
+        BatchpilotError: bad arguments, or an unknown GPU without ``peak``.
+    """
+    if warmup_steps < 0 or timed_steps < 1:
+        raise BatchpilotError(f"need warmup_steps >= 0 and timed_steps >= 1, got {warmup_steps}, {timed_steps}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BatchpilotError(f"device {device!r} asked for, but no CUDA device is visible")
+    tdtype = getattr(torch, dtype, None)
+    if not isinstance(tdtype, torch.dtype):
+        raise BatchpilotError(f"dtype must be a torch dtype name such as float32, got {dtype!r}")
+    cap = max_batch if max_batch is not None else workload.num_train
+    batches = sorted(set(batch_sizes)) if batch_sizes is not None else default_batches(workload.base_batch, cap)
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+        raise BatchpilotError(f"batch sizes must be positive integers, got {batches}")
+    if peak is None:
+        peak = cpu_peak_flops(dtype) if dev.type == "cpu" else gpu_peak_flops(torch.cuda.get_device_name(dev), dtype)
+        if peak is None:
+            raise BatchpilotError(f"GPU {torch.cuda.get_device_name(dev)!r} is not in the peak-FLOP/s table; pass peak=")
+    start = time.perf_counter()
+    points: list[ThroughputPoint] = []
+    truncated = None
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = workload.make_model().to(device=dev, dtype=tdtype)
+        model.train()
+        optimizer = workload.make_optimizer(model.parameters(), workload.base_lr)
+        _time_batch(workload, model, optimizer, batches[0], dev, tdtype, warmup_steps, 1, peak, 0.0)  # one-time init
+        for i, batch in enumerate(batches):
+            if time_budget_s is not None and points:
+                # the next batch's cost, projected from the last one (step time grows at most linearly)
+                last = points[-1]
+                projected = last.step_s * batch / last.batch * (warmup_steps + timed_steps)
+                if time.perf_counter() - start + projected > time_budget_s:
+                    truncated = batch
+                    break
+            if progress is not None:
+                progress(f"throughput: batch {batch}", i / len(batches))
+            points.append(_time_batch(workload, model, optimizer, batch, dev, tdtype, warmup_steps, timed_steps, peak))
+    overhead, per_sample = fit_step_time([p.batch for p in points], [p.step_s for p in points])
+    if progress is not None:
+        progress("throughput: done", 1.0)
+    return ThroughputCurve(
+        points=tuple(points), overhead_s=overhead, per_sample_s=per_sample,
+        saturation_batch=9 * overhead / per_sample, peak_flops=peak.flops_per_s, peak_source=peak.source,
+        device=str(dev), threads=torch.get_num_threads(), truncated_at=truncated, wall_s=time.perf_counter() - start,
+    )
+
+
+def _time_batch(workload, model, optimizer, batch, dev, tdtype, warmup_steps, timed_steps, peak,
+                min_time_s: float = 0.2, max_step_s: float = 1.0) -> ThroughputPoint:
+    x, y = _batch(workload, batch, dev, tdtype)
+    units = max(1, workload.count_units(y))
+    flops = _count_flops(model, workload.loss_sum, x, y, units)
+    steps, micros, opts = [], [], []
+    k = 0
+    # at least ``timed_steps`` timed steps, more (up to 8x) until min_time_s has been timed: medians of
+    # tiny steps on a busy machine need many samples
+    while k < warmup_steps + timed_steps or (
+            sum(steps) < min_time_s and len(steps) < 8 * timed_steps):
+        if k == warmup_steps + 3 and min(steps) > max_step_s:
+            break  # slow steps: three timed ones are enough (their spread is small next to their length)
+        _sync(dev)
+        t0 = time.perf_counter()
+        xb, yb = _batch(workload, batch, dev, tdtype)
+        (workload.loss_sum(model(xb), yb) / units).backward()
+        _sync(dev)
+        t1 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(dev)
+        t2 = time.perf_counter()
+        if k >= warmup_steps:
+            steps.append(t2 - t0)
+            micros.append(t1 - t0)
+            opts.append(t2 - t1)
+        k += 1
+    step_s = statistics.median(steps)
+    # split the median full step in the ratio of the parts' medians, so micro_s + optimizer_s == step_s
+    micro_med, opt_med = statistics.median(micros), statistics.median(opts)
+    micro_share = micro_med / (micro_med + opt_med) if micro_med + opt_med > 0 else 1.0
+    return ThroughputPoint(
+        batch=batch, step_s=step_s, micro_s=step_s * micro_share, optimizer_s=step_s * (1 - micro_share),
+        step_s_spread=(max(steps) - min(steps)) / step_s, flops=flops, samples_per_s=batch / step_s,
+        mfu=flops / step_s / peak.flops_per_s,
+    )
+
+
+def choose_cpu_threads(workload: Workload, batches: Sequence[int], *, candidates: Sequence[int] | None = None,
+                       steps: int = 6, seed: int = 0) -> tuple[int, dict[int, float]]:
+    """Pick the torch CPU thread count with the highest samples/s at ``batches`` (geometric mean).
+
+    Small models often run faster on one thread, and on a shared machine extra intra-op threads can
+    make steps many times slower; measure rather than guess. The thread setting is restored.
+
+    Returns:
+        ``(threads, {threads: geometric-mean samples/s})``.
+    """
+    before = torch.get_num_threads()
+    cands = sorted(set(candidates or (1, before)))
+    scores: dict[int, float] = {}
+    try:
+        for n in cands:
+            torch.set_num_threads(n)
+            curve = measure_throughput(workload, batch_sizes=list(batches), warmup_steps=1, timed_steps=steps, seed=seed,
+                                       peak=PeakFlops(1.0, "unused"))
+            scores[n] = float(np.exp(np.mean([math.log(p.samples_per_s) for p in curve.points])))
+    finally:
+        torch.set_num_threads(before)
+    return max(scores, key=scores.get), scores

@@ -1,0 +1,314 @@
+"""The noise-adaptive batch controller: grow the batch as the gradient noise scale grows.
+
+Statistical efficiency (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"; the
+form used by Pollux, Qiao et al. 2021, OSDI): relative to a base batch ``B0``, one step at batch
+``B`` makes the progress of ``r = (B/B0) · E(B)`` base steps, with::
+
+    E(B) = (B_noise + B0) / (B_noise + B)
+
+``r`` is the AdaScale gain (Johnson et al. 2020, "AdaScale SGD"): ``(σ² + μ²) / (σ²/S + μ²)`` with
+``S = B/B0``, ``σ² = tr(Σ)/B0``, ``μ² = |G|²`` and ``B_noise = tr(Σ)/|G|²``. Goodput is
+``samples_per_s(B) · E(B)``; the controller picks the candidate batch of highest predicted goodput
+and **switches only when it beats the current batch's by a margin** (Pollux: 5%). The noise scale
+is itself noisy, so the switch must also hold at the cautious end of the monitor's bootstrap
+interval (its low end for a larger batch, its high end for a smaller one): the batch does not flap
+on an estimate that cannot tell the two apart. The batch stays between the base batch and the
+memory/accumulation limit. The LR follows the AdaScale gain (SGD-like optimizers; AdaScale is
+derived for SGD) or the run's scaling rule (the Adam family: square root, Malladi et al. 2022).
+
+:func:`decide_batch` is a pure function of (current batch, noise scale, throughput, candidates);
+:class:`AdaptiveDriver` runs it inside the reference trainer with the real
+:class:`~batchpilot.noise.microbatch.GradientNoiseScale` monitor.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from batchpilot.train.batching import BatchDriver, micro_batch_for
+from batchpilot.errors import BatchpilotError
+from batchpilot.scaling.lr_rules import ADAPTIVE_OPTIMIZERS
+
+POLLUX_MARGIN = 0.05
+"""Switch only when the predicted goodput improves by at least this fraction (Pollux)."""
+DECISION_CONFIDENCE = 0.5
+"""Coverage of the noise-scale interval a switch must hold across (the interquartile range): an 80%
+interval from the few noisy steps of early training is so wide that it freezes the batch."""
+
+
+def efficiency(batch: int, b_noise: float, base_batch: int) -> float:
+    """Statistical efficiency ``E(B) = (B_noise + B0) / (B_noise + B)`` (1 at ``B0``; 1 for all B when
+    ``B_noise`` is infinite, i.e. the gradient is lost in the noise)."""
+    if math.isinf(b_noise):
+        return 1.0
+    b_noise = max(0.0, b_noise)
+    return (b_noise + base_batch) / (b_noise + batch)
+
+
+def adascale_gain(batch: int, b_noise: float, base_batch: int) -> float:
+    """AdaScale gain ``r = (B/B0) · E(B)``, between 1 and ``B/B0`` for ``B >= B0`` (Johnson et al. 2020)."""
+    return batch / base_batch * efficiency(batch, b_noise, base_batch)
+
+
+def goodput(batch: int, b_noise: float, base_batch: int, samples_per_s: Callable[[int], float]) -> float:
+    """Goodput ``samples_per_s(B) · E(B)``: base-batch-equivalent samples per second (Pollux)."""
+    return samples_per_s(batch) * efficiency(batch, b_noise, base_batch)
+
+
+def candidate_batches(min_batch: int, max_batch: int, quantum: int = 1) -> tuple[int, ...]:
+    """``min_batch · 2^k`` up to ``max_batch``, plus ``max_batch``, each a multiple of ``quantum``."""
+    if not 1 <= min_batch <= max_batch:
+        raise BatchpilotError(f"need 1 <= min batch <= max batch, got {min_batch}, {max_batch}")
+    out, b = set(), min_batch
+    while b <= max_batch:
+        out.add(b)
+        b *= 2
+    out.add(max_batch)
+    return tuple(sorted({max(quantum, (c // quantum) * quantum) for c in out}))
+
+
+@dataclass(frozen=True)
+class ThroughputTable:
+    """Measured samples/s at a few batches; other batches interpolate the step *time* linearly."""
+
+    batches: tuple[int, ...]
+    samples_per_s: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.batches or len(self.batches) != len(self.samples_per_s):
+            raise BatchpilotError("throughput table needs as many samples/s as batches (at least one)")
+        if list(self.batches) != sorted(set(self.batches)) or any(not s > 0 for s in self.samples_per_s):
+            raise BatchpilotError(f"throughput table needs increasing batches and samples/s > 0, got {self}")
+
+    def __call__(self, batch: int) -> float:
+        """Samples/s at ``batch`` (interpolated in step time, extrapolated from the end segments)."""
+        bs, times = self.batches, [b / s for b, s in zip(self.batches, self.samples_per_s)]
+        if len(bs) == 1:
+            return self.samples_per_s[0]
+        i = min(max(bisect.bisect_left(bs, batch), 1), len(bs) - 1)
+        b0, b1, t0, t1 = bs[i - 1], bs[i], times[i - 1], times[i]
+        t = t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
+        return batch / max(t, 1e-12)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One controller decision (plain data for logs and reports)."""
+
+    step: int
+    current: int
+    batch: int
+    switched: bool
+    b_noise: float
+    current_goodput: float
+    best_goodput: float
+    b_noise_low: float = float("nan")
+    b_noise_high: float = float("nan")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide_batch(
+    current: int,
+    b_noise: float,
+    samples_per_s: Callable[[int], float] | Mapping[int, float],
+    candidates: Sequence[int],
+    base_batch: int,
+    margin: float = POLLUX_MARGIN,
+    step: int = 0,
+    b_noise_range: tuple[float, float] | None = None,
+) -> Decision:
+    """Pick the batch of highest predicted goodput; keep ``current`` unless that beats it by ``margin``.
+
+    Args:
+        current: the batch in use.
+        b_noise: the measured gradient noise scale (``B_simple``), in samples.
+        samples_per_s: measured throughput per batch (callable or mapping).
+        candidates: the batches allowed (already within the base batch and the memory/accumulation limit).
+        base_batch: ``B0`` of the efficiency (the batch the LR was tuned at).
+        margin: required relative goodput improvement to switch (Pollux: 0.05).
+        step: recorded in the decision.
+        b_noise_range: an interval for ``b_noise`` (e.g. the monitor's bootstrap); if given, the switch
+            must also beat the margin at its low end (moving up) or high end (moving down).
+
+    Returns:
+        The :class:`Decision`; ``batch == current`` when not switching or when ``b_noise`` is not a number.
+    """
+    if not candidates:
+        raise BatchpilotError("decide_batch needs at least one candidate batch")
+    if margin < 0:
+        raise BatchpilotError(f"margin must be >= 0, got {margin!r}")
+    speed = samples_per_s.__getitem__ if isinstance(samples_per_s, Mapping) else samples_per_s
+    low, high = b_noise_range if b_noise_range is not None else (float("nan"), float("nan"))
+    if math.isnan(b_noise):
+        return Decision(step, current, current, False, b_noise, float("nan"), float("nan"), low, high)
+    now = goodput(current, b_noise, base_batch, speed)
+    best = max(candidates, key=lambda b: (goodput(b, b_noise, base_batch, speed), -b))
+    best_gp = goodput(best, b_noise, base_batch, speed)
+    switch = best != current and best_gp > (1 + margin) * now
+    if switch and b_noise_range is not None:
+        cautious = low if best > current else high
+        switch = not math.isnan(cautious) and (
+            goodput(best, cautious, base_batch, speed) > (1 + margin) * goodput(current, cautious, base_batch, speed))
+    return Decision(step, current, best if switch else current, switch, b_noise, now, best_gp, low, high)
+
+
+def measure_throughput(workload, model: torch.nn.Module, batches: Sequence[int], micro_for: Callable[[int], int],
+                       dtype: torch.dtype = torch.float32, repeats: int = 3, seed: int = 0) -> ThroughputTable:
+    """Time whole training steps (fetch, forward/backward per micro-batch, optimizer step) at each batch.
+
+    Runs on a deep copy of ``model`` with a fresh optimizer, under a forked RNG: the caller's
+    model, optimizer and random state are untouched. Reports the fastest of ``repeats`` timed steps
+    after one warm-up step (the minimum: on a shared machine, other work only ever adds time).
+    """
+    from batchpilot.workloads.data import fetch, split_micro
+    from batchpilot.train.accumulation import accumulate_gradients
+
+    n = workload.num_train
+    rates = []
+    with torch.random.fork_rng(devices=[]):
+        probe = copy.deepcopy(model)
+        opt = workload.make_optimizer(probe.parameters(), workload.base_lr)
+        gen = torch.Generator().manual_seed(seed)
+        for b in batches:
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                idx = torch.randperm(n, generator=gen)[:b]
+                micro = []
+                for part in split_micro(idx, micro_for(b)):
+                    x, y = fetch(workload.train_data, part)
+                    micro.append((x.to(dtype) if x.is_floating_point() else x, y))
+                accumulate_gradients(probe, micro, workload.loss_sum, workload.count_units)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - t0)
+            rates.append(b / min(times[1:]))
+    return ThroughputTable(tuple(batches), tuple(rates))
+
+
+class AdaptiveDriver(BatchDriver):
+    """Runs :func:`decide_batch` every ``decide_every`` steps with the live noise monitor.
+
+    Every ``monitor_every``-th step is split into at least two micro-batches and fed to the monitor,
+    which gets its two batch sizes from accumulation; the other steps run unsplit (unless the
+    micro-batch cap splits them) and unmonitored, so measuring costs little. Throughput is measured
+    once, at the first decision, on a copy of the model, for unsplit steps (the measurement time
+    counts as training time). The LR multiplier is the AdaScale gain
+    for SGD-like optimizers and the run's rule for the Adam family (``lr_mode='auto'``).
+
+    Args:
+        max_batch: the memory/accumulation limit.
+        monitor: a :class:`~batchpilot.noise.microbatch.GradientNoiseScale` (one is made if ``None``).
+        decide_every: steps between decisions.
+        min_updates: monitored steps before the first decision.
+        monitor_every: measure the noise scale on every this many steps (1: every step).
+        margin: Pollux's switching margin.
+        lr_mode: ``adascale``, ``rule`` or ``auto``.
+        **kwargs: see :class:`~batchpilot.train.batching.BatchDriver`.
+    """
+
+    def __init__(self, *, max_batch: int, monitor=None, decide_every: int = 8, min_updates: int = 4,
+                 monitor_every: int = 4, margin: float = POLLUX_MARGIN, lr_mode: str = "auto", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if lr_mode not in ("auto", "adascale", "rule"):
+            raise BatchpilotError(f"lr mode must be auto, adascale or rule, got {lr_mode!r}")
+        if monitor is None:
+            from batchpilot.noise.microbatch import GradientNoiseScale
+
+            monitor = GradientNoiseScale(confidence=DECISION_CONFIDENCE)
+        self.monitor, self.max_batch = monitor, max_batch
+        self.decide_every, self.min_updates, self.margin, self.lr_mode = decide_every, min_updates, margin, lr_mode
+        self.monitor_every = monitor_every
+        self._monitoring = False
+        self.probe_s = 0.0
+        """Seconds the throughput probe took (counted as training time by the trainer)."""
+        self.candidates = candidate_batches(self.ref_batch, max_batch)
+        self.current = self.ref_batch
+        self.b_noise = float("nan")
+        self.throughput: ThroughputTable | None = None
+        self.decisions: list[dict] = []
+        self._units = self._samples = 0
+        self._workload = self._model_fn = None
+        self._dtype = torch.float32
+
+    def bind(self, model_fn: Callable[[], torch.nn.Module], workload, dtype: torch.dtype, family: str) -> None:
+        """Give the driver the live model (for the monitor and the throughput probe)."""
+        self._model_fn, self._workload, self._dtype = model_fn, workload, dtype
+        self.monitor.attach(model_fn)
+        if self.lr_mode == "auto":
+            self.lr_mode = "rule" if family.lower() in ADAPTIVE_OPTIMIZERS else "adascale"
+
+    def min_micro_batches(self, step: int) -> int:
+        self._monitoring = step % self.monitor_every == 0
+        return 2 if self._monitoring else 1
+
+    def after_micro(self, index: int, units: int) -> None:
+        """Feed the monitor on monitored steps (the trainer's ``after_micro`` hook)."""
+        if self._monitoring:
+            self.monitor.after_micro(index, units)
+            self._units += int(units)
+
+    def batch_at(self, step: int, samples: int) -> tuple[int, float | None]:
+        if self.lr_mode == "adascale":
+            b_noise = self.b_noise if not math.isnan(self.b_noise) else 0.0
+            return self.current, adascale_gain(self.current, b_noise, self.ref_batch)
+        return self.current, None
+
+    def record_fields(self) -> dict[str, float]:
+        return {"b_noise": self.b_noise if math.isfinite(self.b_noise) else None}  # type: ignore[dict-item]
+
+    def after_step(self, step: int, batch: int) -> None:
+        if self._monitoring:
+            self._samples += batch
+            self.monitor.end_step()  # finish this step's estimate now (the monitor would at its next step)
+        if step % self.decide_every or self.monitor.n_updates < self.min_updates:
+            return
+        est = self.monitor.estimate()
+        units_per_sample = self._units / max(1, self._samples)
+        if not units_per_sample > 0:
+            return
+        self.b_noise = est.b_simple / units_per_sample
+        b_range = (est.b_simple_low / units_per_sample, est.b_simple_high / units_per_sample)
+        if math.isnan(self.b_noise):
+            return
+        if self.throughput is None:
+            if self._workload is None or self._model_fn is None:
+                raise BatchpilotError("AdaptiveDriver.bind(model_fn, workload, dtype, family) must be called before training")
+            t0 = time.perf_counter()
+            self.throughput = measure_throughput(
+                self._workload, self._model_fn(), self.candidates,
+                lambda b: micro_batch_for(b, self.micro_cap, 1), self._dtype)
+            self.probe_s = time.perf_counter() - t0
+        d = decide_batch(self.current, self.b_noise, self.throughput, self.candidates, self.ref_batch,
+                         self.margin, step=step, b_noise_range=b_range)
+        self.decisions.append(d.to_dict())
+        self.current = d.batch
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(current=self.current, b_noise=self.b_noise, decisions=[dict(d) for d in self.decisions],
+                     units=self._units, samples=self._samples, lr_mode=self.lr_mode,
+                     throughput=None if self.throughput is None else
+                     {"batches": list(self.throughput.batches), "samples_per_s": list(self.throughput.samples_per_s)},
+                     monitor=self.monitor.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.current, self.b_noise = int(state["current"]), float(state["b_noise"])
+        self.decisions = [dict(d) for d in state["decisions"]]
+        self._units, self._samples, self.lr_mode = int(state["units"]), int(state["samples"]), state["lr_mode"]
+        t = state["throughput"]
+        self.throughput = None if t is None else ThroughputTable(tuple(int(b) for b in t["batches"]),
+                                                                 tuple(float(s) for s in t["samples_per_s"]))
+        if state.get("monitor") is not None:
+            self.monitor.load_state_dict(state["monitor"])

@@ -1,0 +1,85 @@
+"""Look up a workload: a built-in by name, or a user's ``path/to/file.py:fn`` / ``package.module:fn``.
+
+The function named by a path takes no arguments (or the options given) and returns a
+:class:`~batchpilot.workloads.spec.Workload`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from batchpilot.errors import BatchpilotError
+from batchpilot.workloads.spec import REGISTRY, Factory, Workload
+
+
+def _ensure_builtins() -> None:
+    from batchpilot.workloads import charlm, digits, mnist1d  # noqa: F401  (registers the built-ins)
+
+
+def list_workloads() -> dict[str, str]:
+    """Names and one-line descriptions of the built-in workloads."""
+    _ensure_builtins()
+    return {name: desc for name, (_, desc) in sorted(REGISTRY.items())}
+
+
+def _load_path(spec: str) -> Factory:
+    target, _, fn_name = spec.rpartition(":")
+    if not target or not fn_name:
+        raise BatchpilotError(f"workload path must be 'file.py:fn' or 'pkg.module:fn', got {spec!r}")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise BatchpilotError(f"workload file {str(path)!r} does not exist")
+        mod_name = f"batchpilot_user_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise BatchpilotError(f"workload file {str(path)!r} cannot be imported as Python")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # user code: report, do not crash with a traceback
+            sys.modules.pop(mod_name, None)
+            raise BatchpilotError(f"workload file {str(path)!r} failed to import: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise BatchpilotError(f"workload module {target!r} failed to import: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise BatchpilotError(f"workload {spec!r}: {target!r} has no callable {fn_name!r}")
+    return fn
+
+
+def get_workload(spec: str, **options: object) -> Workload:
+    """Build a workload from a registered name or a ``file.py:fn`` / ``pkg.module:fn`` path.
+
+    Args:
+        spec: built-in name (see :func:`list_workloads`) or loader path.
+        **options: passed to the factory (e.g. ``num_train=2000`` for MNIST-1D).
+
+    Raises:
+        BatchpilotError: unknown name (the known ones are listed), a path that does not import,
+            or a factory that does not return a :class:`Workload`.
+    """
+    _ensure_builtins()
+    if spec in REGISTRY:
+        factory = REGISTRY[spec][0]
+    elif ":" in spec:
+        factory = _load_path(spec)
+    else:
+        known = ", ".join(sorted(REGISTRY))
+        raise BatchpilotError(f"unknown workload {spec!r}; known: {known} (or 'file.py:fn', 'pkg.module:fn')")
+    try:
+        workload = factory(**options)
+    except BatchpilotError:
+        raise
+    except TypeError as exc:
+        raise BatchpilotError(f"workload {spec!r} does not accept options {sorted(options)}: {exc}") from exc
+    if not isinstance(workload, Workload):
+        raise BatchpilotError(f"workload {spec!r} returned {type(workload).__name__}, expected batchpilot.Workload")
+    return workload
