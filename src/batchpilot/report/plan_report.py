@@ -48,11 +48,21 @@ def memory_figure(plan: dict):
     ax.axvline(plan["micro_batch_per_rank"], color="g", ls=":", label=f"chosen micro-batch {plan['micro_batch_per_rank']}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xlabel("micro-batch per device")
     ax.set_ylabel("peak step memory (MiB)")
     ax.legend(fontsize=8)
-    ax.set_title(f"Memory M(B) (largest micro-batch that fits: {plan['max_micro_batch']})")
+    ax.set_title(f"Memory M(B) (largest micro-batch that fits in memory: {plan['max_micro_batch']})")
     return fig
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-axis labels as plain numbers (``2``, ``40``, ``0.5``) instead of ``2×10^0`` that crowd each other."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def throughput_figure(plan: dict):
@@ -94,11 +104,14 @@ def noise_figure(plan: dict):
                     alpha=0.2, label="80% bootstrap band")
     batch = probe["batch"]
     ph = probe["phases"]
-    if ph:
-        ax.step([s / batch for s, _ in ph], [finite(b) for _, b in ph], where="pre", color="k", label="per-phase value")
+    if ph:  # phase p covers the samples after phase p-1 up to its own end
+        xs = [0.0] + [s / batch for s, _ in ph]
+        ys = [finite(ph[0][1])] + [finite(b) for _, b in ph]
+        ax.step(xs, ys, where="pre", color="k", label="per-phase value")
     if plan["noise_scale"]:
         ax.axhline(plan["noise_scale"], color="g", ls="--", label=f"used: {plan['noise_scale']:.0f}")
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xlabel(f"optimizer step at batch {batch}")
     ax.set_ylabel("B_noise (samples)")
     ax.legend(fontsize=8, loc="upper left")
@@ -106,47 +119,117 @@ def noise_figure(plan: dict):
     return fig
 
 
+def largest_alternative(plan: dict) -> tuple[dict, str, str] | None:
+    """The "largest batch without accumulation" alternative, what limits it, and a label that says which.
+
+    The planner evaluates ``min(largest micro-batch that fits in memory, training set / world size)``
+    with no accumulation; the two limits mean different things, so the label names the one that binds.
+    Returns ``(alternative, "memory" | "dataset", label)`` or ``None`` when the plan has none.
+    """
+    a = plan.get("alternatives", {}).get("largest_that_fits")
+    if not a:
+        return None
+    if a["micro_batch_per_rank"] >= plan["max_micro_batch"]:
+        return a, "memory", f"largest that fits in memory (no accumulation) {a['global_batch']}"
+    return a, "dataset", (f"dataset cap {a['global_batch']} (memory alone "
+                          f"would allow {plan['max_micro_batch']})")
+
+
+def goodput_band(plan: dict) -> tuple[list[float], list[float], list[float]] | None:
+    """The goodput uncertainty band as ``(global batches, low, high)``, or ``None`` when the plan has none.
+
+    Read from the candidates' ``goodput_low``/``goodput_high`` or from a plan-level ``goodput_band``
+    (a list of ``{global_batch, low, high}`` or a dict of such lists); absent in older plans.
+    """
+    cands = plan.get("candidates") or []
+    if cands and all(c.get("goodput_low") is not None and c.get("goodput_high") is not None for c in cands):
+        rows = [(c["global_batch"], c["goodput_low"], c["goodput_high"]) for c in cands]
+    else:
+        band = plan.get("goodput_band")
+        rows = []
+        if isinstance(band, list):
+            rows = [(r.get("global_batch"), r.get("low", r.get("goodput_low")), r.get("high", r.get("goodput_high")))
+                    for r in band if isinstance(r, dict)]
+        elif isinstance(band, dict):
+            bs = band.get("global_batch") or band.get("global_batches") or band.get("batches") or []
+            rows = list(zip(bs, band.get("low") or band.get("goodput_low") or [],
+                            band.get("high") or band.get("goodput_high") or []))
+        rows = [r for r in rows if all(isinstance(v, (int, float)) for v in r)]
+    if not rows:
+        return None
+    rows.sort()
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
 def goodput_figure(plan: dict):
-    """goodput(B) over the feasible candidates, with the choice and the alternatives marked."""
+    """goodput(B) over the feasible candidates, with the choice and the alternatives marked.
+
+    The chosen batch is drawn last and on top, so it stays visible when it coincides with the base batch.
+    """
     import matplotlib.pyplot as plt
 
     cands = plan["candidates"]
     bs = [c["global_batch"] for c in cands]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(6.8, 3.9))
+    band = goodput_band(plan)
+    if band is not None:
+        ax.fill_between(band[0], band[1], band[2], color="tab:blue", alpha=0.18, label="goodput uncertainty band")
     ax.plot(bs, [c["goodput"] for c in cands], "o-", label="goodput = samples/s × efficiency")
     ax.plot(bs, [c["samples_per_s"] for c in cands], ":", color="gray", label="samples/s")
-    ax.scatter([plan["global_batch"]], [plan["goodput"]], s=160, marker="*", color="g", zorder=4,
-               label=f"chosen {plan['global_batch']}")
     alts = plan.get("alternatives", {})
-    for key, marker, color, label in (("largest_that_fits", "X", "r", "largest that fits"),
-                                      ("base_batch", "D", "tab:purple", "base batch")):
-        if key in alts:
-            a = alts[key]
-            ax.scatter([a["global_batch"]], [a["goodput"]], s=70, marker=marker, color=color, zorder=4,
-                       label=f"{label} {a['global_batch']}")
+    chosen = plan["global_batch"]
+    if "base_batch" in alts:
+        a = alts["base_batch"]
+        same = a["global_batch"] == chosen
+        ax.scatter([a["global_batch"]], [a["goodput"]], s=200 if same else 90, marker="D", facecolors="none",
+                   edgecolors="tab:purple", linewidths=2, zorder=4,
+                   label=f"base batch {a['global_batch']}" + (" (= chosen)" if same else ""))
+    largest = largest_alternative(plan)
+    if largest is not None:
+        a, kind, label = largest
+        ax.scatter([a["global_batch"]], [a["goodput"]], s=70, marker="X" if kind == "memory" else "P",
+                   color="r" if kind == "memory" else "tab:brown", zorder=5, label=label)
+    ax.scatter([chosen], [plan["goodput"]], s=230, marker="*", color="g", edgecolors="white", linewidths=0.8,
+               zorder=6, label=f"chosen {chosen}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("global batch")
     ax.set_ylabel("samples/s")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7.5, markerscale=0.8)
     ax.set_title("Goodput (Pollux)")
     return fig
 
 
+def efficiency_note(plan: dict) -> str:
+    """What the efficiency column means, including values above 1."""
+    b0 = plan["base_batch"]
+    ns = plan.get("noise_scale")
+    ns_text = f"{ns:.0f}" if isinstance(ns, (int, float)) and math.isfinite(ns) else "B_noise"
+    return (f"Efficiency is relative to the base batch B0 = {b0}: (B_noise + B0)/(B_noise + B) with B_noise = {ns_text}, "
+            f"the samples B0 needs to reach a given loss divided by the samples B needs (McCandlish et al. 2018). "
+            f"It is 1 at B0, below 1 for larger batches and above 1 for batches below {b0}: a smaller batch is more "
+            f"sample-efficient (it needs fewer samples to reach the same loss), though each of its samples is usually "
+            f"slower to process. Goodput weighs the two.")
+
+
 def _summary_rows(plan: dict) -> list[list[Any]]:
     t = plan.get("predicted_time_to_target_s")
+    warm = plan["warmup_steps"]
     rows = [["setting", "value"],
             ["global batch", f"{plan['global_batch']} = {plan['micro_batch_per_rank']} micro × "
                              f"{plan['accumulation_steps']} accumulation × {plan['world_size']} rank(s)"],
             ["learning rate", f"{plan['lr']:.4g} ({plan['lr_rule']} rule from {plan['base_lr']:g} at batch {plan['base_batch']})"],
-            ["warmup", f"{plan['warmup_steps']} steps"],
+            ["warmup", f"{warm} step{'' if warm == 1 else 's'}"],
             ["noise scale B_noise", f"{plan['noise_scale']:.0f} samples" if plan["noise_scale"] else "n/a"],
             ["samples/s", f"{plan['samples_per_s']:.0f}"],
-            ["efficiency", f"{plan['efficiency']:.3f}"],
+            ["efficiency (vs the base batch)", f"{plan['efficiency']:.3f}"],
             ["goodput", f"{plan['goodput']:.0f}"],
             ["peak memory per device", f"{_fmt_bytes(plan['peak_bytes'])} of {_fmt_bytes(plan['usable_bytes'])} usable"],
-            ["largest micro-batch that fits", plan["max_micro_batch"]],
-            ["predicted steps to target", plan.get("predicted_steps_to_target") or "n/a"],
-            ["predicted training time to target", f"{t:.1f} s" if t is not None else "n/a"]]
+            ["largest micro-batch that fits in memory", plan["max_micro_batch"]]]
+    largest = largest_alternative(plan)
+    if largest is not None and largest[1] == "dataset":
+        rows.append(["largest batch the training set allows (no accumulation)", largest[0]["global_batch"]])
+    rows += [["predicted steps to target", plan.get("predicted_steps_to_target") or "n/a"],
+             ["predicted training time to target", f"{t:.1f} s" if t is not None else "n/a"]]
     return rows
 
 
@@ -154,7 +237,8 @@ def _candidate_rows(plan: dict) -> list[list[Any]]:
     rows = [["global batch", "micro × accum", "samples/s", "efficiency", "goodput", "LR", "warmup",
              "pred. steps", "pred. time (s)"]]
     for c in plan["candidates"]:
-        mark = " ★" if c["global_batch"] == plan["global_batch"] else ""
+        mark = " ★" if (c["global_batch"], c["micro_batch_per_rank"]) == (plan["global_batch"], plan["micro_batch_per_rank"]) else ""
+        mark += " (base)" if c["global_batch"] == plan["base_batch"] else ""
         rows.append([f"{c['global_batch']}{mark}", f"{c['micro_batch_per_rank']} × {c['accumulation_steps']}",
                      f"{c['samples_per_s']:.0f}", f"{c['efficiency']:.3f}", f"{c['goodput']:.0f}", f"{c['lr']:.3g}",
                      c["warmup_steps"], c["steps_to_target"] if c["steps_to_target"] is not None else "n/a",
@@ -162,25 +246,96 @@ def _candidate_rows(plan: dict) -> list[list[Any]]:
     return rows
 
 
+def worlds_figure(plan: dict):
+    """Goodput at each world size, against perfect scaling from the smallest one."""
+    import matplotlib.pyplot as plt
+
+    rows = plan["worlds"]["table"]
+    ws = [r["world_size"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(ws, [r["goodput"] for r in rows], "o-", label="best goodput at each world size")
+    ax.plot(ws, [rows[0]["goodput"] * w / ws[0] for w in ws], "--", color="gray", label="perfect scaling")
+    rec = plan["worlds"].get("recommended")
+    hit = [r for r in rows if r["world_size"] == rec]
+    if hit:
+        ax.scatter([rec], [hit[0]["goodput"]], s=170, marker="*", color="g", zorder=5, label=f"recommended: {rec}")
+    if len(ws) > 1 and ws[-1] / ws[0] >= 4:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(ws, [str(w) for w in ws])
+    ax.minorticks_off()
+    ax.set_xlabel("world size (data-parallel ranks)")
+    ax.set_ylabel("goodput (samples/s)")
+    ax.set_title("Goodput across world sizes (all-reduce included)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def worlds_section(plan: dict) -> Section | None:
+    """The world-size comparison (``plan --world-size 1,2,4,8``), or ``None`` when the plan has no ``worlds`` data."""
+    worlds = plan.get("worlds") or {}
+    if not worlds:
+        return None
+    paragraphs = []
+    comm = worlds.get("comm")
+    if comm:
+        paragraphs.append(f"Each optimizer step adds a ring all-reduce of the {_fmt_bytes(comm['gradient_bytes'])} gradient, "
+                          f"2(W−1)/W × bytes / bandwidth + 2(W−1) × latency ({comm['source']}).")
+    table = None
+    figures = []
+    rows = worlds.get("table") or []
+    if rows:
+        rec = worlds.get("recommended")
+        margin = worlds.get("recommend_margin")
+        paragraphs.append(f"Recommended world size: {rec}, the smallest whose goodput is within "
+                          f"{margin:.0%} of the best listed" if isinstance(margin, (int, float)) else
+                          f"Recommended world size: {rec}.")
+        table = [["world size", "global batch = micro × accum × ranks", "step (ms)", "all-reduce (ms)", "samples/s",
+                  "efficiency", "goodput", "speedup", "scaling efficiency", "pred. time (s)"]]
+        for r in rows:
+            t = r.get("time_to_target_s")
+            table.append([f"{r['world_size']}{' ★' if r['world_size'] == rec else ''}",
+                          f"{r['global_batch']} = {r['micro_batch_per_rank']} × {r['accumulation_steps']} × {r['world_size']}",
+                          f"{r['step_s'] * 1e3:.3g}", f"{r['allreduce_s'] * 1e3:.3g}", f"{r['samples_per_s']:.0f}",
+                          f"{r['efficiency']:.3f}", f"{r['goodput']:.0f}", f"{r['speedup']:.2f}×",
+                          f"{r['scaling_efficiency']:.0%}", f"{t:.2f}" if t is not None else "n/a"])
+        figures.append(worlds_figure(plan))
+    elastic = [e for e in worlds.get("elastic") or [] if e.get("compatible")]
+    if elastic:
+        paragraphs.append(f"The chosen global batch {plan['global_batch']} at other world sizes (train --plan on that many "
+                          "ranks keeps it): " + "; ".join(
+                              f"{e['world_size']} rank(s): {e['micro_batch_per_rank']} × {e['accumulation_steps']}, "
+                              f"{e['samples_per_s']:.0f} samples/s" for e in elastic) + ".")
+    return Section("World size", paragraphs=paragraphs, table=table, figures=figures)
+
+
 def plan_sections(plan: dict) -> list[Section]:
     """The report's sections."""
     th = plan["throughput"]
     mem = plan["memory"]
-    return [
+    largest = largest_alternative(plan)
+    limits = ""
+    if largest is not None and largest[1] == "dataset":
+        limits = (f" Memory is not what limits the batch here: without accumulation the training set caps it at "
+                  f"{largest[0]['global_batch']} (one step per epoch).")
+    sections = [
         Section("The plan", paragraphs=[plan["why"]], table=_summary_rows(plan), caveats=plan["caveats"]),
         Section("Memory M(B)", paragraphs=[
             f"Peak step memory per device, M(B) = {_fmt_bytes(mem['fixed_bytes'])} + {_fmt_bytes(mem['per_sample_bytes'])}"
             f" × B, by {mem['method']}. The largest micro-batch within the {_fmt_bytes(plan['usable_bytes'])} usable on "
-            f"{plan['device']} is {plan['max_micro_batch']}."], figures=[memory_figure(plan)]),
+            f"{plan['device']} is {plan['max_micro_batch']}.{limits}"], figures=[memory_figure(plan)]),
         Section("Throughput and MFU", paragraphs=[
             f"Median full step (fetch, forward, backward, optimizer) on a fresh model, fitted as step_s(B) = "
             f"{th['overhead_s'] * 1e3:.3g} ms + {th['per_sample_s'] * 1e6:.3g} µs × B; the fixed cost is a tenth of "
             f"the step near batch {th['saturation_batch']:.0f}. MFU uses FlopCounterMode FLOPs over a peak of "
             f"{th['peak_flops'] / 1e9:.1f} GFLOP/s ({th['peak_source']})."], figures=[throughput_figure(plan)]),
         Section("Gradient noise scale", paragraphs=[plan["noise_note"]], figures=[noise_figure(plan)]),
-        Section("Goodput and the alternatives", paragraphs=[plan["lr_rule_note"]], table=_candidate_rows(plan),
-                figures=[goodput_figure(plan)]),
+        Section("Goodput and the alternatives", paragraphs=[efficiency_note(plan), plan["lr_rule_note"]],
+                table=_candidate_rows(plan), figures=[goodput_figure(plan)]),
     ]
+    world = worlds_section(plan)
+    if world is not None:
+        sections.append(world)
+    return sections
 
 
 def write_plan_report(plan: dict, path: str | Path) -> Path:
