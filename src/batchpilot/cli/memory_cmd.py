@@ -90,6 +90,10 @@ def result_dict(workload: Workload, curve: MemoryCurve, device: DeviceSpec, scen
 def run(args: argparse.Namespace) -> int:
     workload = _load(args)
     device = resolve_device(args.device, args.memory)
+    if args.probe and not _cuda_visible():  # before the trace: nothing has been printed yet
+        raise BatchpilotError("--probe runs real training steps and needs a CUDA device; none is visible here. "
+                              "Without --probe, batchpilot memory predicts M(B) from the fake-tensor trace alone "
+                              "(no GPU needed)")
     global_batch = args.global_batch if args.global_batch is not None else workload.base_batch
     if global_batch < 1:
         raise BatchpilotError(f"--global-batch must be a positive integer, got {global_batch}")
@@ -125,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _with_seq(workload: Workload, seq_len: int | None) -> Workload:
     from batchpilot.memory import with_seq_len
 
@@ -133,28 +143,14 @@ def _with_seq(workload: Workload, seq_len: int | None) -> Workload:
 
 def _write_outputs(out: Path, workload: Workload, curve: MemoryCurve, device: DeviceSpec, scenarios: list,
                    data: dict) -> None:
-    from batchpilot.memory.plot import memory_figure, save_memory_plot
-    from batchpilot.report.html import Section, write_html
+    from batchpilot.memory.plot import save_memory_plot
+    from batchpilot.report.memory_report import write_memory_report
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.json").write_text(json.dumps(data, indent=2) + "\n")
     extra = [(s.name, s.curve) for s in scenarios if s.curve is not None and s.name != "as configured"]
-    title = f"{workload.name}: M(B) on {device.name}"
-    save_memory_plot(out / "memory.png", curve, device, title, extra)
-    rows = [["category", "bytes", "share"]]
-    total = sum(curve.breakdown.values()) or 1
-    rows += [[k, format_bytes(v), f"{v / total:.1%}"] for k, v in curve.breakdown.items()]
-    what = [["setting", "bytes/sample", "peak at B", "largest micro-batch", "note"]]
-    what += [[s.name, format_bytes(s.per_sample_bytes), f"{format_bytes(s.peak_bytes)} (B={s.at_batch})",
-              s.max_micro_batch, s.note] for s in scenarios]
-    write_html(out / "memory.html", f"batchpilot memory: {workload.name}", [
-        Section("Memory curve", [f"M(B) = {format_bytes(curve.fixed_bytes)} + {format_bytes(curve.per_sample_bytes)} x B "
-                                 f"({curve.method}; worst fit residual {curve.residual_frac:.2%}).",
-                                 device.describe()],
-                figures=[memory_figure(curve, device, title, extra)]),
-        Section("Breakdown at the peak of the largest traced batch", table=rows),
-        Section("What would change it", table=what),
-    ])
+    save_memory_plot(out / "memory.png", curve, device, f"{workload.name}: M(B) on {device.name}", extra)
+    write_memory_report(out / "memory.html", workload.name, curve, device, scenarios, extra)
 
 
 def render(workload: Workload, curve: MemoryCurve, device: DeviceSpec, scenarios: list, probe: Any,

@@ -39,8 +39,15 @@ def memory_figure(plan: dict):
     top = max(plan["max_micro_batch"], plan["micro_batch_per_rank"] * 4, 8)
     top = min(top, max(plan["micro_batch_per_rank"] * 64, 1024))
     xs = [2 ** (math.log2(top) * i / 100) for i in range(101)]
-    ax.plot(xs, [_mem_at(mem, x) / 2**20 for x in xs], label="fitted M(B)")
     traced = {int(k): v for k, v in mem.get("peak_bytes_at", {}).items()}
+    last = max(traced) if traced else top
+    inside = [x for x in xs if x <= last]
+    line, = ax.plot(inside, [_mem_at(mem, x) / 2**20 for x in inside], label="fitted M(B)")
+    beyond = ([inside[-1]] if inside else []) + [x for x in xs if x > last]
+    if len(beyond) > 1:
+        ax.plot(beyond, [_mem_at(mem, x) / 2**20 for x in beyond], "--", color=line.get_color(),
+                label=f"extrapolated past B={last} (largest traced)")
+        ax.axvspan(last, xs[-1], color="0.92", zorder=0)
     if traced:
         ax.scatter(list(traced), [v / 2**20 for v in traced.values()], color="k", zorder=3, label="traced")
     if plan["max_micro_batch"] <= top:
