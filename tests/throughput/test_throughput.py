@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,3 +111,32 @@ def test_thread_choice_restores_the_setting():
     assert torch.get_num_threads() == 2
     assert best in (1, 2) and set(scores) == {1, 2}
     assert scores[best] == max(scores.values())
+
+
+def _rounds_curve(rounds_a, rounds_b) -> ThroughputCurve:
+    pts = tuple(ThroughputPoint(b, r[0], r[0], 0.0, 0.0, 0.0, b / r[0], 0.0, round_step_s=tuple(r))
+                for b, r in ((16, rounds_a), (64, rounds_b)))
+    return ThroughputCurve(pts, overhead_s=0.0, per_sample_s=1e-4, saturation_batch=1.0, peak_flops=1.0,
+                           peak_source="test", device="cpu", threads=1)
+
+
+def test_interleaved_rounds_cancel_load_that_hits_every_batch_alike():
+    # the machine slows 3x between rounds, but batch 64 always takes 4x batch 16: the ratio is certain
+    drift = _rounds_curve([0.001, 0.003, 0.002], [0.004, 0.012, 0.008])
+    assert drift.log_ratio_uncertainty(16, 64) == pytest.approx(0.0, abs=1e-12)
+    assert drift.log_ratio_uncertainty(16, 16) == 0.0
+    # when only one batch's rounds move, the ratio is uncertain
+    noisy = _rounds_curve([0.001, 0.003, 0.002], [0.004, 0.004, 0.004])
+    assert noisy.log_ratio_uncertainty(16, 64) > 0.3
+
+
+def test_measure_throughput_times_interleaved_rounds():
+    torch.set_num_threads(1)
+    from batchpilot import get_workload
+
+    w = get_workload("mnist1d-mlp", num_train=512, num_val=64)
+    curve = measure_throughput(w, batch_sizes=[8, 32], warmup_steps=1, timed_steps=2, rounds=3,
+                               peak=PeakFlops(1.0, "test"))
+    assert [len(p.round_step_s) for p in curve.points] == [3, 3]
+    u = curve.log_ratio_uncertainty(8, 32)
+    assert math.isfinite(u) and u >= 0

@@ -1,6 +1,7 @@
-"""``make_plan``: memory -> throughput -> noise -> goodput search -> the plan.
+"""``make_plan``: memory -> throughput -> LR check -> noise probe (-> confirmation) -> goodput search -> the plan.
 
 Each stage is measured on fresh objects under a forked RNG; nothing of the caller's changes.
+``_make_plan`` reads as the list of those steps; each step is a function of what the earlier ones measured.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from torch import nn
 from batchpilot.errors import BatchpilotError
 from batchpilot.plan import goodput as gp
 from batchpilot.plan import worlds as wd
+from batchpilot.plan.confirm import Confirmation, confirm_critical_batch
+from batchpilot.plan.lr_check import LRCheck, check_base_lr, with_checked_lr
+from batchpilot.plan.noise_trend import fit_noise_trend, loss_at_target, samples_to_target
 from batchpilot.plan.probe import NoiseProbe, probe_micro_batch, probe_noise
 from batchpilot.plan.result import Plan
 from batchpilot.plan.worlds import CommModel
@@ -25,7 +29,8 @@ from batchpilot.throughput.measure import ThroughputCurve, choose_cpu_threads, d
 from batchpilot.workloads import Workload
 
 Progress = Callable[[str, float], None]
-STAGES = (("memory", 0.1), ("throughput", 0.3), ("noise", 0.55), ("plan", 0.05))
+STAGES = (("memory", 0.05), ("throughput", 0.25), ("lr_check", 0.15), ("noise", 0.35), ("confirm", 0.15),
+          ("plan", 0.05))
 _STAGE_START = {name: sum(w for _, w in STAGES[:i]) for i, (name, _) in enumerate(STAGES)}
 
 
@@ -52,8 +57,12 @@ def make_plan(
     world_size: int = 1,
     lr_rule: str | None = None,
     threads: int | None = None,
-    throughput_budget_s: float = 25.0,
-    noise_budget_s: float = 50.0,
+    throughput_budget_s: float = 20.0,
+    noise_budget_s: float = 30.0,
+    lr_check: bool = True,
+    lr_check_budget_s: float = 15.0,
+    confirm: bool = False,
+    confirm_budget_s: float = 40.0,
     seed: int = 0,
     progress: Progress | None = None,
     probe: NoiseProbe | None = None,
@@ -73,10 +82,16 @@ def make_plan(
         lr_rule: ``linear``/``sqrt``/``none`` (default: by optimizer, :func:`default_lr_rule`).
         threads: torch CPU threads for the measurements; ``None`` measures 1 against the current count
             and keeps the faster (the plan records it). The caller's setting is restored afterwards.
-        throughput_budget_s, noise_budget_s: time budgets of the two measurements.
+        throughput_budget_s: time budget of the interleaved throughput rounds.
+        noise_budget_s: time budget of the noise probe (it stops at the target if that comes first;
+            it never needs to reach it: the noise scale and the samples to the target are extrapolated).
+        lr_check, lr_check_budget_s: check the base LR with short runs first (:mod:`.lr_check`).
+        confirm, confirm_budget_s: measure B_crit with short runs at larger batches (:mod:`.confirm`)
+            and correct the noise scale by it.
         seed: seeds the measurement runs.
         progress: ``progress(description, fraction)``.
-        probe, throughput: reuse earlier measurements instead of measuring again.
+        probe, throughput: reuse earlier measurements instead of measuring again (a given probe also
+            skips the LR check: it was trained at its own LR).
         world_sizes: plan at each of these world sizes and recommend one (:mod:`.worlds`); the plan's
             ``world_size`` is then the recommended one and ``worlds`` holds the table.
         allreduce_gbps: all-reduce bus bandwidth for world sizes > 1 (default: measured with gloo here).
@@ -87,19 +102,25 @@ def make_plan(
         raise BatchpilotError(f"world size must be a positive integer, got {world_size!r}")
     if lr_rule is not None and lr_rule not in LR_RULES:
         raise BatchpilotError(f"lr rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
+    for name, value in (("throughput budget", throughput_budget_s), ("noise budget", noise_budget_s),
+                        ("LR-check budget", lr_check_budget_s), ("confirm budget", confirm_budget_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise BatchpilotError(f"the {name} must be > 0 seconds, got {value!r}")
     before = torch.get_num_threads()
     try:
         return _make_plan(workload, device=device, memory=memory, world_size=world_size, lr_rule=lr_rule,
                           threads=threads, throughput_budget_s=throughput_budget_s, noise_budget_s=noise_budget_s,
-                          seed=seed, progress=progress, probe=probe, throughput=throughput,
-                          world_sizes=tuple(world_sizes) if world_sizes else None, allreduce_gbps=allreduce_gbps,
-                          comm=comm)
+                          lr_check=lr_check and probe is None, lr_check_budget_s=lr_check_budget_s, confirm=confirm,
+                          confirm_budget_s=confirm_budget_s, seed=seed, progress=progress, probe=probe,
+                          throughput=throughput, world_sizes=tuple(world_sizes) if world_sizes else None,
+                          allreduce_gbps=allreduce_gbps, comm=comm)
     finally:
         torch.set_num_threads(before)
 
 
-def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throughput_budget_s, noise_budget_s, seed,
-               progress, probe, throughput, world_sizes=None, allreduce_gbps=None, comm=None) -> Plan:
+def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throughput_budget_s, noise_budget_s,
+               lr_check, lr_check_budget_s, confirm, confirm_budget_s, seed, progress, probe, throughput,
+               world_sizes=None, allreduce_gbps=None, comm=None) -> Plan:
     from batchpilot.memory import memory_curve, resolve_device
 
     if world_sizes:
@@ -107,12 +128,11 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
             raise BatchpilotError(f"world sizes must be positive integers, got {list(world_sizes)}")
         world_sizes = tuple(sorted(set(world_sizes)))
         world_size = world_sizes[0]  # the measurements' batch cap
-
     timings: dict[str, float] = {}
     spec = resolve_device(device, memory)
-    on_gpu = spec.kind == "cuda" and torch.cuda.is_available()
-    measure_device = "cuda" if on_gpu else "cpu"
+    measure_device = "cuda" if spec.kind == "cuda" and torch.cuda.is_available() else "cpu"
 
+    # 1. memory: M(B) and the largest micro-batch
     t0 = time.perf_counter()
     step = _staged(progress, "memory")
     if step:
@@ -121,50 +141,63 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
     curve.check_budget(spec.usable_bytes, f"the usable memory of {spec.name}")
     max_micro = curve.max_micro_batch(spec.usable_bytes)
     timings["memory"] = time.perf_counter() - t0
-
     per_rank_cap = workload.num_train // world_size
     if per_rank_cap < 1:
         raise BatchpilotError(f"world size {world_size} exceeds the training set ({workload.num_train} samples)")
     max_batch = min(max_micro, per_rank_cap)
+
+    # 2. throughput: CPU threads, then interleaved timing rounds
     t0 = time.perf_counter()
-    thread_scores: dict[int, float] = {}
-    if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise BatchpilotError(f"threads must be a positive integer, got {threads!r}")
-        torch.set_num_threads(threads)
-    elif measure_device == "cpu" and throughput is None and torch.get_num_threads() > 1:
-        if progress:
-            progress("throughput: choosing CPU threads", _STAGE_START["throughput"])
-        probe_batches = sorted({min(workload.base_batch, max_batch), min(4 * workload.base_batch, max_batch)})
-        best, thread_scores = choose_cpu_threads(workload, probe_batches, seed=seed)
-        torch.set_num_threads(best)
+    thread_scores = _set_threads(workload, threads, measure_device, throughput, max_batch, seed, progress)
     if throughput is None:
         batches = set(default_batches(workload.base_batch, max_batch))
         batches |= {b for b in (workload.base_batch, probe_micro_batch(workload.base_batch)) if b <= max_batch}
         throughput = measure_throughput(workload, batch_sizes=sorted(batches), device=measure_device,
                                         time_budget_s=max(5.0, throughput_budget_s - (time.perf_counter() - t0)),
-                                        seed=seed,
-                                        progress=_staged(progress, "throughput"))
+                                        seed=seed, progress=_staged(progress, "throughput"))
     timings["throughput"] = time.perf_counter() - t0
+    base_step_s = throughput.step_s(workload.base_batch)
 
+    # 3. the base LR, checked
+    t0 = time.perf_counter()
+    checked: LRCheck | None = None
+    if lr_check:
+        step = _staged(progress, "lr_check")
+        if step:
+            step("LR check: short runs at the base batch", 0.0)
+        checked = check_base_lr(workload, steps=_lr_check_steps(workload, base_step_s, lr_check_budget_s),
+                                seed=seed, time_budget_s=lr_check_budget_s)
+        workload = with_checked_lr(workload, checked)
+    timings["lr_check"] = time.perf_counter() - t0
+
+    # 4. the noise probe at the base batch
     t0 = time.perf_counter()
     if probe is None:
-        probe = probe_noise(workload, time_budget_s=noise_budget_s, seed=seed, progress=_staged(progress, "noise"))
+        probe = probe_noise(workload, time_budget_s=noise_budget_s, seed=seed, progress=_staged(progress, "noise"),
+                            step_s=base_step_s)
     timings["noise"] = time.perf_counter() - t0
 
-    step = _staged(progress, "plan")
-    if step:
-        step("plan: goodput search", 0.0)
     rule = lr_rule or default_lr_rule(workload.optimizer_family())
-    b_noise = probe.b_noise_effective
-    if not b_noise > 0:  # nan: no usable estimate; plan for efficiency 1 nowhere: stay at the base batch
-        b_noise_used = float(workload.base_batch)
-    else:
-        b_noise_used = b_noise
-    anchor = (probe.batch, float(probe.samples_to_target)) if probe.samples_to_target else None
+    noise = noise_from_probe(probe, workload)
+    samples, extrapolation = samples_to_target([(p.samples, p.metric) for p in probe.points if p.metric is not None],
+                                               workload.target)
+    anchor = (probe.batch, float(samples)) if samples else None
     common = dict(throughput=throughput, memory=curve, base_batch=workload.base_batch, base_lr=workload.base_lr,
                   lr_rule=rule, anchor=anchor, steps_per_epoch_base=math.ceil(workload.num_train / workload.base_batch))
     micro_choices = [b for b in throughput.batches if b <= max_micro]
+
+    # 5. optional: B_crit from short runs at larger batches corrects the noise scale
+    t0 = time.perf_counter()
+    if confirm:
+        noise = _confirm(workload, probe, noise, common, max_micro=max_micro, world_size=world_size, seed=seed,
+                         budget_s=confirm_budget_s, progress=_staged(progress, "confirm"))
+    timings["confirm"] = time.perf_counter() - t0
+    b_noise_used = noise["b_used"]
+
+    # 6. the goodput search, at one world size or several
+    step = _staged(progress, "plan")
+    if step:
+        step("plan: goodput search", 0.0)
     worlds_info: dict = {}
     if max(world_sizes or (world_size,)) > 1:  # the all-reduce term (plan/worlds.py)
         comm = comm or wd.comm_model(workload, allreduce_gbps=allreduce_gbps)
@@ -173,7 +206,7 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
             def best_at(w: int) -> gp.Candidate:
                 return gp.choose(gp.search(micro_choices=micro_choices, world_size=w, max_micro_batch=max_micro,
                                            max_global_batch=workload.num_train, b_noise=b_noise_used,
-                                           **{**common, "throughput": with_comm(w)}))
+                                           **{**common, "throughput": with_comm(w)}), throughput)
             rows, world_size = wd.compare_world_sizes(world_sizes, best_at, comm)
             worlds_info = {"world_sizes": list(world_sizes), "recommended": world_size,
                            "recommend_margin": wd.RECOMMEND_MARGIN, "table": [asdict(r) for r in rows]}
@@ -182,46 +215,164 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
         worlds_info["comm"] = comm.to_dict()
     candidates = gp.search(micro_choices=micro_choices, world_size=world_size, max_micro_batch=max_micro,
                            max_global_batch=workload.num_train, b_noise=b_noise_used, **common)
-    chosen = gp.choose(candidates)
+    chosen = gp.choose(candidates, throughput)
+    tied = tuple(c.global_batch for c in gp.ties(candidates, throughput))
     largest = gp.evaluate(max_batch, 1, world_size=world_size, b_noise=b_noise_used, **common)
     base = next((c for c in candidates if c.global_batch == workload.base_batch), None)
     alternatives = {"largest_that_fits": largest.to_dict()}
     if base is not None:
         alternatives["base_batch"] = base.to_dict()
-    for name, value in (("noise_low", probe.b_noise_low), ("noise_high", probe.b_noise_high)):
-        if value > 0:
-            alt = gp.choose(gp.search(micro_choices=micro_choices, world_size=world_size, max_micro_batch=max_micro,
-                                      max_global_batch=workload.num_train, b_noise=value, **common))
-            alternatives[f"best_if_{name}"] = alt.to_dict()
+    for name, scale in (("noise_low", 0.5), ("noise_high", 2.0)):  # how the choice moves if B_noise is off by 2x
+        alt = gp.choose(gp.search(micro_choices=micro_choices, world_size=world_size, max_micro_batch=max_micro,
+                                  max_global_batch=workload.num_train, b_noise=b_noise_used * scale, **common),
+                        throughput)
+        alternatives[f"best_if_{name}"] = alt.to_dict()
     if worlds_info:
         listed = world_sizes or (world_size,)
         sizes = sorted(set(listed) | {1 << i for i in range(max(listed).bit_length())})  # and the powers of two
         worlds_info["elastic"] = wd.elastic_splits(chosen.global_batch, sizes, max_micro_batch=max_micro,
                                                    step_model=with_comm)
         worlds_info["compatible_world_sizes"] = wd.compatible_world_sizes(chosen.global_batch)
-    bn = has_batchnorm(workload)
+
+    # 7. the words and the record
     caveats = caveats_for(workload=workload, chosen=chosen, probe=probe, throughput=throughput, curve=curve,
-                          batchnorm=bn, measured_on=measure_device, spec=spec, candidates=candidates,
-                          world_size=world_size, b_noise_used=b_noise_used,
+                          batchnorm=has_batchnorm(workload), measured_on=measure_device, spec=spec,
+                          candidates=candidates, world_size=world_size, b_noise_used=b_noise_used,
                           comm_note=worlds_info["comm"]["source"] if "comm" in worlds_info else None)
+    if extrapolation and extrapolation > 1:
+        caveats.append(f"the probe stopped before the target: the samples to {workload.target} at the base batch are "
+                       f"extrapolated {extrapolation:.1f}x beyond the {probe.points[-1].samples} samples it trained, "
+                       "so the predicted steps and time are estimates")
+    elif anchor is None and workload.target is not None:
+        caveats.append(f"the probe's learning curve does not yet point at {workload.target}: no prediction of the "
+                       "steps to the target (give the probe a longer --probe-budget)")
+    noise["samples_to_target_extrapolation"] = extrapolation
     timings["plan"] = sum(timings.values())
     return Plan(
         workload=workload.name, micro_batch_per_rank=chosen.micro_batch_per_rank,
         accumulation_steps=chosen.accumulation_steps, world_size=world_size, global_batch=chosen.global_batch,
         lr=chosen.lr, lr_rule=rule, warmup_steps=chosen.warmup_steps, schedule="constant",
-        noise_scale=b_noise, noise_scale_low=probe.b_noise_low, noise_scale_high=probe.b_noise_high,
+        noise_scale=b_noise_used, noise_scale_low=b_noise_used * _rel(probe.b_noise_low, probe.b_noise_effective),
+        noise_scale_high=b_noise_used * _rel(probe.b_noise_high, probe.b_noise_effective),
         samples_per_s=chosen.samples_per_s, efficiency=chosen.efficiency, goodput=chosen.goodput,
         peak_bytes=chosen.peak_bytes, max_micro_batch=max_micro, caveats=tuple(caveats),
         base_batch=workload.base_batch, base_lr=workload.base_lr, device=spec.name, usable_bytes=spec.usable_bytes,
         target=str(workload.target) if workload.target else None,
         predicted_steps_to_target=chosen.steps_to_target, predicted_time_to_target_s=chosen.time_to_target_s,
-        lr_rule_note=lr_rule_note(rule, b_noise, chosen.global_batch),
-        noise_note=noise_note(probe), why=why_text(chosen, base, largest, throughput, b_noise_used, workload),
+        lr_rule_note=lr_rule_note(rule, b_noise_used, chosen.global_batch),
+        noise_note=noise_note(probe, noise), why=why_text(chosen, base, largest, throughput, b_noise_used, workload),
         threads=torch.get_num_threads(), thread_choice={str(k): v for k, v in thread_scores.items()},
         alternatives=alternatives,
-        candidates=tuple(c.to_dict() for c in candidates), throughput=throughput.to_dict(), memory=curve.to_dict(),
-        noise_probe=probe.to_dict(), timings_s=timings, worlds=worlds_info,
+        candidates=tuple({**c.to_dict(), "goodput_band": gp.goodput_band(c, chosen, throughput)} for c in candidates),
+        throughput=throughput.to_dict(), memory=curve.to_dict(), noise_probe=probe.to_dict(), timings_s=timings,
+        worlds=worlds_info, noise=noise, lr_check=checked.to_dict() if checked else {},
+        goodput_band=_band(candidates, chosen, throughput),
+        tied_batches=tied,
+        probe_cost_s=timings["lr_check"] + timings["noise"] + timings["confirm"],
     )
 
 
-__all__ = ["make_plan", "has_batchnorm"]
+def _rel(value: float, ref: float) -> float:
+    """``value / ref`` for an interval end, 1 when either is not a positive finite number."""
+    return value / ref if value > 0 and ref > 0 and math.isfinite(value) and math.isfinite(ref) else 1.0
+
+
+def _band(candidates, chosen, throughput) -> tuple[float, float]:
+    """The chosen goodput's band: the widest timing uncertainty against any measured batch."""
+    u = max((gp.log_uncertainty(throughput, c.micro_batch_per_rank, chosen.micro_batch_per_rank) for c in candidates),
+            default=0.0)
+    return chosen.goodput * math.exp(-u), chosen.goodput * math.exp(u)
+
+
+def _set_threads(workload, threads, measure_device, throughput, max_batch, seed, progress) -> dict[int, float]:
+    """Apply ``threads``, or measure 1 thread against the current count on a CPU and keep the faster."""
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise BatchpilotError(f"threads must be a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
+        return {}
+    if measure_device != "cpu" or throughput is not None or torch.get_num_threads() == 1:
+        return {}
+    if progress:
+        progress("throughput: choosing CPU threads", _STAGE_START["throughput"])
+    probe_batches = sorted({min(workload.base_batch, max_batch), min(4 * workload.base_batch, max_batch)})
+    best, scores = choose_cpu_threads(workload, probe_batches, seed=seed)
+    torch.set_num_threads(best)
+    return scores
+
+
+def _lr_check_steps(workload: Workload, base_step_s: float, budget_s: float) -> int:
+    """Steps per LR-check run: what the budget allows for six runs, between 30 steps and two epochs."""
+    epoch = math.ceil(workload.num_train / workload.base_batch)
+    fits = int(budget_s / (6 * max(base_step_s, 1e-6) * 1.3))  # 1.3: the trainer's own overhead
+    return max(30, min(2 * epoch, fits))
+
+
+def noise_from_probe(probe: NoiseProbe, workload: Workload) -> dict:
+    """The noise scale the plan uses, from the probe: its trend against the loss, read at the target.
+
+    Falls back to the probe's effective (phase-weighted harmonic mean) B_simple when there is no
+    trend to fit. Returns plain data for ``plan.noise``.
+    """
+    trend = fit_noise_trend(probe.loss_phases)
+    evals = [(p.val_loss, p.metric) for p in probe.points if p.val_loss is not None and p.metric is not None]
+    target_loss = loss_at_target(evals, workload.target)
+    out: dict = {"b_simple_effective": probe.b_noise_effective, "b_simple_last": probe.b_noise_last,
+                 "trend": trend.to_dict() if trend else None, "loss_at_target": target_loss.loss,
+                 "loss_at_target_source": target_loss.source, "loss_extrapolation": target_loss.extrapolation,
+                 "confirmation": None}
+    if trend is not None and len(trend.points) >= 2 and math.isfinite(target_loss.loss):
+        out["b_trend_at_target"] = trend.at(target_loss.loss)
+        out["method"] = "trend_vs_loss"
+        out["b_used"] = out["b_trend_at_target"]
+    elif probe.b_noise_effective > 0:
+        out["method"] = "probe_effective"
+        out["b_used"] = probe.b_noise_effective
+    else:  # no usable estimate: plan as if the base batch were critical
+        out["method"] = "base_batch_fallback"
+        out["b_used"] = float(workload.base_batch)
+    return out
+
+
+def _confirm(workload, probe: NoiseProbe, noise: dict, common: dict, *, max_micro: int, world_size: int, seed: int,
+             budget_s: float, progress) -> dict:
+    """Short runs at 4x and 16x the base batch to the probe's last loss; rescale the noise scale by the
+    ratio of the fitted B_crit to the trend's value at that loss."""
+    losses = [(p.samples, p.val_loss) for p in probe.points if p.val_loss]
+    if not losses:
+        return noise
+    threshold = min(l for _, l in losses) * 1.02  # the probe's best loss, with a 2% margin against eval noise
+    base_samples = next(s for s, l in losses if l <= threshold)
+    b0 = workload.base_batch
+    cap = workload.num_train // 4
+    batches = [b for b in (4 * b0, 16 * b0) if b <= cap * world_size] or [min(2 * b0, workload.num_train)]
+    if progress:
+        progress(f"confirm: batches {batches} to loss {threshold:.3g}", 0.0)
+
+    def micro_for(b: int) -> int | None:
+        per_rank = b // world_size
+        return None if per_rank <= max_micro else max(m for m in range(1, max_micro + 1) if per_rank % m == 0)
+
+    def warmup_for(b: int) -> int:
+        return gp.warmup_steps_for(b, b0, max(1, math.ceil(base_samples / b)))
+
+    def lr_for(b: int) -> float:
+        return gp.scale_lr(workload.base_lr, b0, b, common["lr_rule"])
+
+    conf: Confirmation = confirm_critical_batch(workload, base_samples=base_samples, loss_threshold=threshold,
+                                                batches=batches, lr_for=lr_for, warmup_for=warmup_for,
+                                                micro_for=micro_for, seed=seed, time_budget_s=budget_s)
+    out = {**noise, "confirmation": conf.to_dict()}
+    trend = fit_noise_trend(probe.loss_phases)
+    if not (conf.b_crit > 0) or math.isnan(conf.b_crit):
+        return out
+    at_threshold = trend.at(threshold) if trend is not None else noise["b_used"]
+    factor = conf.b_crit / at_threshold if at_threshold > 0 and math.isfinite(conf.b_crit) else 16.0
+    factor = min(16.0, max(1 / 16.0, factor))
+    out["confirm_factor"] = factor
+    out["b_used"] = noise["b_used"] * factor
+    out["method"] = noise.get("method", "probe_effective") + "+confirmed"
+    return out
+
+
+__all__ = ["make_plan", "has_batchnorm", "noise_from_probe"]

@@ -155,7 +155,9 @@ def search(*, micro_choices: Sequence[int], world_size: int, max_micro_batch: in
            max_accumulation: int = MAX_ACCUMULATION, **kwargs) -> list[Candidate]:
     """Every feasible pair: micro-batch from ``micro_choices`` that fits (``<= max_micro_batch``),
     accumulation a power of two up to ``max_accumulation``, global batch ``<= max_global_batch``.
-    For each global batch only the fastest split is kept. Sorted by global batch.
+    For each global batch one split is kept: no accumulation when the micro-batch fits, unless an
+    accumulated split is predicted faster by more than the timing uncertainty (:func:`_faster_split`).
+    Sorted by global batch.
     """
     best: dict[int, Candidate] = {}
     for micro in sorted(set(micro_choices)):
@@ -165,8 +167,7 @@ def search(*, micro_choices: Sequence[int], world_size: int, max_micro_batch: in
         while accumulation <= max_accumulation and micro * accumulation * world_size <= max_global_batch:
             cand = evaluate(micro, accumulation, world_size=world_size, **kwargs)
             old = best.get(cand.global_batch)
-            if old is None or cand.step_s < old.step_s:
-                best[cand.global_batch] = cand
+            best[cand.global_batch] = cand if old is None else _faster_split(old, cand, kwargs.get("throughput"))
             accumulation *= 2
     if not best:
         raise BatchpilotError(f"no feasible configuration: the largest micro-batch that fits is {max_micro_batch}, "
@@ -174,7 +175,49 @@ def search(*, micro_choices: Sequence[int], world_size: int, max_micro_batch: in
     return [best[b] for b in sorted(best)]
 
 
-def choose(candidates: Sequence[Candidate]) -> Candidate:
-    """The candidate with the highest goodput (within 0.5%, the smaller batch: same speed, less risk)."""
-    top = max(c.goodput for c in candidates)
-    return min((c for c in candidates if c.goodput >= 0.995 * top), key=lambda c: c.global_batch)
+TIE_FLOOR = 0.02
+"""Goodputs closer than 2% are a tie even when the timing looks certain: the efficiency model is not that exact."""
+
+
+def log_uncertainty(throughput: object, micro_a: int, micro_b: int) -> float:
+    """The timing uncertainty of ``log(step_s(a)/step_s(b))`` (0 for models that do not measure it)."""
+    fn = getattr(throughput, "log_ratio_uncertainty", None)
+    return float(fn(micro_a, micro_b)) if fn is not None else 0.0
+
+
+def _faster_split(a: Candidate, b: Candidate, throughput: object) -> Candidate:
+    """Of two splits of one global batch: accumulation only when it is *measurably* faster."""
+    plain, acc = (a, b) if a.accumulation_steps <= b.accumulation_steps else (b, a)
+    margin = log_uncertainty(throughput, plain.micro_batch_per_rank, acc.micro_batch_per_rank) + TIE_FLOOR
+    if plain.accumulation_steps == 1 and acc.accumulation_steps > 1:
+        return acc if math.log(plain.step_s / acc.step_s) > margin else plain
+    return a if a.step_s <= b.step_s else b
+
+
+def tie_margin(candidate: Candidate, best: Candidate, throughput: object = None) -> float:
+    """How far (in log goodput) ``candidate`` may trail ``best`` and still be a tie."""
+    return max(TIE_FLOOR, log_uncertainty(throughput, candidate.micro_batch_per_rank, best.micro_batch_per_rank))
+
+
+def ties(candidates: Sequence[Candidate], throughput: object = None) -> list[Candidate]:
+    """The candidates whose goodput is within the measured uncertainty of the best one's."""
+    best = max(candidates, key=lambda c: c.goodput)
+    return [c for c in candidates
+            if c.goodput > 0 and math.log(best.goodput / c.goodput) <= tie_margin(c, best, throughput)]
+
+
+def choose(candidates: Sequence[Candidate], throughput: object = None) -> Candidate:
+    """The goodput-optimal candidate, stable under timing noise.
+
+    Candidates whose goodput trails the best by less than the measured timing uncertainty of
+    their step-time ratio (from the interleaved rounds of :func:`batchpilot.throughput.measure.measure_throughput`,
+    at least :data:`TIE_FLOOR`) are a tie; the tie goes to no accumulation, then to the larger batch
+    (fewer optimizer steps for the same predicted time).
+    """
+    return max(ties(candidates, throughput), key=lambda c: (c.accumulation_steps == 1, c.global_batch))
+
+
+def goodput_band(candidate: Candidate, chosen: Candidate, throughput: object = None) -> tuple[float, float]:
+    """``(low, high)`` goodput of ``candidate`` from the timing uncertainty of its ratio to ``chosen``."""
+    u = log_uncertainty(throughput, candidate.micro_batch_per_rank, chosen.micro_batch_per_rank)
+    return candidate.goodput * math.exp(-u), candidate.goodput * math.exp(u)

@@ -34,6 +34,7 @@ class NoisePoint:
     b_noise_low: float
     b_noise_high: float
     metric: float | None
+    val_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class NoiseProbe:
         steps_to_target, samples_to_target, time_to_target_s: at the base batch, ``None`` if not reached.
         steps, wall_s: how long the probe ran.
         status: ``target_reached``, ``budget`` (time ran out) or ``completed`` (epoch cap).
+        loss_phases: ``(val_loss, b_noise)`` per phase of the run: each phase's ratio-of-means B_noise
+            against the geometric mean validation loss of its evaluations (the points of the trend
+            against the loss, :mod:`.noise_trend`).
+        lr: the LR the probe trained with.
     """
 
     points: tuple[NoisePoint, ...]
@@ -70,6 +75,8 @@ class NoiseProbe:
     steps: int
     wall_s: float
     status: str
+    loss_phases: tuple[tuple[float, float], ...] = ()
+    lr: float | None = None
 
     def to_dict(self) -> dict:
         """Plain data."""
@@ -93,6 +100,24 @@ def phase_noise_scales(history: list[tuple[float, float]], samples_at: list[int]
         g = sum(h[0] for h in history[a:b]) / (b - a)
         t = sum(h[1] for h in history[a:b]) / (b - a)
         out.append((samples_at[b - 1], (t / g if g > 0 else float("inf")) / units_per_sample))
+    return out
+
+
+def loss_phase_noise_scales(history: list[tuple[float, float]], samples_at: list[int], units_per_sample: float,
+                            points: "list[NoisePoint]", *, max_phases: int = 8,
+                            min_steps: int = 20) -> list[tuple[float, float]]:
+    """``(val_loss, B_noise)`` per phase: the phases of :func:`phase_noise_scales` (finer), each paired
+    with the geometric mean validation loss of the evaluations inside it. Phases without one are dropped."""
+    n = min(len(history), len(samples_at))
+    phases = phase_noise_scales(history, samples_at, units_per_sample, steps_per_phase=min_steps,
+                                max_phases=max_phases)
+    out = []
+    start = 0
+    for end, b in phases:
+        losses = [p.val_loss for p in points if start < p.samples <= end and p.val_loss and p.val_loss > 0]
+        start = end
+        if losses and n:
+            out.append((math.exp(sum(math.log(l) for l in losses) / len(losses)), b))
     return out
 
 
@@ -143,7 +168,8 @@ def probe_micro_batch(base_batch: int) -> int:
 
 
 def probe_noise(workload: Workload, *, time_budget_s: float = 60.0, max_epochs: float = 30.0, seed: int = 0,
-                evals_per_epoch: int = 5, progress: Progress | None = None) -> NoiseProbe:
+                evals_per_epoch: int = 5, progress: Progress | None = None, evals_per_budget: int = 40,
+                step_s: float | None = None) -> NoiseProbe:
     """Train at the base batch with accumulation and record B_noise at every evaluation.
 
     Args:
@@ -153,11 +179,16 @@ def probe_noise(workload: Workload, *, time_budget_s: float = 60.0, max_epochs: 
         seed: the run's seed.
         evals_per_epoch: evaluations (and noise points) per epoch.
         progress: optional ``progress(description, fraction)``.
+        evals_per_budget, step_s: with the measured step time at the base batch, evaluate often enough
+            for about ``evals_per_budget`` evaluations within the budget (when that is more often than
+            ``evals_per_epoch``): a short probe still gets a loss curve to fit.
     """
     batch = workload.base_batch
     micro = probe_micro_batch(batch)
     steps_per_epoch = math.ceil(workload.num_train / batch)
     eval_every = max(1, steps_per_epoch // evals_per_epoch)
+    if step_s and step_s > 0:
+        eval_every = max(1, min(eval_every, int(time_budget_s / step_s / evals_per_budget)))
     config = TrainConfig(global_batch=batch, micro_batch_per_rank=micro, epochs=max_epochs, eval_every=eval_every,
                          stop_at_target=workload.target is not None, seed=seed)
     monitor = GradientNoiseScale(ema_decay=0.95)
@@ -183,7 +214,8 @@ def probe_noise(workload: Workload, *, time_budget_s: float = 60.0, max_epochs: 
             est = monitor.estimate()
             ups = units["units"] / max(1, units["samples"])
             points.append(NoisePoint(record["step"], record["samples"], est.b_simple / ups,
-                                     est.b_simple_low / ups, est.b_simple_high / ups, record[metric_name]))
+                                     est.b_simple_low / ups, est.b_simple_high / ups, record[metric_name],
+                                     record.get("val_loss")))
             if target is not None and not reached and target.reached(record[metric_name]):
                 reached.update(step=record["step"], samples=record["samples"], wall_s=record["wall_s"])
         if progress is not None:
@@ -196,6 +228,8 @@ def probe_noise(workload: Workload, *, time_budget_s: float = 60.0, max_epochs: 
     status = "target_reached"
     try:
         result = trainer.run()
+        if result.status == "interrupted":
+            raise KeyboardInterrupt
         status = "target_reached" if result.status == "target_reached" else "completed"
     except _Budget:
         status = "budget"
@@ -214,4 +248,5 @@ def probe_noise(workload: Workload, *, time_budget_s: float = 60.0, max_epochs: 
         steps_to_target=int(reached["step"]) if reached else None,
         samples_to_target=int(reached["samples"]) if reached else None,
         time_to_target_s=reached.get("wall_s"), steps=points[-1].step, wall_s=wall, status=status,
+        loss_phases=tuple(loss_phase_noise_scales(monitor.history, samples_at, ups, points)), lr=trainer.lr,
     )

@@ -37,20 +37,39 @@ def lr_rule_note(rule: str, b_noise: float, batch: int) -> str:
     return f"{head}. {tail} {where}"
 
 
-def noise_note(probe: NoiseProbe) -> str:
-    """Which B_noise value the plan uses, and why."""
+def noise_note(probe: NoiseProbe, noise: dict | None = None) -> str:
+    """Which B_noise value the plan uses, and how it was obtained (``noise`` is ``plan.noise``)."""
     pts = [p.b_noise for p in probe.points if p.b_noise > 0 and math.isfinite(p.b_noise)]
     span = f"from {_fmt(min(pts))} to {_fmt(max(pts))}" if pts else "without a usable value"
-    phases = ", ".join(_fmt(b) for _, b in probe.phases)
     ended = {"target_reached": "reached the target", "budget": "hit its time budget",
              "completed": "ran out of epochs"}[probe.status]
-    return (f"B_noise was measured during a {probe.steps}-step run at the base batch {probe.batch} (micro-batch "
-            f"{probe.micro_batch}), which {ended}; the smoothed estimate ranged {span} samples, and the per-phase "
-            f"values were {phases}. The plan uses {_fmt(probe.b_noise_effective)} (80% interval "
-            f"{_fmt(probe.b_noise_low)}–{_fmt(probe.b_noise_high)}): the weighted harmonic mean over the phases, "
-            "because the samples a run needs add up phase by phase (E = Σ E_min,p (1 + B/B_p), McCandlish et al. "
-            "2018), so this single value predicts the samples to the target exactly when each phase's does. The "
-            "last value alone would suit only the end of training (a batch-size ramp can follow the growth).")
+    head = (f"B_simple was measured during a {probe.steps}-step run at the base batch {probe.batch} (micro-batch "
+            f"{probe.micro_batch}), which {ended}; the smoothed estimate ranged {span} samples (phase-weighted "
+            f"harmonic mean {_fmt(probe.b_noise_effective)}).")
+    noise = noise or {}
+    method = noise.get("method", "probe_effective")
+    if method.startswith("trend_vs_loss"):
+        trend = noise.get("trend") or {}
+        source = {"reached": "measured when the probe met the target",
+                  "target_is_loss": "the target itself",
+                  "extrapolated": f"extrapolated {noise.get('loss_extrapolation', 1):.1f}x below the probe's last "
+                                  "loss from the metric's trend against log loss",
+                  "last": "the probe's last loss (no trend toward the target yet)"}.get(
+            noise.get("loss_at_target_source", ""), "")
+        body = (f" The noise scale grows as the loss falls (McCandlish et al. 2018; Kaplan et al. 2020 fit B_crit as "
+                f"a power law in the loss): a fit over {len(trend.get('points', ()))} phases gives "
+                f"B ∝ L^{trend.get('slope', 0):.2f}, which at the target's validation loss "
+                f"{_fmt(noise.get('loss_at_target'))} ({source}) is {_fmt(noise.get('b_trend_at_target'))}.")
+    elif method.startswith("probe_effective"):
+        body = " There were too few phases for a trend against the loss: the plan uses the harmonic mean."
+    else:
+        body = " There was no usable estimate: the plan treats the base batch as the critical batch."
+    conf = noise.get("confirmation")
+    if conf and method.endswith("+confirmed"):
+        body += (f" Short runs at batches {', '.join(str(b) for b in conf['batches'])} to validation loss "
+                 f"{conf['loss_threshold']:.3g} fit B_crit = {_fmt(conf['b_crit'])} (E(B) = E_min(1 + B/B_crit)), "
+                 f"{noise.get('confirm_factor', 1):.2f}x the trend's value there; the plan applies that factor.")
+    return f"{head}{body} The plan uses B_noise = {_fmt(noise.get('b_used', probe.b_noise_effective))} samples."
 
 
 def why_text(chosen: Candidate, base: Candidate | None, largest: Candidate, throughput: ThroughputCurve,

@@ -47,6 +47,8 @@ class ThroughputPoint:
         flops: forward + backward FLOPs of one step (FlopCounterMode).
         samples_per_s: ``batch / step_s``.
         mfu: ``flops / step_s / peak``.
+        round_step_s: the median full step of each interleaved timing round (see
+            :func:`measure_throughput`); paired across batches, they give the uncertainty of step-time ratios.
     """
 
     batch: int
@@ -57,6 +59,7 @@ class ThroughputPoint:
     flops: float
     samples_per_s: float
     mfu: float
+    round_step_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,27 @@ class ThroughputCurve:
     def samples_per_s(self, micro_batch: int, accumulation_steps: int = 1) -> float:
         """Predicted samples/s of that step (one rank)."""
         return micro_batch * accumulation_steps / self.step_s(micro_batch, accumulation_steps)
+
+    def _nearest(self, batch: int) -> ThroughputPoint:
+        return min(self.points, key=lambda p: abs(math.log(p.batch) - math.log(batch)))
+
+    def log_ratio_uncertainty(self, batch_a: int, batch_b: int) -> float:
+        """Uncertainty (about two standard errors) of ``log(step_s(a) / step_s(b))``.
+
+        The rounds were timed interleaved, so round ``r`` of both batches saw the same machine load:
+        the spread over rounds of the per-round log ratio measures how well the ratio is known,
+        while a load change that slows every batch alike cancels. Batches between measured points
+        take the nearest point's rounds. With fewer than two paired rounds the spread of the
+        steps within the points stands in (a conservative bound).
+        """
+        pa, pb = self._nearest(batch_a), self._nearest(batch_b)
+        if pa is pb:
+            return 0.0
+        n = min(len(pa.round_step_s), len(pb.round_step_s))
+        if n >= 2:
+            logs = [math.log(a / b) for a, b in zip(pa.round_step_s[:n], pb.round_step_s[:n])]
+            return 2.0 * statistics.stdev(logs) / math.sqrt(n)
+        return 0.5 * (pa.step_s_spread + pb.step_s_spread)
 
     def to_dict(self) -> dict:
         """Plain data."""
@@ -193,6 +217,7 @@ def measure_throughput(
     time_budget_s: float | None = None,
     peak: PeakFlops | None = None,
     progress: Progress | None = None,
+    rounds: int = 4,
 ) -> ThroughputCurve:
     """Time full training steps of a fresh copy of the workload's model at several batch sizes.
 
@@ -208,6 +233,10 @@ def measure_throughput(
         time_budget_s: stop before a batch once this much time has gone (the curve says where).
         peak: device peak FLOP/s (default: measured on CPU, datasheet for GPUs).
         progress: optional ``progress(description, fraction)`` callback.
+        rounds: timing rounds. Round 1 warms up and times each batch in turn; the later rounds time
+            ``timed_steps`` more steps of every batch, round robin, while the budget lasts. A load
+            change on a shared machine then hits all batches alike instead of the ones timed last,
+            and the per-round medians give the uncertainty of each step-time ratio.
 
     Raises:
         BatchpilotError: bad arguments, or an unknown GPU without ``peak``.
@@ -229,25 +258,40 @@ def measure_throughput(
         if peak is None:
             raise BatchpilotError(f"GPU {torch.cuda.get_device_name(dev)!r} is not in the peak-FLOP/s table; pass peak=")
     start = time.perf_counter()
-    points: list[ThroughputPoint] = []
+    timings: dict[int, _Timings] = {}
     truncated = None
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         model = workload.make_model().to(device=dev, dtype=tdtype)
         model.train()
         optimizer = workload.make_optimizer(model.parameters(), workload.base_lr)
-        _time_batch(workload, model, optimizer, batches[0], dev, tdtype, warmup_steps, 1, peak, 0.0)  # one-time init
-        for i, batch in enumerate(batches):
-            if time_budget_s is not None and points:
+        _time_steps(workload, model, optimizer, batches[0], dev, tdtype, 1, 0.0)  # one-time init
+        for i, batch in enumerate(batches):  # round 1: warm up and time each batch
+            if time_budget_s is not None and timings:
                 # the next batch's cost, projected from the last one (step time grows at most linearly)
-                last = points[-1]
-                projected = last.step_s * batch / last.batch * (warmup_steps + timed_steps)
+                last = timings[batches[i - 1]]
+                projected = last.median * batch / batches[i - 1] * (warmup_steps + timed_steps)
                 if time.perf_counter() - start + projected > time_budget_s:
                     truncated = batch
                     break
             if progress is not None:
-                progress(f"throughput: batch {batch}", i / len(batches))
-            points.append(_time_batch(workload, model, optimizer, batch, dev, tdtype, warmup_steps, timed_steps, peak))
+                progress(f"throughput: batch {batch}", 0.6 * i / len(batches))
+            x, y = _batch(workload, batch, dev, tdtype)
+            timing = _Timings(flops=_count_flops(model, workload.loss_sum, x, y, max(1, workload.count_units(y))))
+            _time_steps(workload, model, optimizer, batch, dev, tdtype, warmup_steps, 0.0)
+            timing.add_round(*_time_steps(workload, model, optimizer, batch, dev, tdtype, timed_steps, 0.2))
+            timings[batch] = timing
+        measured = list(timings)
+        round_cost = sum(t.median * timed_steps for t in timings.values())
+        for r in range(1, rounds):  # interleaved rounds while the budget lasts
+            if time_budget_s is not None and time.perf_counter() - start + round_cost > time_budget_s:
+                break
+            if progress is not None:
+                progress(f"throughput: round {r + 1} of {rounds}", 0.6 + 0.4 * r / rounds)
+            for batch in measured:
+                timings[batch].add_round(*_time_steps(workload, model, optimizer, batch, dev, tdtype, timed_steps,
+                                                      0.05))
+    points = [timings[b].point(b, peak.flops_per_s) for b in measured]
     overhead, per_sample = fit_step_time([p.batch for p in points], [p.step_s for p in points])
     if progress is not None:
         progress("throughput: done", 1.0)
@@ -258,43 +302,64 @@ def measure_throughput(
     )
 
 
-def _time_batch(workload, model, optimizer, batch, dev, tdtype, warmup_steps, timed_steps, peak,
-                min_time_s: float = 0.2, max_step_s: float = 1.0) -> ThroughputPoint:
-    x, y = _batch(workload, batch, dev, tdtype)
-    units = max(1, workload.count_units(y))
-    flops = _count_flops(model, workload.loss_sum, x, y, units)
-    steps, micros, opts = [], [], []
-    k = 0
-    # at least ``timed_steps`` timed steps, more (up to 8x) until min_time_s has been timed: medians of
-    # tiny steps on a busy machine need many samples
-    while k < warmup_steps + timed_steps or (
-            sum(steps) < min_time_s and len(steps) < 8 * timed_steps):
-        if k == warmup_steps + 3 and min(steps) > max_step_s:
-            break  # slow steps: three timed ones are enough (their spread is small next to their length)
+def _time_steps(workload, model, optimizer, batch, dev, tdtype, n_steps, min_time_s: float,
+                max_step_s: float = 1.0) -> tuple[list[float], list[float], list[float]]:
+    """Time ``n_steps`` full steps (more, up to 8x, until ``min_time_s`` is timed: medians of tiny steps
+    on a busy machine need many samples; slow steps stop after three). Returns full, micro, optimizer times."""
+    steps: list[float] = []
+    micros: list[float] = []
+    opts: list[float] = []
+    while len(steps) < n_steps or (sum(steps) < min_time_s and len(steps) < 8 * n_steps):
+        if len(steps) == 3 and min(steps) > max_step_s:
+            break
         _sync(dev)
         t0 = time.perf_counter()
         xb, yb = _batch(workload, batch, dev, tdtype)
-        (workload.loss_sum(model(xb), yb) / units).backward()
+        (workload.loss_sum(model(xb), yb) / max(1, workload.count_units(yb))).backward()
         _sync(dev)
         t1 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(dev)
         t2 = time.perf_counter()
-        if k >= warmup_steps:
-            steps.append(t2 - t0)
-            micros.append(t1 - t0)
-            opts.append(t2 - t1)
-        k += 1
-    step_s = statistics.median(steps)
-    # split the median full step in the ratio of the parts' medians, so micro_s + optimizer_s == step_s
-    micro_med, opt_med = statistics.median(micros), statistics.median(opts)
-    micro_share = micro_med / (micro_med + opt_med) if micro_med + opt_med > 0 else 1.0
-    return ThroughputPoint(
-        batch=batch, step_s=step_s, micro_s=step_s * micro_share, optimizer_s=step_s * (1 - micro_share),
-        step_s_spread=(max(steps) - min(steps)) / step_s, flops=flops, samples_per_s=batch / step_s,
-        mfu=flops / step_s / peak.flops_per_s,
-    )
+        steps.append(t2 - t0)
+        micros.append(t1 - t0)
+        opts.append(t2 - t1)
+    return steps, micros, opts
+
+
+@dataclass
+class _Timings:
+    """The timed steps of one batch size over the rounds."""
+
+    flops: float
+    steps: list[float] = field(default_factory=list)
+    micros: list[float] = field(default_factory=list)
+    opts: list[float] = field(default_factory=list)
+    round_medians: list[float] = field(default_factory=list)
+
+    def add_round(self, steps: list[float], micros: list[float], opts: list[float]) -> None:
+        if steps:
+            self.steps += steps
+            self.micros += micros
+            self.opts += opts
+            self.round_medians.append(statistics.median(steps))
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.steps)
+
+    def point(self, batch: int, peak_flops_per_s: float) -> ThroughputPoint:
+        step_s = self.median
+        # split the median full step in the ratio of the parts' medians, so micro_s + optimizer_s == step_s
+        micro_med, opt_med = statistics.median(self.micros), statistics.median(self.opts)
+        micro_share = micro_med / (micro_med + opt_med) if micro_med + opt_med > 0 else 1.0
+        return ThroughputPoint(
+            batch=batch, step_s=step_s, micro_s=step_s * micro_share, optimizer_s=step_s * (1 - micro_share),
+            step_s_spread=(max(self.steps) - min(self.steps)) / step_s, flops=self.flops,
+            samples_per_s=batch / step_s, mfu=self.flops / step_s / peak_flops_per_s,
+            round_step_s=tuple(self.round_medians),
+        )
 
 
 def choose_cpu_threads(workload: Workload, batches: Sequence[int], *, candidates: Sequence[int] | None = None,
@@ -314,7 +379,7 @@ def choose_cpu_threads(workload: Workload, batches: Sequence[int], *, candidates
         for n in cands:
             torch.set_num_threads(n)
             curve = measure_throughput(workload, batch_sizes=list(batches), warmup_steps=1, timed_steps=steps, seed=seed,
-                                       peak=PeakFlops(1.0, "unused"))
+                                       peak=PeakFlops(1.0, "unused"), rounds=1)
             scores[n] = float(np.exp(np.mean([math.log(p.samples_per_s) for p in curve.points])))
     finally:
         torch.set_num_threads(before)
