@@ -7,9 +7,10 @@ With no arguments it plans the built-in default workload on this machine's CPU a
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from batchpilot.cli.common import add_workload_args, load_workload, print_json
+from batchpilot.cli.common import add_workload_args, load_workload, print_json, workload_name, workload_options
 from batchpilot.errors import BatchpilotError
 from batchpilot.scaling.lr_rules import LR_RULES
 
@@ -20,19 +21,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(micro-batch, accumulation) with the highest goodput. Writes plan.json and "
                                    "report.html to --out (default: the current directory).")
     add_workload_args(p)
-    p.add_argument("--device", default=None, help="cpu (default), cuda, a GPU name (H100, A100-40GB, ...) or a size")
-    p.add_argument("--memory", default=None, help="device memory overriding the device's, e.g. 24GiB")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="cpu, cuda, a GPU name (H100, A100-40GB, ...) or a size (default: cpu)")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="device memory overriding the device's, e.g. 24GiB (default: the device's)")
     p.add_argument("--world-size", default="1", metavar="N[,N...]",
                    help="data-parallel ranks (default 1), or a list such as 1,2,4,8: plan at each, recommend one, and "
                         "list how the global batch splits at other sizes")
     p.add_argument("--allreduce-gbps", type=float, default=None, metavar="GB/S",
                    help="all-reduce bus bandwidth for world sizes > 1 (default: measured between two gloo processes here)")
     p.add_argument("--lr-rule", choices=LR_RULES, default=None, help="LR scaling rule (default: sqrt for Adam-type, linear otherwise)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the measurements (recorded in the plan)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads for the measurements, recorded in the plan (default: chosen by measuring)")
     p.add_argument("--noise-budget", type=float, default=50.0, metavar="SECONDS", help="time for the noise probe run (default 50)")
     p.add_argument("--throughput-budget", type=float, default=25.0, metavar="SECONDS", help="time for the throughput sweep (default 25)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=".", help="directory for plan.json and report.html (default: .)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the measurements' models and data order")
+    p.add_argument("--out", default=".", metavar="DIR", help="directory for plan.json and report.html (default: .)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--json", action="store_true", help="print the plan as JSON on stdout instead of a table")
     p.set_defaults(func=run)
@@ -41,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from batchpilot.plan import make_plan, write_plan
+    from batchpilot.plan import make_plan
 
     for name in ("noise_budget", "throughput_budget"):
         if not getattr(args, name) > 0:
@@ -50,31 +54,67 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise BatchpilotError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise BatchpilotError(f"--out {str(out)!r} exists and is not a directory")
+    from batchpilot.cli.outputs import check_out_dir
+
+    out = check_out_dir(args.out)
     from batchpilot.plan.worlds import parse_world_sizes
 
     sizes = parse_world_sizes(args.world_size)
     if args.allreduce_gbps is not None and not args.allreduce_gbps > 0:
         raise BatchpilotError(f"--allreduce-gbps must be > 0, got {args.allreduce_gbps!r}")
-    workload = load_workload(args)
+    from batchpilot.memory import resolve_device
+
+    resolve_device(args.device, args.memory)  # an unknown device or size fails before any measurement
+    workload = load_workload(args, "plan")
+    import dataclasses
+
+    from batchpilot.plan.workload_spec import describe, run_command
+
+    spec = describe(workload_name(args), workload_options(args))
+    failed = None
     with _progress() as progress:
         plan = make_plan(workload, device=args.device, memory=args.memory, world_size=sizes[0],
                          world_sizes=sizes if len(sizes) > 1 else None, allreduce_gbps=args.allreduce_gbps,
                          lr_rule=args.lr_rule, noise_budget_s=args.noise_budget,
                          throughput_budget_s=args.throughput_budget, seed=args.seed, progress=progress)
-        write_plan(plan, out / "plan.json")
-        if not args.no_report:
-            from batchpilot.report.plan_report import write_plan_report
-
-            progress("report: rendering", 0.99)
-            write_plan_report(plan.to_dict(), out / "report.html")
+        plan = dataclasses.replace(plan, workload_spec=spec)
+        failed = _write_outputs(plan, out, report=not args.no_report, progress=progress)
+    plan_json = out / "plan.json"
+    command = run_command(plan_json, spec)
     if args.json:
         print_json(plan.to_dict())
     else:
-        render_plan(plan.to_dict(), out, report=not args.no_report)
+        render_plan(plan.to_dict(), out, report=not args.no_report, written=failed is None)
+    if failed:
+        from batchpilot.cli.outputs import report_write_failure
+
+        report_write_failure("plan", failed)
+        return 2
+    if args.json:
+        print(f"run it with: {command}", file=sys.stderr)
+    else:
+        print(f"run it with: {command}")
     return 0
+
+
+def _write_outputs(plan, out: Path, *, report: bool, progress) -> str | None:
+    """Write plan.json (and report.html); on an OS error keep the plan elsewhere and return the message."""
+    from batchpilot.cli.outputs import save_or_fallback
+    from batchpilot.plan import write_plan
+
+    data = plan.to_dict()
+    failed = save_or_fallback(lambda: write_plan(plan, out / "plan.json"), data, verb="plan",
+                              what=f"{out / 'plan.json'}", name="plan.json")
+    if failed or not report:
+        return failed
+    from batchpilot.report.plan_report import write_plan_report
+
+    progress("report: rendering", 0.99)
+    try:
+        write_plan_report(data, out / "report.html")
+    except OSError as exc:
+        return f"could not write {out / 'report.html'}: {exc.strerror or exc}; plan.json was written"
+    return None
 
 
 class _progress:
@@ -97,7 +137,7 @@ class _progress:
         self.bar.stop()
 
 
-def render_plan(plan: dict, out: Path, *, report: bool = True) -> None:
+def render_plan(plan: dict, out: Path, *, report: bool = True, written: bool = True) -> None:
     """The plan as a rich table, with the why and the caveats."""
     from rich.console import Console
     from rich.table import Table
@@ -125,8 +165,9 @@ def render_plan(plan: dict, out: Path, *, report: bool = True) -> None:
     console.print(f"[bold]Why:[/bold] {plan['why']}")
     for c in plan["caveats"]:
         console.print(f"[yellow]caveat:[/yellow] {c}")
-    written = [str(out / "plan.json")] + ([str(out / "report.html")] if report else [])
-    console.print(f"wrote {', '.join(written)}; run it with: batchpilot train --plan {out / 'plan.json'}")
+    if written:
+        files = [str(out / "plan.json")] + ([str(out / "report.html")] if report else [])
+        console.print(f"wrote {', '.join(files)}", highlight=False)
 
 
 def render_worlds(worlds: dict, console) -> None:
@@ -168,32 +209,36 @@ def _split_for(plan: dict, world: int, path: str) -> dict:
 def apply_plan_to_train_args(args: argparse.Namespace) -> dict:
     """Fill ``batchpilot train`` arguments from ``--plan plan.json``; flags given explicitly win.
 
-    Sets the workload (when ``--workload`` was left at its default), batch, micro-batch, LR, LR rule
-    and warmup; the CPU thread count the plan was measured with; and, when no ``--steps/--epochs``
+    Sets the workload from the plan's ``workload_spec`` (:func:`batchpilot.plan.workload_spec.workload_for_run`:
+    a built-in as recorded; the user's own code only when ``--workload`` names it again, or with
+    ``--trust-plan-workload``), batch, micro-batch, LR, LR rule and warmup; the CPU thread count the plan was measured with; and, when no ``--steps/--epochs``
     is given and the plan predicts the steps to its target, 1.5x that many steps with an evaluation
     every ~5% of them. Returns the plan's data.
 
     Raises:
-        BatchpilotError: an unreadable/inconsistent plan, a different ``--workload``, or a global batch that
+        BatchpilotError: an unreadable/inconsistent plan, a different ``--workload``, user code not named on
+            the command line, an ``hf:*`` (memory-only) workload, or a global batch that
             does not divide over this run's ranks (torchrun's, or ``--nproc``).
     """
+    import json
     import math
 
     import torch
 
-    from batchpilot.cli.common import DEFAULT_WORKLOAD
+    from batchpilot.cli.common import DEFAULT_WORKLOAD, refuse_memory_only, workload_options
     from batchpilot.plan import read_plan
+    from batchpilot.plan.workload_spec import workload_for_run
     from batchpilot.train.distributed import torchrun_env
 
     plan = read_plan(args.plan)
     world = getattr(args, "nproc", None) or torchrun_env().world_size
     if plan["world_size"] != world:  # the same global batch at another world size: only the split changes
         plan = {**plan, **_split_for(plan, world, args.plan)}
-    name = plan.get("workload")
-    if name and args.workload != name:
-        if args.workload != DEFAULT_WORKLOAD:
-            raise BatchpilotError(f"plan {args.plan!r} is for workload {name!r}, not {args.workload!r}")
-        args.workload = name
+    name, options = workload_for_run(plan, args.plan, args.workload, workload_options(args),
+                                     trust=getattr(args, "trust_plan_workload", False), default=DEFAULT_WORKLOAD)
+    refuse_memory_only(name, "train")
+    args.workload = name
+    args.workload_opt = [f"{k}={json.dumps(v)}" for k, v in options.items()]
     if args.batch is None:
         args.batch = plan["global_batch"]
     if args.micro_batch is None and args.batch == plan["global_batch"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from batchpilot.cli.common import add_workload_args, load_workload, print_json
+from batchpilot.cli.common import add_dtype_arg, add_workload_args, load_workload, print_json
 from batchpilot.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, BatchpilotError
 from batchpilot.optim import OPTIMIZERS
 from batchpilot.train.regime import FinetuneRegime, finetune_regime
@@ -17,25 +17,31 @@ from batchpilot.train.config import DTYPES
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a workload (exact accumulation, checkpoints, resume)",
                        description="Train a workload. Exit codes: 0 ok, 2 bad input, 3 diverged, 130 interrupted.")
-    add_workload_args(p)
-    p.add_argument("--batch", type=int, default=None, help="global batch (default: the workload's base batch)")
-    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch per rank; accumulation = batch / micro-batch")
+    add_workload_args(p, plan_aware=True)
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="global batch (default: the plan's with --plan, else the workload's base batch)")
+    p.add_argument("--micro-batch", type=int, default=None, metavar="N",
+                   help="micro-batch per rank; accumulation = batch / (micro-batch x ranks) (default: the whole per-rank batch)")
     lr = p.add_mutually_exclusive_group()
-    lr.add_argument("--lr", type=float, default=None, help="peak LR (default: scaled from the workload's base point)")
+    lr.add_argument("--lr", type=float, default=None, metavar="LR", help="peak LR (default: scaled from the workload's base point)")
     lr.add_argument("--lr-rule", choices=LR_RULES, default=None, help="scale the base LR: linear (SGD) or sqrt (Adam); default by optimizer")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
+    p.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear LR warmup in optimizer steps (default: 0, or the plan's)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant", help="LR schedule after warmup")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    length.add_argument("--epochs", type=float, default=None, help="passes over the training set (default 1)")
-    p.add_argument("--grad-clip", type=float, default=None, help="clip the accumulated gradient's norm")
-    p.add_argument("--ema", type=float, default=None, metavar="DECAY", help="EMA of the weights (e.g. 0.999), stepped per optimizer step")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N steps (default: at the end)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (needs --out)")
-    p.add_argument("--target", default=None, help="record steps/time to e.g. 'val_acc>=0.85' (default: the workload's)")
+    length.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="optimizer steps (default: 1.5x the plan's predicted steps with --plan, else --epochs 1)")
+    length.add_argument("--epochs", type=float, default=None, metavar="E", help="passes over the training set (default 1)")
+    p.add_argument("--grad-clip", type=float, default=None, metavar="NORM", help="clip the accumulated gradient's norm (default: no clipping)")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="EMA of the weights (e.g. 0.999), stepped per optimizer step (default: no EMA)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seeds the model init, dropout and data order")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N", help="evaluate every N steps (default: at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="checkpoint every N steps (needs --out; default: at the end only)")
+    p.add_argument("--target", default=None, metavar="METRIC>=X",
+                   help="record steps/time to e.g. 'val_acc>=0.85' (default: the workload's)")
     p.add_argument("--stop-at-target", action="store_true", help="stop once the target is reached")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_dtype_arg(p, DTYPES, "dtype of the weights and inputs")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="default",
                    help="default: the workload's; lars/lamb: You et al. 2017/2019 (untuned starting LR unless --lr)")
     batching = p.add_mutually_exclusive_group()
@@ -44,11 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "'smith:end=800,factor=5,milestones=2/4,unit=epoch'; --batch is the LR's reference batch")
     batching.add_argument("--adaptive", action="store_true",
                           help="grow the batch with the measured gradient noise scale (goodput, 5%% switching margin)")
-    p.add_argument("--max-batch", type=int, default=None, help="largest batch of --adaptive (default min(16 x batch, N/2))")
-    p.add_argument("--init-from", default=None, metavar="PATH", help="start from these weights (checkpoint.pt or a state_dict file)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N", help="largest batch of --adaptive (default min(16 x batch, N/2))")
+    p.add_argument("--init-from", default=None, metavar="PATH",
+                   help="start from these weights, checkpoint.pt or a state_dict file (default: fresh initialisation)")
     p.add_argument("--finetune", action="store_true",
                    help="fine-tuning regime from --init-from: smaller batch and LR unless given (a hypothesis to confirm by sweep)")
-    p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt and summary.json")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for metrics.jsonl, checkpoint.pt and summary.json (default: write nothing)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--noise-scale", action="store_true",
@@ -62,7 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="with --nproc: restart after a lost rank up to R times, resuming from --out's latest checkpoint")
     ddp.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm: BatchNorm statistics over all ranks")
     p.add_argument("--plan", default=None, metavar="PLAN_JSON",
-                   help="run a plan.json from `batchpilot plan` (batch split, LR, warmup, threads; explicit flags win)")
+                   help="run a plan.json from `batchpilot plan` (workload, batch split, LR, warmup, threads; explicit "
+                        "flags win; default: none)")
+    p.add_argument("--trust-plan-workload", action="store_true",
+                   help="with --plan: run the plan's own workload code (file.py:fn / pkg.module:fn) without naming it "
+                        "with --workload; off by default, because only code named on the command line runs")
     p.set_defaults(func=run)
 
 
@@ -86,6 +98,7 @@ def config_from_args(args: argparse.Namespace, base_batch: int, regime: Finetune
 def run(args: argparse.Namespace) -> int:
     from batchpilot.train.distributed import init_distributed, shutdown_distributed, torchrun_env
 
+    _check_paths(args)
     env = torchrun_env()
     if args.nproc is not None and not env.launched:
         return _launch(args)
@@ -98,8 +111,27 @@ def run(args: argparse.Namespace) -> int:
         shutdown_distributed()
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Paths and flag combinations, before any workload is built or process launched."""
+    from batchpilot.cli.outputs import check_in_file, check_out_dir
+
+    if args.resume and not args.out:
+        raise BatchpilotError("--resume needs --out DIR (where the checkpoint is)")
+    if args.finetune and not args.init_from:
+        raise BatchpilotError("--finetune needs --init-from PATH (the pretrained weights to start from)")
+    if args.checkpoint_every is not None and not args.out:
+        raise BatchpilotError(f"--checkpoint-every {args.checkpoint_every} needs --out DIR (where checkpoints go)")
+    check_out_dir(args.out)
+    if args.init_from:
+        check_in_file(args.init_from, "--init-from")
+    if args.plan:
+        check_in_file(args.plan, "--plan")
+
+
 def _launch(args: argparse.Namespace) -> int:
     """``--nproc N``: check the flags here, then run this command on N ranks with torchrun."""
+    import copy
+
     from batchpilot.train.distributed import launch, strip_launcher_args
 
     if args.nproc < 1:
@@ -108,23 +140,29 @@ def _launch(args: argparse.Namespace) -> int:
         raise BatchpilotError(f"--max-restarts must be >= 0, got {args.max_restarts}")
     if args.max_restarts and not args.out:
         raise BatchpilotError("--max-restarts needs --out DIR (the checkpoint a restarted run resumes from)")
-    if not args.plan:  # bad flags fail here, once, rather than on every rank
-        workload = load_workload(args)
-        if not args.finetune:
-            config_from_args(args, workload.base_batch, world_size=args.nproc)
+    # bad flags and plans fail here, once, rather than on every rank
+    checked = copy.copy(args)
+    if checked.plan:
+        import torch
+
+        from batchpilot.cli.plan_cmd import apply_plan_to_train_args
+
+        threads = torch.get_num_threads()
+        apply_plan_to_train_args(checked)  # a plan whose batch does not divide over --nproc ranks fails here
+        torch.set_num_threads(threads)
+    workload = load_workload(checked, "train")
+    if not checked.finetune:
+        config_from_args(checked, workload.base_batch, world_size=args.nproc)
     return launch(args.nproc, strip_launcher_args(args.raw_argv), max_restarts=args.max_restarts)
 
 
 def _run(args: argparse.Namespace, env) -> int:
-    if args.resume and not args.out:
-        raise BatchpilotError("--resume needs --out DIR (where the checkpoint is)")
-    if args.finetune and not args.init_from:
-        raise BatchpilotError("--finetune needs --init-from PATH (the pretrained weights to start from)")
+    plan = None
     if args.plan:
         from batchpilot.cli.plan_cmd import apply_plan_to_train_args
 
-        apply_plan_to_train_args(args)
-    workload = load_workload(args)
+        plan = apply_plan_to_train_args(args)
+    workload = load_workload(args, "train")
     regime = None
     if args.finetune:
         from batchpilot.optim import with_optimizer
@@ -132,6 +170,8 @@ def _run(args: argparse.Namespace, env) -> int:
         w = with_optimizer(workload, args.optimizer)
         regime = finetune_regime(w.base_batch, w.base_lr, w.optimizer_family(), num_train=w.num_train, batch=args.batch)
     config = config_from_args(args, workload.base_batch, regime, world_size=env.world_size)
+    if env.is_main:
+        doctor_warnings(config, workload, plan=plan, finetune=args.finetune)
     noise = None
     if args.noise_scale:
         from batchpilot.noise.microbatch import GradientNoiseScale
@@ -140,22 +180,32 @@ def _run(args: argparse.Namespace, env) -> int:
     resume = args.resume or bool(env.restart_count and args.out)  # a torchrun restart resumes its run
     trainer = Trainer(workload, config, out_dir=args.out, resume=resume, progress=env.is_main, noise=noise)
     result = trainer.run()
+    code = {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
     if not env.is_main:  # rank 0 alone prints and writes
-        return {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
+        return code
     summary = result.to_dict()
     if regime is not None:
         summary["finetune"] = regime.to_dict()
+    unit = unit_name(workload)
     if noise is not None:
         import math
 
         summary["noise_scale"] = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                                   for k, v in noise.estimate().to_dict().items()}
         summary["noise_scale"]["source"] = "ranks" if env.world_size > 1 else "micro-batches"
+        summary["noise_scale"]["unit"] = unit
+    failed = None
     if args.out:
         import json
         from pathlib import Path
 
-        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        from batchpilot.cli.common import _clean
+        from batchpilot.cli.outputs import save_or_fallback
+
+        path = Path(args.out) / "summary.json"
+        text = json.dumps(_clean(summary), indent=2, allow_nan=False) + "\n"
+        failed = save_or_fallback(lambda: path.write_text(text), _clean(summary), verb="train", what=str(path),
+                                  name="summary.json")
     if args.json:
         print_json(summary)
     else:
@@ -167,10 +217,68 @@ def _run(args: argparse.Namespace, env) -> int:
 
             n = summary["noise_scale"]
             fmt = lambda v: "n/a" if v is None else f"{v:,.0f}"  # noqa: E731
-            Console().print(f"gradient noise scale B_simple ≈ {fmt(n['b_simple'])} units (80% interval "
-                            f"{fmt(n['b_simple_low'])}–{fmt(n['b_simple_high'])}; {n['n_updates']} steps, from the "
-                            f"{n['source']})")
-    return {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
+            Console().print(f"gradient noise scale B_simple ≈ {fmt(n['b_simple'])} {unit} (80% interval "
+                            f"{fmt(n['b_simple_low'])}–{fmt(n['b_simple_high'])} {unit}; {n['n_updates']} steps, from "
+                            f"the {n['source']})", highlight=False)
+    if failed:
+        from batchpilot.cli.outputs import report_write_failure
+
+        report_write_failure("train", failed)
+        return code or 2
+    return code
+
+
+def unit_name(workload) -> str:
+    """What the workload's loss counts: ``tokens`` for language models, else ``samples``."""
+    from batchpilot.workloads import count_tokens
+
+    return "tokens" if workload.count_units is count_tokens else "samples"
+
+
+def doctor_warnings(config: TrainConfig, workload, *, plan: dict | None = None, finetune: bool = False) -> list:
+    """Run the doctor's rules on this run's own configuration; print warnings and errors on stderr.
+
+    The run goes on whatever the doctor finds (it is advice, not a gate). Returns the findings printed.
+    """
+    import sys
+
+    import torch
+
+    from batchpilot.doctor import diagnose, parse_config
+    from batchpilot.norm import normalization_of
+    from batchpilot.optim import with_optimizer
+
+    try:
+        w = with_optimizer(workload, config.optimizer)
+        lr, rule = config.resolve_lr(w)
+        with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
+            norms = normalization_of(w.make_model())
+        fields = {
+            "global_batch": config.global_batch, "micro_batch_per_rank": config.micro_per_rank,
+            "accumulation_steps": config.accumulation_steps, "world_size": config.world_size,
+            "lr": lr, "base_batch": w.base_batch, "base_lr": float(w.base_lr), "warmup_steps": config.warmup_steps,
+            "optimizer": w.optimizer_family(), "scheduler_step": "per_optimizer_step", "zero_grad": "per_optimizer_step",
+            "loss_scaled_by_accumulation": True, "normalization": list(norms), "sync_bn": config.sync_batchnorm,
+            "parallel": "ddp" if config.world_size > 1 else "none", "dataset_size": w.num_train, "finetune": finetune,
+        }
+        if rule != "explicit":
+            fields["lr_rule"] = rule
+        if config.ema_decay is not None:
+            fields.update(ema_step="per_optimizer_step", ema_decay=config.ema_decay)
+        if plan is not None:
+            fields["batch_source"] = "plan"
+            for key in ("noise_scale", "max_micro_batch"):
+                if plan.get(key) is not None:
+                    fields[key] = plan[key]
+        # BP401 ("no validation run recorded") is moot here: this run is that validation
+        findings = [f for f in diagnose(parse_config(fields, kind="config"))
+                    if f.severity in ("error", "warning") and f.code != "BP401"]
+    except BatchpilotError:  # a value outside the doctor's schema: the trainer's own checks already passed
+        return []
+    for f in findings:
+        print(f"batchpilot train: doctor {f.severity} {f.code}: {' '.join(f.message.split())} (fix: "
+              f"{' '.join(f.fix.split())})", file=sys.stderr)
+    return findings
 
 
 def render_summary(result: TrainResult) -> None:
@@ -185,11 +293,11 @@ def render_summary(result: TrainResult) -> None:
                 "target", "steps_to_target", "time_to_target_s", "optimizer", "batch_mode"):
         value = d[key]
         table.add_row(key if key != "val_metric" else result.metric_name,
-                      f"{value:.6g}" if isinstance(value, float) else str(value))
+                      "n/a" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value))
     if result.batch_mode != "fixed":
         table.add_row("batch_sizes (step, batch)", ", ".join(f"({s}, {b})" for s, b in result.batch_sizes[:12])
                       + (" ..." if len(result.batch_sizes) > 12 else ""))
-    Console().print(table)
+    Console(highlight=False).print(table)
 
 
 def render_regime(regime: FinetuneRegime) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.plan.schema import SCHEMA_VERSION, validate_plan
 
 PLAN_VERSION = 1
 
@@ -62,6 +63,10 @@ class Plan:
     """Across world sizes (``plan --world-size 1,2,4,8``; :mod:`.worlds`): the all-reduce model, the best split
     and goodput at each size, the recommended size, and how the chosen global batch splits at other sizes."""
     version: int = PLAN_VERSION
+    workload_spec: dict = field(default_factory=dict)
+    """How to rebuild the workload (:mod:`.workload_spec`): its name or ``file.py:fn`` / ``pkg.module:fn``, options."""
+    schema_version: int = SCHEMA_VERSION
+    """The plan.json layout (:mod:`.schema`)."""
 
     def __post_init__(self) -> None:
         if self.global_batch != self.micro_batch_per_rank * self.accumulation_steps * self.world_size:
@@ -94,30 +99,29 @@ def write_plan(plan: Plan, path: str | Path) -> Path:
 
 REQUIRED_KEYS = ("micro_batch_per_rank", "accumulation_steps", "world_size", "global_batch", "lr", "lr_rule",
                  "warmup_steps")
+MAX_PLAN_BYTES = 64 * 2**20
 
 
 def read_plan(path: str | Path) -> dict[str, Any]:
-    """Read and check a ``plan.json``: the keys training needs, consistent batch arithmetic.
+    """Read and check a ``plan.json`` against :mod:`batchpilot.plan.schema` (types, ranges, batch arithmetic).
 
     Raises:
-        BatchpilotError: a missing/unreadable file, missing keys, or an inconsistent batch split.
+        BatchpilotError: a missing/unreadable file, missing keys, a field of the wrong type or range,
+            or an inconsistent batch split (one line naming the field and value).
     """
     path = Path(path)
+    source = f"plan file {str(path)!r}"
+    if path.is_dir():
+        raise BatchpilotError(f"{source} is a directory; expected the plan.json inside it")
     try:
+        if path.stat().st_size > MAX_PLAN_BYTES:
+            raise BatchpilotError(f"{source} is larger than {MAX_PLAN_BYTES // 2**20} MiB; expected a plan.json")
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BatchpilotError(f"plan file {str(path)!r} does not exist") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BatchpilotError(f"plan file {str(path)!r} is not readable JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BatchpilotError(f"plan file {str(path)!r} must hold a JSON object")
-    missing = [k for k in REQUIRED_KEYS if data.get(k) is None]
-    if missing:
-        raise BatchpilotError(f"plan file {str(path)!r} lacks {', '.join(missing)}")
-    for k in ("micro_batch_per_rank", "accumulation_steps", "world_size", "global_batch", "warmup_steps"):
-        if isinstance(data[k], bool) or not isinstance(data[k], int) or data[k] < (0 if k == "warmup_steps" else 1):
-            raise BatchpilotError(f"plan file {str(path)!r}: {k} must be a {'non-negative' if k == 'warmup_steps' else 'positive'} integer, got {data[k]!r}")
-    if data["global_batch"] != data["micro_batch_per_rank"] * data["accumulation_steps"] * data["world_size"]:
-        raise BatchpilotError(f"plan file {str(path)!r}: global_batch {data['global_batch']} != micro_batch_per_rank x "
-                              f"accumulation_steps x world_size")
-    return data
+        raise BatchpilotError(f"{source} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        if isinstance(exc, BatchpilotError):
+            raise
+        reason = " ".join(str(exc).split())[:200]
+        raise BatchpilotError(f"{source} is not readable JSON: {reason}") from None
+    return validate_plan(data, source)

@@ -67,7 +67,10 @@ def _plain_log_ticks(axis) -> None:
     """Log-axis labels as plain numbers (``2``, ``40``, ``0.5``) instead of ``2×10^0`` that crowd each other."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    lo, hi = sorted(axis.get_view_interval())
+    span = hi / lo if lo > 0 else 1e9
+    subs = tuple(range(1, 10)) if span < 20 else (1.0, 2.0, 5.0) if span < 1e3 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
