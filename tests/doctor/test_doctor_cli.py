@@ -127,7 +127,7 @@ def test_malformed_config_is_one_line_exit_2(tmp_path, capsys, name, text, needl
     path = tmp_path / name
     path.write_text(text)
     code, out, err = doctor(capsys, path, "--json")
-    assert code == 2 and out == ""
+    assert code == 2 and json.loads(out) == {"status": "error", "message": err.strip(), "exit_code": 2}
     assert err.count("\n") == 1 and needle in err, err
 
 

@@ -104,8 +104,9 @@ def _cli(path: Path) -> tuple[int, str, str]:
 
 
 def _check_cli(code: int, out: str, err: str) -> None:
-    if code == 2:
-        assert out == "" and err.count("\n") == 1 and err.startswith("batchpilot doctor: error: ")
+    if code == 2:  # under --json the error is also a JSON object on stdout
+        assert err.count("\n") == 1 and err.startswith("batchpilot doctor: error: ")
+        assert json.loads(out) == {"status": "error", "message": err.strip(), "exit_code": 2}
         return
     report = json.loads(out)
     assert code in (0, 1) and report["ok"] is (code == 0)

@@ -2,13 +2,17 @@
 
 A subcommand module defines ``register(subparsers)``, which adds its parser and sets
 ``func(args) -> int`` as the default. Bad input raises :class:`BatchpilotError`, which
-becomes a one-line message on stderr and exit code 2.
+becomes a one-line message on stderr and exit code 2; under ``--json`` the same message is
+also printed on stdout as ``{"status": "error", "message": ..., "exit_code": 2}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import json
+import os
 import sys
 
 from batchpilot.errors import EXIT_USAGE, BatchpilotError
@@ -24,9 +28,38 @@ COMMANDS = (
 )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default (``(default: X)``) unless its help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False or default == [] or default == ""
+                or default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
+    json_errors = False  # set by main() when --json is on the command line
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # argparse's own usage errors: one line, exit 2
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        line = f"{self.prog}: error: {' '.join(message.split())}"
+        if _Parser.json_errors:
+            _print_error_json(line)
+        self.exit(EXIT_USAGE, line + "\n")
+
+
+def _print_error_json(message: str) -> None:
+    try:
+        sys.stdout.write(json.dumps({"status": "error", "message": message, "exit_code": EXIT_USAGE}) + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):  # stdout closed or full: the stderr line still says it
+        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,21 +74,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors = "--json" in raw
     parser = build_parser()
-    args = parser.parse_args(argv)
-    args.raw_argv = list(sys.argv[1:] if argv is None else argv)  # e.g. for `train --nproc` to relaunch itself
+    args = parser.parse_args(raw)
+    args.raw_argv = raw  # e.g. for `train --nproc` to relaunch itself
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
     except BatchpilotError as exc:
-        print(f"batchpilot {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        line = f"batchpilot {args.command}: error: {message}"
+        if getattr(args, "json", False):
+            _print_error_json(line)
+        print(line, file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EBADF):
+            raise
+        # stdout (or a file written late) on a full or broken device: one line, no traceback
+        _silence_stdout()
+        print(f"batchpilot {args.command}: error: cannot write output: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from batchpilot.cli.common import add_workload_args, load_workload, print_json
+from batchpilot.cli.common import add_dtype_arg, add_workload_args, load_workload, print_json, workload_name
 from batchpilot.errors import BatchpilotError
 from batchpilot.memory import DeviceSpec, MemoryCurve, format_bytes, memory_curve, resolve_device
 from batchpilot.memory.options import DTYPES
@@ -20,31 +20,37 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "M(B) = fixed + per_sample * B and find the largest micro-batch on a device.")
     add_workload_args(p)
     dev = p.add_argument_group("target device")
-    dev.add_argument("--device", default=None, help="cpu, cuda (this GPU), a GPU name (H100, A100-40GB, 'RTX 4090' ...) "
-                                                    "or a size; default cpu")
-    dev.add_argument("--memory", default=None, help="device total memory, e.g. 24GiB (overrides the table; "
-                                                    "alone it means a GPU of that size)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (or the autocast dtype with --amp)")
+    dev.add_argument("--device", default=None, metavar="DEVICE",
+                     help="cpu, cuda (this GPU), a GPU name (H100, A100-40GB, 'RTX 4090' ...) or a size (default: cpu)")
+    dev.add_argument("--memory", default=None, metavar="SIZE",
+                     help="device total memory, e.g. 24GiB (overrides the table; alone it means a GPU of that size; "
+                          "default: the device's)")
+    add_dtype_arg(p, DTYPES, "parameter dtype (or the autocast dtype with --amp)")
     p.add_argument("--amp", action="store_true", help="autocast with fp32 weights")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length (sequence models)")
-    p.add_argument("--batch-sizes", default=None, help="traced micro-batches, e.g. 8,16,32 (default 1,4,16,... until the slope settles)")
-    p.add_argument("--global-batch", type=int, default=None, help="global batch for the accumulation what-if "
-                                                                  "(default the workload's base batch)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="sequence length of sequence models (default: the workload's)")
+    p.add_argument("--batch-sizes", default=None, metavar="B[,B...]",
+                   help="traced micro-batches, e.g. 8,16,32 (default 1,4,16,... until the slope settles)")
+    p.add_argument("--global-batch", type=int, default=None, metavar="N",
+                   help="global batch for the accumulation what-if (default: the workload's base batch)")
     p.add_argument("--no-what-if", action="store_true", help="skip the checkpointing/bf16 what-if traces")
     p.add_argument("--probe", action="store_true", help="confirm the largest micro-batch with real steps (needs CUDA)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--out", default=None, help="directory for memory.json, memory.png and memory.html")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for memory.json, memory.png and memory.html (default: write nothing)")
     p.set_defaults(func=run)
 
 
 def _load(args: argparse.Namespace) -> Workload:
     import batchpilot.memory.hf as hf  # registers hf:gpt2 / hf:bert-base / hf:bert-large
 
-    if args.workload.startswith("hf:") and args.workload not in REGISTRY:
-        options = dict(item.partition("=")[::2] for item in args.workload_opt)
-        return hf.load_hf_workload(args.workload, **{k: _value(v) for k, v in options.items()})
-    return load_workload(args)
+    name = workload_name(args)
+    if name.startswith("hf:") and name not in REGISTRY:
+        from batchpilot.cli.common import workload_options
+
+        return hf.load_hf_workload(name, **workload_options(args))
+    return load_workload(args, "memory")
 
 
 def _value(text: str) -> Any:
@@ -88,16 +94,21 @@ def result_dict(workload: Workload, curve: MemoryCurve, device: DeviceSpec, scen
 
 
 def run(args: argparse.Namespace) -> int:
-    workload = _load(args)
+    from batchpilot.cli.outputs import check_out_dir
+
+    check_out_dir(args.out)
     device = resolve_device(args.device, args.memory)
     if args.probe and not _cuda_visible():  # before the trace: nothing has been printed yet
         raise BatchpilotError("--probe runs real training steps and needs a CUDA device; none is visible here. "
                               "Without --probe, batchpilot memory predicts M(B) from the fake-tensor trace alone "
                               "(no GPU needed)")
+    batches = _batches(args.batch_sizes)
+    for flag, value in (("--global-batch", args.global_batch), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            raise BatchpilotError(f"{flag} must be a positive integer, got {value}")
+    workload = _load(args)
     global_batch = args.global_batch if args.global_batch is not None else workload.base_batch
-    if global_batch < 1:
-        raise BatchpilotError(f"--global-batch must be a positive integer, got {global_batch}")
-    curve = memory_curve(workload, batch_sizes=_batches(args.batch_sizes), dtype=args.dtype, amp=args.amp,
+    curve = memory_curve(workload, batch_sizes=batches, dtype=args.dtype, amp=args.amp,
                          checkpointing=args.checkpointing, device=device.kind, seq_len=args.seq_len)
     fits = curve.peak_bytes(1) <= device.usable_bytes
     scenarios: list = []
@@ -116,16 +127,26 @@ def run(args: argparse.Namespace) -> int:
         probe = probe_workload(_with_seq(workload, args.seq_len), curve.max_micro_batch(device.usable_bytes),
                                device="cuda", dtype=args.dtype, amp=args.amp, checkpointing=args.checkpointing)
     data = result_dict(workload, curve, device, scenarios, probe)
+    failed = None
     if args.out:
-        _write_outputs(Path(args.out), workload, curve, device, scenarios, data)
+        from batchpilot.cli.common import _clean
+        from batchpilot.cli.outputs import save_or_fallback
+
+        failed = save_or_fallback(lambda: _write_outputs(Path(args.out), workload, curve, device, scenarios, data),
+                                  _clean(data), verb="memory", what=f"{args.out}/memory.json", name="memory.json")
     if args.json:
         if not fits:
             curve.check_budget(device.usable_bytes, f"usable memory on {device.name}")
         print_json(data)
-        return 0
-    render(workload, curve, device, scenarios, probe, out=args.out)
-    if not fits:
-        curve.check_budget(device.usable_bytes, f"usable memory on {device.name}")
+    else:
+        render(workload, curve, device, scenarios, probe, out=args.out if not failed else None)
+        if not fits:
+            curve.check_budget(device.usable_bytes, f"usable memory on {device.name}")
+    if failed:
+        from batchpilot.cli.outputs import report_write_failure
+
+        report_write_failure("memory", failed)
+        return 2
     return 0
 
 
@@ -159,7 +180,7 @@ def render(workload: Workload, curve: MemoryCurve, device: DeviceSpec, scenarios
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(highlight=False)
     largest = max(curve.peak_bytes_at)
     t = Table(title=f"batchpilot memory: {workload.name}, peak at B={largest} "
                     f"({curve.peak_phase_at.get(largest, '?')})")
@@ -179,7 +200,7 @@ def render(workload: Workload, curve: MemoryCurve, device: DeviceSpec, scenarios
     c.add_row("traced", ", ".join(f"B={b}: {format_bytes(v)}" for b, v in sorted(curve.peak_bytes_at.items())))
     c.add_row("method", f"{curve.method}; worst residual {curve.residual_frac:.2%}; {curve.trace_seconds:.1f} s")
     c.add_row("device", device.describe())
-    c.add_row("largest micro-batch", f"{m}" + (f"  (peak {format_bytes(curve.peak_bytes(m))})" if m else ""))
+    c.add_row("largest micro-batch", f"{m}  (peak {format_bytes(curve.peak_bytes(m))})" if m else "none fits")
     console.print(c)
     if scenarios:
         w = Table(title="what would change it")
@@ -187,7 +208,7 @@ def render(workload: Workload, curve: MemoryCurve, device: DeviceSpec, scenarios
             w.add_column(col)
         for s in scenarios:
             w.add_row(s.name, format_bytes(s.per_sample_bytes), f"{format_bytes(s.peak_bytes)} at B={s.at_batch}",
-                      str(s.max_micro_batch), s.note)
+                      "none fits" if s.max_micro_batch is None else str(s.max_micro_batch), s.note or "")
         console.print(w)
     if probe is not None:
         pt = Table(title=f"probe on the device: largest micro-batch {probe.max_micro_batch} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from batchpilot.cli.common import _clean, add_workload_args, print_json
@@ -45,42 +46,44 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Sweep batch sizes with the reference trainer (Shallue et al. 2019). Every trial is stored "
                                    "in SQLite as it finishes; rerunning resumes. Exit codes: 0 ok, 1 some trials failed, "
                                    "2 bad input, 130 interrupted.")
-    add_workload_args(p)
-    p.add_argument("--batches", required=True, help="global batches: '32,64,128' or '16,32,...,1024'")
+    add_workload_args(p, plan_aware=True)
+    p.add_argument("--batches", required=True, metavar="B[,B...]",
+                   help="global batches: '32,64,128' or '16,32,...,1024' (required)")
     p.add_argument("--lr-rule", choices=LR_RULES, default=None, help="LR scaling from the base point (default: by optimizer)")
-    p.add_argument("--lr-multipliers", default="1", help="LR multipliers tried at each batch, e.g. 0.5,1,2; each batch keeps its best")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per (batch, multiplier)")
-    p.add_argument("--target", default=None, help="e.g. 'val_acc>=0.9' (default: the workload's)")
-    p.add_argument("--max-epochs", type=float, default=10.0, help="training length of each trial in epochs (default 10)")
-    p.add_argument("--warmup-epochs", type=float, default=0.5,
+    p.add_argument("--lr-multipliers", default="1", metavar="X[,X...]",
+                   help="LR multipliers tried at each batch, e.g. 0.5,1,2; each batch keeps its best")
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds per (batch, multiplier)")
+    p.add_argument("--target", default=None, metavar="METRIC>=X", help="e.g. 'val_acc>=0.9' (default: the workload's)")
+    p.add_argument("--max-epochs", type=float, default=10.0, metavar="E", help="training length of each trial in epochs (default 10)")
+    p.add_argument("--warmup-epochs", type=float, default=0.5, metavar="E",
                    help="linear warmup in epochs when the LR is scaled above the base LR (default 0.5; 0 = none)")
-    p.add_argument("--evals-per-epoch", type=int, default=16, help="validation passes per epoch (steps-to-target resolution)")
+    p.add_argument("--evals-per-epoch", type=int, default=16, metavar="N",
+                   help="validation passes per epoch (steps-to-target resolution)")
     p.add_argument("--stop-at-target", action="store_true", help="end each trial at the target (final metrics are then at the target)")
     p.add_argument("--no-sharpness", action="store_true", help="skip the Hessian eigenvalue and trace")
     p.add_argument("--sharpness-mode", choices=("eval", "train"), default="eval", help="module mode for the Hessian (default eval)")
-    p.add_argument("--sharpness-samples", type=int, default=256, help="training samples in the Hessian's loss")
-    p.add_argument("--gap-threshold", type=float, default=0.02, help="gap rule: flag batches this far below the best (default 0.02)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--sharpness-samples", type=int, default=256, metavar="N", help="training samples in the Hessian's loss")
+    p.add_argument("--gap-threshold", type=float, default=0.02, metavar="X",
+                   help="gap rule: flag batches this far below the best (default 0.02)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads for every trial (default: the plan's with --plan, else torch's)")
     p.add_argument("--time-basis", choices=("measured", "median_step"), default="measured",
                    help="time to target: measured training time, or steps x median step time (robust on a busy machine)")
-    p.add_argument("--store", default="sweep.db", help="SQLite trial store (default sweep.db); rerun to resume")
-    p.add_argument("--plan", default=None, help="plan.json from 'batchpilot plan': its configuration runs as a trial and is marked")
-    p.add_argument("--out", default=None, help="directory for report.html and sweep.json")
+    p.add_argument("--store", default="sweep.db", metavar="DB", help="SQLite trial store (default sweep.db); rerun to resume")
+    p.add_argument("--plan", default=None, metavar="PLAN_JSON",
+                   help="plan.json from 'batchpilot plan': its configuration runs as a trial and is marked (default: none)")
+    p.add_argument("--trust-plan-workload", action="store_true",
+                   help="with --plan: run the plan's own workload code (file.py:fn / pkg.module:fn) without naming it "
+                        "with --workload; off by default, because only code named on the command line runs")
+    p.add_argument("--out", default=None, metavar="DIR", help="directory for report.html and sweep.json (default: write nothing)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
 
 def _workload_options(args: argparse.Namespace) -> dict:
-    from batchpilot.cli.common import _parse_value
+    from batchpilot.cli.common import workload_options
 
-    opts = {}
-    for item in args.workload_opt:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise BatchpilotError(f"--workload-opt must be KEY=VALUE, got {item!r}")
-        opts[key] = _parse_value(value)
-    return opts
+    return workload_options(args)
 
 
 def build_config(args: argparse.Namespace):
@@ -88,17 +91,30 @@ def build_config(args: argparse.Namespace):
     from batchpilot.plan.result import read_plan
     from batchpilot.sweep.runner import SweepConfig, with_plan_trial
 
+    from batchpilot.cli.common import DEFAULT_WORKLOAD, refuse_memory_only
+
     plan = read_plan(args.plan) if args.plan else None
+    name, options = args.workload or DEFAULT_WORKLOAD, _workload_options(args)
+    if plan is not None:
+        from batchpilot.plan.workload_spec import workload_for_run
+
+        name, options = workload_for_run(plan, args.plan, args.workload, options,
+                                         trust=getattr(args, "trust_plan_workload", False), default=DEFAULT_WORKLOAD)
+    refuse_memory_only(name, "sweep")
+    batches = parse_batches(args.batches)
+    if not batches or any(b < 1 for b in batches):
+        raise BatchpilotError(f"--batches must be positive integers, got {args.batches!r}")
+    multipliers = parse_floats(args.lr_multipliers, "--lr-multipliers")
+    if not multipliers or not all(math.isfinite(m) and m > 0 for m in multipliers):
+        raise BatchpilotError(f"--lr-multipliers must be finite numbers > 0, got {args.lr_multipliers!r}")
     threads = args.threads if args.threads is not None else (plan.get("threads") if plan else None)
-    config = SweepConfig(workload=args.workload, workload_options=_workload_options(args), batches=parse_batches(args.batches),
-                         lr_rule=args.lr_rule, lr_multipliers=parse_floats(args.lr_multipliers, "--lr-multipliers"),
+    config = SweepConfig(workload=name, workload_options=options, batches=batches,
+                         lr_rule=args.lr_rule, lr_multipliers=multipliers,
                          seeds=args.seeds, target=args.target, max_epochs=args.max_epochs, warmup_epochs=args.warmup_epochs,
                          evals_per_epoch=args.evals_per_epoch, stop_at_target=args.stop_at_target,
                          sharpness=not args.no_sharpness, sharpness_mode=args.sharpness_mode,
                          sharpness_samples=args.sharpness_samples, threads=threads)
     if plan is not None:
-        if plan.get("workload") not in (None, args.workload):
-            raise BatchpilotError(f"plan {args.plan!r} is for workload {plan['workload']!r}, not {args.workload!r}")
         config, _ = with_plan_trial(config, plan)
     return config, plan
 
@@ -160,32 +176,63 @@ def run(args: argparse.Namespace) -> int:
     from batchpilot.sweep.runner import run_sweep
     from batchpilot.sweep.analysis import analyze
 
+    from batchpilot.cli.outputs import check_out_dir, check_out_file
+
+    check_out_dir(args.out)
+    check_out_file(args.store, "--store")
     config, plan = build_config(args)
-    if not args.gap_threshold >= 0:
-        raise BatchpilotError(f"--gap-threshold must be >= 0, got {args.gap_threshold!r}")
+    if not (args.gap_threshold >= 0 and math.isfinite(args.gap_threshold)):
+        raise BatchpilotError(f"--gap-threshold must be a finite number >= 0, got {args.gap_threshold!r}")
+    workload = _checked_workload(config)  # a bad workload or a batch above the training set fails before the store opens
     with TrialStore(args.store) as store:
         try:
             with _Progress() as progress:
-                outcome = run_sweep(config, store, on_event=progress)
+                outcome = run_sweep(config, store, workload=workload, on_event=progress)
         except KeyboardInterrupt:
             print("batchpilot sweep: interrupted; finished trials are stored, rerun the same command to resume")
             return EXIT_INTERRUPTED
     analysis = analyze(outcome.trials, plan=plan, gap_threshold=args.gap_threshold, time_basis=args.time_basis) if outcome.trials else None
     data = result_data(outcome, analysis, args.store)
+    failed = None
     if args.out:
+        from batchpilot.cli.outputs import save_or_fallback
         from batchpilot.report.sweep_report import write_sweep_report
 
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-        if analysis is not None:
-            write_sweep_report(out / "report.html", analysis, outcome.trials, workload=config.workload,
-                               sharpness_mode=config.sharpness_mode)
+
+        def write() -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "sweep.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+            if analysis is not None:
+                write_sweep_report(out / "report.html", analysis, outcome.trials, workload=config.workload,
+                                   sharpness_mode=config.sharpness_mode)
+
+        failed = save_or_fallback(write, data, verb="sweep", what=str(out / "sweep.json"), name="sweep.json")
     if args.json:
         print_json(data)
     else:
         render(outcome, analysis)
+    if failed:
+        from batchpilot.cli.outputs import report_write_failure
+
+        report_write_failure("sweep", failed + f" (the trials are also in the store {args.store})")
+        return 2
     return EXIT_FINDINGS if outcome.failed else 0
+
+
+def _checked_workload(config):
+    """Build the sweep's workload and check every batch against its training set."""
+    from batchpilot.cli.common import load_workload
+
+    ns = argparse.Namespace(workload=config.workload, workload_opt=[f"{k}={json.dumps(v)}" for k, v in
+                                                                    config.workload_options.items()])
+    workload = load_workload(ns, "sweep")
+    batches = sorted({*config.batches, *(t.batch for t in config.extra_trials)})
+    too_big = [b for b in batches if b > workload.num_train]
+    if too_big:
+        raise BatchpilotError(f"batch {too_big[0]} is larger than the training set of {config.workload!r} "
+                              f"({workload.num_train} samples); expected batches <= {workload.num_train}")
+    return workload
 
 
 def render(outcome, analysis) -> None:

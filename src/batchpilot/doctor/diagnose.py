@@ -11,16 +11,32 @@ from batchpilot.doctor.findings import Finding, sort_findings
 from batchpilot.doctor.load import load_config
 from batchpilot.doctor.rules import ALL_RULES
 from batchpilot.doctor.schema import DoctorConfig, parse_config
+from batchpilot.errors import BatchpilotError
 
 
 def fill_from_workload(cfg: DoctorConfig) -> DoctorConfig:
     """Fill base_batch, base_lr, optimizer and normalization from ``cfg.workload`` where not given.
 
+    Only a built-in workload is looked up. A config is data: a ``file.py:fn`` or ``pkg.module:fn`` it
+    names is never imported (its code would run), so those fields stay unknown and ``BP002`` says so.
+
     Raises:
-        BatchpilotError: the workload name or path does not resolve.
+        BatchpilotError: a built-in workload that cannot be built.
     """
     if not cfg.workload:
         return cfg
+    if not is_builtin_workload(cfg.workload):
+        from batchpilot.plan.workload_spec import kind_of
+
+        if kind_of(cfg.workload) == "unknown":  # neither a built-in nor a loader path: a typo
+            from batchpilot.errors import short_repr
+            from batchpilot.workloads import list_workloads
+
+            raise BatchpilotError(f"unknown workload {short_repr(cfg.workload)}; known: {', '.join(list_workloads())} "
+                                  f"(or 'file.py:fn', 'pkg.module:fn', which the doctor does not import)")
+        return cfg
+    import torch
+
     from batchpilot.norm import normalization_of
     from batchpilot.workloads import get_workload
 
@@ -33,8 +49,16 @@ def fill_from_workload(cfg: DoctorConfig) -> DoctorConfig:
     if cfg.optimizer is None:
         extra["optimizer"] = wl.optimizer_family()
     if cfg.normalization is None:
-        extra["normalization"] = normalization_of(wl.make_model())
+        with torch.random.fork_rng(devices=[]):  # building the model must not move the caller's RNG
+            extra["normalization"] = normalization_of(wl.make_model())
     return dataclasses.replace(cfg, **extra)
+
+
+def is_builtin_workload(name: str) -> bool:
+    """Whether ``name`` is a registered built-in workload (no user code, no ``hf:`` model build)."""
+    from batchpilot.plan.workload_spec import is_builtin
+
+    return is_builtin(name)
 
 
 def diagnose(cfg: DoctorConfig) -> list[Finding]:

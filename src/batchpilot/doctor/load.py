@@ -11,9 +11,63 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.doctor.schema import DoctorConfig, parse_config
-from batchpilot.errors import BatchpilotError
+from batchpilot.errors import BatchpilotError, short_repr
 
 FORMATS = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".toml": "toml"}
+
+MAX_CONFIG_BYTES = 2 * 2**20
+"""Largest config file read (training configs are a few KiB; a plan.json is well under 1 MiB)."""
+MAX_NODES = 200_000
+"""Largest parsed document, counting every value as often as YAML aliases repeat it (alias bombs stop here)."""
+MAX_ALIASES = 1_000
+"""Most YAML aliases (``*name``) in one file."""
+
+
+def _yaml_loader():
+    """A ``SafeLoader`` that refuses more than :data:`MAX_ALIASES` aliases."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent, index):  # type: ignore[override]
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_ALIASES:
+                    raise BatchpilotError(f"more than {MAX_ALIASES} YAML aliases; expected a plain training config")
+            return super().compose_node(parent, index)
+
+    return BoundedLoader
+
+
+def check_size(data: Any, name: str, limit: int = MAX_NODES) -> None:
+    """Refuse a document whose values, expanded, exceed ``limit`` (alias bombs) or that contains itself."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise BatchpilotError(f"{name}: a value contains itself (recursive YAML alias); expected plain data")
+        busy.add(key)
+        total = 1
+        for child in (node.values() if isinstance(node, dict) else node):
+            total += size(child)
+            if total > limit:
+                raise BatchpilotError(f"{name}: more than {limit:,} values once aliases are expanded; expected a "
+                                      f"plain training config")
+        busy.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        size(data)
+    except RecursionError:
+        raise BatchpilotError(f"{name}: nested too deeply; expected a plain training config") from None
 
 
 def _one_line(text: str) -> str:
@@ -44,14 +98,16 @@ def parse_text(text: str, fmt: str, name: str = "config") -> Any:
         if fmt == "yaml":
             import yaml
 
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+    except BatchpilotError:
+        raise
     except json.JSONDecodeError as exc:
         raise BatchpilotError(f"{name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except Exception as exc:  # yaml.YAMLError and its subclasses, RecursionError on absurd nesting
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or exc.__class__.__name__
-        raise BatchpilotError(f"{name}: invalid {fmt.upper()}{where}: {_one_line(problem)}") from None
+        raise BatchpilotError(f"{name}: invalid {fmt.upper()}{where}: {_one_line(problem)[:200]}") from None
     raise BatchpilotError(f"unknown config format {fmt!r}; expected yaml, json or toml")
 
 
@@ -62,7 +118,7 @@ def select_section(data: Any, section: str | None, name: str = "config") -> Any:
     node = data
     for part in section.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise BatchpilotError(f"{name}: section {section!r} not found (missing {part!r})")
+            raise BatchpilotError(f"{name}: section {short_repr(section)} not found (missing {short_repr(part)})")
         node = node[part]
     return node
 
@@ -83,12 +139,25 @@ def load_config(path: str | Path, section: str | None = None) -> DoctorConfig:
     if fmt is None:
         raise BatchpilotError(f"config {str(p)!r} must end in .yaml, .yml, .json or .toml")
     try:
+        if p.is_dir():
+            raise BatchpilotError(f"config {str(p)!r} is a directory; expected a file")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise BatchpilotError(f"config {str(p)!r} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; expected a "
+                                  f"training config or plan.json")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BatchpilotError(f"config file not found: {str(p)!r}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BatchpilotError(f"cannot read config {str(p)!r}: {_one_line(exc)}") from None
-    data = select_section(parse_text(text, fmt, p.name), section, p.name)
+    data = parse_text(text, fmt, p.name)
+    check_size(data, p.name)
+    data = select_section(data, section, p.name)
+    from batchpilot.doctor.schema import is_plan
+
+    if isinstance(data, dict) and is_plan(data):  # a plan.json: the plan schema every consumer checks
+        from batchpilot.plan.schema import validate_plan
+
+        validate_plan(data, f"plan {p.name}")
     try:
         return parse_config(data)
     except BatchpilotError as exc:

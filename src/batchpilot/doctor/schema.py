@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
-from batchpilot.errors import BatchpilotError
+from batchpilot.errors import BatchpilotError, short_repr
 from batchpilot.scaling.lr_rules import LR_RULES
 
 STEP_WHEN = ("per_micro_batch", "per_optimizer_step")
@@ -35,7 +35,7 @@ MAX_INT = 10**15
 def _int(minimum: int) -> Callable[[str, Any], int]:
     def parse(name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_INT:
-            raise BatchpilotError(f"{name} must be an integer from {minimum} to 1e15, got {value!r}")
+            raise BatchpilotError(f"{name} must be an integer from {minimum} to 1e15, got {short_repr(value)}")
         return value
 
     return parse
@@ -55,7 +55,7 @@ def _float(low: float, high: float = math.inf, *, closed_low: bool = False) -> C
             number >= low if closed_low else number > low)
         if not ok:
             bound = f"{'>=' if closed_low else '>'} {low:g}" + (f" and < {high:g}" if high < math.inf else "")
-            raise BatchpilotError(f"{name} must be a finite number {bound}, got {value!r}")
+            raise BatchpilotError(f"{name} must be a finite number {bound}, got {short_repr(value)}")
         return number  # type: ignore[return-value]
 
     return parse
@@ -63,7 +63,7 @@ def _float(low: float, high: float = math.inf, *, closed_low: bool = False) -> C
 
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise BatchpilotError(f"{name} must be true or false, got {value!r}")
+        raise BatchpilotError(f"{name} must be true or false, got {short_repr(value)}")
     return value
 
 
@@ -71,7 +71,7 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
     def parse(name: str, value: Any) -> str:
         text = value.strip().lower().replace("-", "_") if isinstance(value, str) else None
         if text not in options:
-            raise BatchpilotError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+            raise BatchpilotError(f"{name} must be one of {', '.join(options)}, got {short_repr(value)}")
         return text
 
     return parse
@@ -79,20 +79,20 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
 
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise BatchpilotError(f"{name} must be a non-empty string, got {value!r}")
+        raise BatchpilotError(f"{name} must be a non-empty string, got {short_repr(value)}")
     return value.strip()
 
 
 def _norms(name: str, value: Any) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-        raise BatchpilotError(f"{name} must be a name or a list of names from {', '.join(NORMS)}, got {value!r}")
+        raise BatchpilotError(f"{name} must be a name or a list of names from {', '.join(NORMS)}, got {short_repr(value)}")
     out: list[str] = []
     for item in items:
         key = item.strip().lower().replace("_", "").replace("-", "")
         key = _NORM_ALIASES.get(key, key)
         if key not in NORMS:
-            raise BatchpilotError(f"{name} entries must be from {', '.join(NORMS)}, got {item!r}")
+            raise BatchpilotError(f"{name} entries must be from {', '.join(NORMS)}, got {short_repr(item)}")
         if key not in out:
             out.append(key)
     return tuple(out)
@@ -100,7 +100,7 @@ def _norms(name: str, value: Any) -> tuple[str, ...]:
 
 def _texts(name: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BatchpilotError(f"{name} must be a list of strings, got {value!r}")
+        raise BatchpilotError(f"{name} must be a list of strings, got {short_repr(value)}")
     return tuple(value)
 
 
@@ -229,7 +229,7 @@ def parse_config(data: Any, kind: str | None = None) -> DoctorConfig:
     unknown: list[str] = []
     for key, value in data.items():
         if not isinstance(key, str):
-            raise BatchpilotError(f"config keys must be strings, got {key!r}")
+            raise BatchpilotError(f"config keys must be strings, got {short_repr(key)}")
         name = key if key in FIELDS else _ALIASES.get(key)
         if name is None:
             unknown.append(key)
@@ -238,7 +238,7 @@ def parse_config(data: Any, kind: str | None = None) -> DoctorConfig:
             continue
         parsed = FIELDS[name][0](key, value)
         if name in values and values[name] != parsed:
-            raise BatchpilotError(f"{name} given twice with different values: {given_as[name]}={values[name]!r} and {key}={parsed!r}")
+            raise BatchpilotError(f"{name} given twice with different values: {given_as[name]}={short_repr(values[name])} and {key}={short_repr(parsed)}")
         values[name] = parsed
         given_as[name] = key
     if kind == "plan":

@@ -10,6 +10,7 @@ from typing import Any
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.plan.schema import SCHEMA_VERSION, validate_plan
+from batchpilot.plan.schema import SCHEMA_VERSION, validate_plan
 
 PLAN_VERSION = 1
 
@@ -67,6 +68,10 @@ class Plan:
     """How to rebuild the workload (:mod:`.workload_spec`): its name or ``file.py:fn`` / ``pkg.module:fn``, options."""
     schema_version: int = SCHEMA_VERSION
     """The plan.json layout (:mod:`.schema`)."""
+    workload_spec: dict = field(default_factory=dict)
+    """How to rebuild the workload (:mod:`.workload_spec`): its name or ``file.py:fn`` / ``pkg.module:fn``, options."""
+    schema_version: int = SCHEMA_VERSION
+    """The plan.json layout (:mod:`.schema`)."""
 
     def __post_init__(self) -> None:
         if self.global_batch != self.micro_batch_per_rank * self.accumulation_steps * self.world_size:
@@ -99,6 +104,7 @@ def write_plan(plan: Plan, path: str | Path) -> Path:
 
 REQUIRED_KEYS = ("micro_batch_per_rank", "accumulation_steps", "world_size", "global_batch", "lr", "lr_rule",
                  "warmup_steps")
+MAX_PLAN_BYTES = 64 * 2**20
 MAX_PLAN_BYTES = 64 * 2**20
 
 

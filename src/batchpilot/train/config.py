@@ -17,7 +17,7 @@ from batchpilot.scaling.lr_rules import LR_RULES, default_lr_rule, scale_lr
 from batchpilot.scaling.lr_schedules import SCHEDULES
 from batchpilot.workloads import Target, Workload
 
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "bfloat16", "float64")
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -46,7 +46,7 @@ class TrainConfig:
         checkpoint_every: checkpoint every this many steps (and at the end) when an output dir is given.
         target: stop-free target to record steps/time to, e.g. ``val_acc>=0.85``; defaults to the workload's.
         stop_at_target: end the run once the target is reached.
-        dtype: ``float32`` or ``float64`` (tests check exactness in float64).
+        dtype: ``float32``, ``bfloat16`` (weights and inputs in bf16) or ``float64`` (tests check exactness in float64).
         diverge_factor: the run is diverged when the loss exceeds this multiple of its first value.
         optimizer: ``default`` (the workload's) or ``sgd``, ``adamw``, ``lars``, ``lamb`` (see :mod:`batchpilot.optim`).
         batch_schedule: a batch-size schedule such as ``linear:end=512,over=200``

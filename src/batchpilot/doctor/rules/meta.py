@@ -9,18 +9,34 @@ from batchpilot.doctor.catalog import RULES
 from batchpilot.doctor.context import Context
 from batchpilot.doctor.findings import Finding
 from batchpilot.doctor.schema import _ALIASES, FIELDS
+from batchpilot.errors import short_repr
+
+
+def _builtin(name: str) -> bool:
+    from batchpilot.plan.workload_spec import is_builtin
+
+    return is_builtin(name)
+
+
+MAX_UNKNOWN = 20
+"""Unknown keys reported one by one; the rest are counted in one more finding."""
 
 
 def unknown_fields(ctx: Context) -> Iterator[Finding]:
-    """BP001: one finding per unknown key, with the closest field name."""
+    """BP001: one finding per unknown key (up to :data:`MAX_UNKNOWN`), with the closest field name."""
     names = list(FIELDS) + list(_ALIASES)
-    for key in ctx.cfg.unknown:
-        guess = difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+    unknown = ctx.cfg.unknown
+    for key in unknown[:MAX_UNKNOWN]:
+        guess = difflib.get_close_matches(key, names, n=1, cutoff=0.75) if len(key) <= 100 else []
         hint = f"; did you mean {guess[0]!r}?" if guess else ""
         yield RULES["BP001"].finding(
-            "info", f"unknown field {key!r} is ignored{hint}",
+            "info", f"unknown field {short_repr(key)} is ignored{hint}",
             f"rename it to {guess[0]!r}" if guess else "remove it, or see docs/doctor.md for the field names",
-            (key,))
+            (key[:100],))
+    if len(unknown) > MAX_UNKNOWN:
+        yield RULES["BP001"].finding(
+            "info", f"{len(unknown) - MAX_UNKNOWN} more unknown fields are ignored",
+            "remove them, or see docs/doctor.md for the field names", ())
 
 
 def not_checked(ctx: Context) -> Iterator[Finding]:
@@ -55,6 +71,9 @@ def not_checked(ctx: Context) -> Iterator[Finding]:
         need("largest-batch-that-fits BP102-BP104", ["max_micro_batch or batch_source"])
     if cfg.finetune:
         need("fine-tuning BP301-BP302", [n for n in ("pretrain_batch", "pretrain_lr") if getattr(cfg, n) is None])
+    if cfg.workload and gaps and not _builtin(cfg.workload):
+        gaps.append(f"workload {short_repr(cfg.workload)} was not imported (the doctor runs no code named in a "
+                    f"config; give base_batch, base_lr, optimizer and normalization)")
     if gaps:
         yield RULES["BP002"].finding(
             "info", "not checked: " + "; ".join(gaps),
