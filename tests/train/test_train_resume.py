@@ -39,7 +39,7 @@ def test_stop_and_resume_is_bit_identical(name, tmp_path):
 
 def test_resume_from_periodic_checkpoint_after_crash(mlp_workload, tmp_path):
     cfg = TrainConfig(global_batch=32, steps=12, seed=0, checkpoint_every=5)
-    full = Trainer(mlp_workload, cfg)
+    full = Trainer(mlp_workload, cfg, out_dir=tmp_path / "full")
     full.run()
 
     class Crash(Exception):
@@ -50,9 +50,9 @@ def test_resume_from_periodic_checkpoint_after_crash(mlp_workload, tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        Trainer(mlp_workload, cfg, out_dir=tmp_path, on_step=crash_at_8).run()
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["counters"]["step"] == 5
-    resumed = Trainer(mlp_workload, cfg, out_dir=tmp_path, resume=True)
+        Trainer(mlp_workload, cfg, out_dir=tmp_path / "part", on_step=crash_at_8).run()
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["counters"]["step"] == 5
+    resumed = Trainer(mlp_workload, cfg, out_dir=tmp_path / "part", resume=True)
     resumed.run()
     assert _states_equal(resumed.model, full.model)
 

@@ -8,12 +8,25 @@ sets each step's batch, micro-batch and LR; the run is then counted in samples.
 With ``world_size > 1`` (a ``torchrun`` launch) the model runs under DDP: each rank takes its exact
 share of every global batch, the loss is normalised by the all-reduced unit count, and rank 0 alone
 logs and writes checkpoints (:mod:`batchpilot.train.distributed`).
+
+Interrupts: Ctrl-C (``KeyboardInterrupt``) at any point of a run leaves a checkpoint of a
+*completed* step, so ``--resume`` ends bit-identical to an uninterrupted run. Each step has three
+phases. While the batch is drawn and the micro-batches run forward and backward, an interrupt rolls
+the step back (sampler position, RNG, BatchNorm buffers, the LR set for the step, the batch driver
+and the noise monitor return to their state before the step). While the optimizer, scheduler and
+EMA apply the step, SIGINT is held back until the step is counted. After that, the step is
+complete; an interrupt before its metrics record is written leaves that record pending in the
+checkpoint, and the resumed run evaluates and writes it first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +39,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from batchpilot.train.drivers import make_batch_driver
 from batchpilot.workloads.data import EpochBatchSampler, fetch, split_micro
 from batchpilot.errors import BatchpilotError
+from batchpilot.files import atomic_write_text
 from batchpilot.optim import with_optimizer
 from batchpilot.train.regime import load_pretrained
 from batchpilot.scaling.lr_rules import default_lr_rule
@@ -35,7 +49,7 @@ from batchpilot.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_c
 from batchpilot.train.config import TrainConfig
 from batchpilot.train.distributed import check_world_size, maybe_inject_fault, torchrun_env
 from batchpilot.train.result import TrainResult
-from batchpilot.workloads import Workload
+from batchpilot.workloads import Target, Workload
 
 EVAL_BATCH = 1024
 StepCallback = Callable[[dict], None]
@@ -117,9 +131,13 @@ class Trainer:
         n = workload.num_train
         if config.global_batch > n:
             raise BatchpilotError(f"batch {config.global_batch} is larger than the training set of {workload.name!r} ({n} samples)")
+        if config.checkpoint_every is not None and self.out_dir is None:
+            raise BatchpilotError(f"checkpoint every {config.checkpoint_every} steps needs an output directory "
+                                  "(--out DIR) to write checkpoint.pt to")
         self.dtype = getattr(torch, config.dtype)
         self.lr, self.lr_rule = config.resolve_lr(workload)
         self.target = config.resolve_target(workload)
+        check_target_metric(self.target, workload)
         self.total_steps = config.total_steps(n)
         batch_rule = config.lr_rule or default_lr_rule(workload.optimizer_family())
         self.batching = make_batch_driver(config, workload, batch_rule)
@@ -136,11 +154,20 @@ class Trainer:
         self.after_micro = hooks[0] if len(hooks) == 1 else (_chain(hooks) if hooks else None)
         self.model: nn.Module | None = None
         self.ema: AveragedModel | None = None
+        self._phase = "idle"  # "accumulate" | "apply" | "after" | "saving": see the module docstring
+        self._sigint_held = False
+        self._snap: dict | None = None  # the state before the running step (for a roll-back)
+        self._pending: dict | None = None  # the record of a counted step not yet written
 
     # -- one step -------------------------------------------------------------------------
     def _step(self, model, optimizer, scheduler, ema, sampler) -> tuple[float, dict]:
-        """One optimizer step; returns the mean loss and the step's record fields (LR used, samples ...)."""
+        """One optimizer step; returns the mean loss and the step's record fields (LR used, samples ...).
+
+        Until the optimizer step the phase is ``accumulate`` (an interrupt rolls back); from the optimizer
+        step until the step is counted by the caller it is ``apply`` (SIGINT is held back).
+        """
         cfg, w = self.config, self.workload
+        self._phase = "accumulate"
         batch, micro_batch, info = cfg.global_batch, cfg.micro_per_rank, {}
         if self.batching is not None:
             plan = self.batching.plan(self._counters.step, self._counters.samples)
@@ -158,6 +185,7 @@ class Trainer:
             loss = accumulate_gradients(model, micro, w.loss_sum, w.count_units, after_micro=self.after_micro)
         else:
             loss = self._ddp_accumulate(micro)
+        self._phase = "apply"
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -213,6 +241,8 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "counters": {k: getattr(c, k) for k in c.__dataclass_fields__},
             "batching": self.batching.state_dict() if self.batching is not None else None,
+            "noise": self.noise.state_dict() if self.noise is not None else None,
+            "pending_record": dict(self._pending) if self._pending is not None else None,
             **({"rng_cpu_ranks": self.dist.gather(torch.get_rng_state())} if self.dist is not None else {}),
         }
 
@@ -221,32 +251,51 @@ class Trainer:
         if self.is_main:
             save_checkpoint(ckpt, state)
 
-    def _restore(self, state: dict, model, optimizer, scheduler, ema, sampler) -> None:
+    def _restore(self, state: dict, ckpt: Path, model, optimizer, scheduler, ema, sampler) -> None:
+        """Load a checkpoint (checked by :func:`load_checkpoint`); anything that does not fit this run is a
+        one-line :class:`BatchpilotError`."""
+        where = f"checkpoint {str(ckpt)!r}"
+        if not isinstance(state["config"], dict) or not isinstance(state["counters"], dict):
+            raise BatchpilotError(f"{where} is not a batchpilot checkpoint (config and counters must be dicts)")
         saved = {k: v for k, v in state["config"].items() if k not in ("steps", "epochs", "checkpoint_every", "eval_every")}
         current = {k: v for k, v in self.config.to_dict().items() if k in saved}
         if saved != current or state["workload"] != self.workload.name:
             diff = sorted(k for k in saved if saved[k] != current.get(k))
             raise BatchpilotError(f"checkpoint in {self.out_dir} was made with a different run (differs in: {', '.join(diff) or 'workload'})")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng_cpu"])
-        ranks = state.get("rng_cpu_ranks")
-        if self.dist is not None and ranks is not None and len(ranks) == self.dist.world_size:
-            torch.set_rng_state(ranks[self.dist.rank])
-        self._counters = _Counters(**state["counters"])
-        if self.batching is not None:
-            self.batching.load_state_dict(state["batching"])
+        load_weights(model, state["model"], where)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if ema is not None and state.get("ema") is not None:
+                load_weights(ema, state["ema"], f"{where} (EMA)")
+            sampler.load_state_dict(state["sampler"])
+            torch.set_rng_state(state["rng_cpu"])
+            ranks = state.get("rng_cpu_ranks")
+            if self.dist is not None and ranks is not None and len(ranks) == self.dist.world_size:
+                torch.set_rng_state(ranks[self.dist.rank])
+            self._counters = _Counters(**state["counters"])
+            if self.batching is not None:
+                self.batching.load_state_dict(state["batching"])
+            if self.noise is not None and state.get("noise") is not None:
+                self.noise.load_state_dict(state["noise"])
+            pending = state.get("pending_record")
+            if pending is not None and not (isinstance(pending, dict) and pending.get("step") == self._counters.step):
+                raise ValueError(f"its pending record is not that of step {self._counters.step}")
+            self._pending = dict(pending) if pending is not None else None
+        except BatchpilotError:
+            raise
+        except Exception as exc:  # a hand-edited or foreign checkpoint: wrong types, keys, sizes
+            raise BatchpilotError(f"{where} does not fit this run ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:200]}); move it away to start fresh") from None
 
     def _truncate_metrics(self, step: int) -> None:
+        """Keep the records of steps 1..``step`` (a record cut off by a crash, or of a later step, goes)."""
         path = self.out_dir / "metrics.jsonl"  # type: ignore[operator]
         if not path.exists():
             return
-        kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [ln for ln in path.read_text(errors="replace").splitlines() if _record_step(ln) is not None
+                and _record_step(ln) <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
     # -- the run --------------------------------------------------------------------------
     def run(self, *, stop_after: int | None = None) -> TrainResult:
@@ -256,10 +305,11 @@ class Trainer:
 
     def _run(self, stop_after: int | None) -> TrainResult:
         cfg, w = self.config, self.workload
+        self._phase, self._pending, self._sigint_held = "idle", None, False
         torch.manual_seed(cfg.seed)
         model = w.make_model().to(self.dtype)
         if cfg.init_from:
-            model.load_state_dict(load_pretrained(cfg.init_from))
+            load_weights(model, load_pretrained(cfg.init_from), f"--init-from weights {cfg.init_from!r}")
         if cfg.sync_batchnorm:
             from batchpilot.train.sync_bn import convert_sync_batchnorm
 
@@ -279,11 +329,14 @@ class Trainer:
         if self.dist is not None and self.dist.rank > 0:
             torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank)  # rank r's own dropout stream
         if self.resume and ckpt is not None and ckpt.exists():  # every rank loads the checkpoint
-            self._restore(load_checkpoint(ckpt), model, optimizer, scheduler, ema, sampler)
-            if self.is_main:
-                self._truncate_metrics(self._counters.step)
+            self._restore(load_checkpoint(ckpt), ckpt, model, optimizer, scheduler, ema, sampler)
+            if self.is_main:  # a pending step's record is written again by the loop
+                self._truncate_metrics(self._counters.step - (self._pending is not None))
         elif self.out_dir is not None and self.is_main:
-            (self.out_dir / "metrics.jsonl").write_text("")
+            if self.resume:
+                print(f"batchpilot train: no checkpoint in {str(self.out_dir)!r} to resume from; starting fresh",
+                      file=sys.stderr, flush=True)
+            atomic_write_text(self.out_dir / "metrics.jsonl", "")
             if ckpt is not None and ckpt.exists() and torchrun_env().launched:
                 ckpt.unlink()  # a restarted attempt of this run must not resume from an older run's checkpoint
         if self.dist is not None:
@@ -296,62 +349,142 @@ class Trainer:
         return self._loop(model, optimizer, scheduler, ema, sampler, ckpt, stop_after)
 
     def _loop(self, model, optimizer, scheduler, ema, sampler, ckpt, stop_after) -> TrainResult:
-        cfg, c = self.config, self._counters
+        c = self._counters
         metrics = open(self.out_dir / "metrics.jsonl", "a") if self.out_dir is not None and self.is_main else None
-        status = "target_reached" if self._target_stop() else "completed"
         bar_total, bar_done = (self.total_steps, lambda: c.step) if self.batching is None else \
             (self.batching.budget_samples, lambda: c.samples)
         bar = _progress(self.progress and self.is_main, bar_total, bar_done(), self.workload.name)
         save = (lambda: self._save(ckpt, model, optimizer, scheduler, ema, sampler)) if ckpt else (lambda: None)
-        try:
-            while not self._finished():
-                t0 = time.perf_counter()
-                loss, info = self._step(model, optimizer, scheduler, ema, sampler)
-                c.train_wall_s += time.perf_counter() - t0
-                c.step += 1
-                maybe_inject_fault(c.step)
-                if c.step == 1:
-                    c.initial_loss = loss
-                c.last_loss = loss
-                record = {"step": c.step, "loss": loss, "lr": info.pop("lr"), "batch": info.pop("batch"),
-                          "samples": c.samples, "epoch": sampler.epochs_done, "wall_s": c.train_wall_s, **info}
-                if self._diverged(loss):
-                    status = "diverged"
-                    _write(metrics, record)
-                    break
-                if (cfg.eval_every and c.step % cfg.eval_every == 0) or self._finished():
-                    record.update(self._eval(model, ema))
-                    self._check_target(record)
-                    if self.rank_noise is not None:
-                        self.rank_noise.flush()
-                    if self.noise is not None and self.noise.n_updates:
-                        b = self.noise.estimate().b_simple
-                        record.setdefault("b_noise", b if math.isfinite(b) else None)
-                _write(metrics, record)
-                if self.on_step is not None:
-                    self.on_step(record)
+        objects = (model, optimizer, scheduler, ema, sampler)
+        status: str | None = None
+        consistent = True  # whether the objects hold the state of a completed step
+        with self._hold_sigint():
+            try:
+                if self._pending is not None:  # resumed from an interrupt after a counted step
+                    self._phase = "after"
+                    status = self._finish_step(dict(self._pending), objects, metrics, bar, bar_done, save, stop_after)
+                while status is None and not self._finished():
+                    self._snap = self._snapshot(model, optimizer, sampler) if self.dist is None else None
+                    t0 = time.perf_counter()
+                    loss, info = self._step(model, optimizer, scheduler, ema, sampler)
+                    c.train_wall_s += time.perf_counter() - t0
+                    c.step += 1
+                    if c.step == 1:
+                        c.initial_loss = loss
+                    c.last_loss = loss
+                    record = {"step": c.step, "loss": loss, "lr": info.pop("lr"), "batch": info.pop("batch"),
+                              "samples": c.samples, "epoch": sampler.epochs_done, "wall_s": c.train_wall_s, **info}
+                    self._pending, self._phase = dict(record), "after"
+                    if self._sigint_held:  # Ctrl-C while the step was applied: the step is complete now
+                        self._sigint_held = False
+                        raise KeyboardInterrupt
+                    maybe_inject_fault(c.step)
+                    status = self._finish_step(record, objects, metrics, bar, bar_done, save, stop_after)
+                    self._phase = "idle"
+            except KeyboardInterrupt:
+                status = "interrupted"
+                if self._phase == "accumulate" and self._snap is not None:
+                    self._rollback(self._snap, model, optimizer, sampler)
+                elif self._phase in ("accumulate", "apply"):
+                    consistent = False  # (DDP, or an exception from inside the optimizer step)
+            finally:
+                self._snap = None
+                if self.rank_noise is not None:
+                    self.rank_noise.flush()
                 if bar is not None:
-                    bar.update(bar.task_ids[0], completed=bar_done(), description=f"{self.workload.name} loss {loss:.4f}")
-                if cfg.checkpoint_every and c.step % cfg.checkpoint_every == 0:
-                    save()
-                if self._target_stop():
-                    status = "target_reached"
-                    break
-                if stop_after is not None and c.step >= stop_after and not self._finished():
-                    status = "stopped"
-                    break
-        except KeyboardInterrupt:
-            status = "interrupted"
-        finally:
+                    bar.stop()
+                if metrics is not None:
+                    metrics.close()
+            if status is None:
+                status = "target_reached" if self._target_stop() else "completed"
+            if status != "diverged" and consistent and not (status == "interrupted" and self.dist is not None):
+                self._phase = "saving"  # Ctrl-C now waits for the checkpoint to be written
+                save()  # (an interrupted DDP run keeps its last periodic checkpoint: the peers may be gone)
+            self._phase = "idle"
+            self._pending = None
+            if self._sigint_held and status != "interrupted":
+                raise KeyboardInterrupt  # Ctrl-C while the last checkpoint was written: it is written
+        return self._result(model, ema, status)
+
+    def _finish_step(self, record: dict, objects, metrics, bar, bar_done, save, stop_after) -> str | None:
+        """Everything after a counted step: divergence, evaluation, the record, hooks, the periodic
+        checkpoint. Returns the run's final status if the run ends here, else ``None``."""
+        cfg, c = self.config, self._counters
+        model, ema = objects[0], objects[3]
+        if self._diverged(record["loss"]):
+            _write(metrics, record)
+            self._pending = None
+            return "diverged"
+        if (cfg.eval_every and c.step % cfg.eval_every == 0) or self._finished():
+            record.update(self._eval(model, ema))
+            self._check_target(record)
             if self.rank_noise is not None:
                 self.rank_noise.flush()
-            if bar is not None:
-                bar.stop()
-            if metrics is not None:
-                metrics.close()
-        if status != "diverged" and not (status == "interrupted" and self.dist is not None):
-            save()  # (an interrupted DDP run keeps its last periodic checkpoint: the peers may be gone)
-        return self._result(model, ema, status)
+            if self.noise is not None and self.noise.n_updates:
+                b = self.noise.estimate().b_simple
+                record.setdefault("b_noise", b if math.isfinite(b) else None)
+        _write(metrics, record)
+        self._pending = None
+        if self.on_step is not None:
+            self.on_step(record)
+        if bar is not None:
+            bar.update(bar.task_ids[0], completed=bar_done(), description=f"{self.workload.name} loss {record['loss']:.4f}")
+        if cfg.checkpoint_every and c.step % cfg.checkpoint_every == 0:
+            save()
+        if self._target_stop():
+            return "target_reached"
+        if stop_after is not None and c.step >= stop_after and not self._finished():
+            return "stopped"
+        return None
+
+    # -- interrupts -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _hold_sigint(self):
+        """While the run lasts, SIGINT raises ``KeyboardInterrupt`` as usual, except while a step is applied
+        or the last checkpoint written: then it is held back until that is done. Only installed in the
+        main thread, over Python's default handler (a handler of the caller's own is left alone)."""
+        self._sigint_held = False
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            if self._phase in ("apply", "saving"):
+                self._sigint_held = True
+                return
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _snapshot(self, model, optimizer, sampler) -> dict:
+        """What a step changes before its optimizer step (the roll-back of an interrupted step)."""
+        return {
+            "sampler": sampler.state_dict(), "rng_cpu": torch.get_rng_state(),
+            "lr": [group["lr"] for group in optimizer.param_groups],
+            "buffers": [b.detach().clone() for b in model.buffers()],
+            "batching": self.batching.state_dict() if self.batching is not None else None,
+            "noise": self.noise.state_dict() if self.noise is not None else None,
+        }
+
+    def _rollback(self, snap: dict, model, optimizer, sampler) -> None:
+        """Undo a step interrupted before its optimizer step: the state is that of the last completed step."""
+        sampler.load_state_dict(snap["sampler"])
+        torch.set_rng_state(snap["rng_cpu"])
+        for group, lr in zip(optimizer.param_groups, snap["lr"]):
+            group["lr"] = lr
+        with torch.no_grad():
+            for buf, saved in zip(model.buffers(), snap["buffers"]):
+                buf.copy_(saved)
+        if self.batching is not None:
+            self.batching.load_state_dict(snap["batching"])
+        if self.noise is not None:
+            self.noise.load_state_dict(snap["noise"])
+        optimizer.zero_grad(set_to_none=True)
 
     def _eval(self, model, ema) -> dict[str, float]:
         out = evaluate(ema.module if ema is not None else model, self.workload, self.dtype)
@@ -381,6 +514,53 @@ class Trainer:
             batch_sizes=tuple((s, b) for s, b in self.batching.changes) if self.batching is not None
             else ((1, cfg.global_batch),),
         )
+
+
+def reported_metrics(workload: Workload) -> tuple[str, ...]:
+    """The metrics a target can name: those in every evaluation record of ``workload``."""
+    return tuple(dict.fromkeys((workload.metric_name, "val_loss", "loss")))
+
+
+def check_target_metric(target: Target | None, workload: Workload) -> None:
+    """Refuse a target on a metric the workload never reports (it could never be reached)."""
+    if target is None:
+        return
+    known = reported_metrics(workload)
+    if target.metric not in known:
+        raise BatchpilotError(f"target {str(target)!r} names metric {target.metric!r}, which workload "
+                              f"{workload.name!r} does not report; expected one of: {', '.join(known)}")
+
+
+def load_weights(model: nn.Module, state: object, what: str) -> None:
+    """``model.load_state_dict(state)``, with a one-line :class:`BatchpilotError` naming ``what`` when the
+    weights are of another model (missing or unexpected keys, other shapes)."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BatchpilotError(f"{what}: no model state_dict (expected tensors by parameter name)")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {list(state[k].shape)} in the file, {list(own[k].shape)} in the model"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            problems.append(f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+    if problems:
+        raise BatchpilotError(f"{what}: the weights are of another model than this {type(model).__name__} "
+                              f"({'; '.join(problems)})")
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:  # dtype casts that fail and the like
+        raise BatchpilotError(f"{what}: cannot be loaded into the model ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _record_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line, or ``None`` for a blank, cut-off or foreign line."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _chain(hooks):
