@@ -170,8 +170,6 @@ def _run(args: argparse.Namespace, env) -> int:
         w = with_optimizer(workload, args.optimizer)
         regime = finetune_regime(w.base_batch, w.base_lr, w.optimizer_family(), num_train=w.num_train, batch=args.batch)
     config = config_from_args(args, workload.base_batch, regime, world_size=env.world_size)
-    if env.is_main:
-        doctor_warnings(config, workload, plan=plan, finetune=args.finetune)
     noise = None
     if args.noise_scale:
         from batchpilot.noise.microbatch import GradientNoiseScale
@@ -179,6 +177,8 @@ def _run(args: argparse.Namespace, env) -> int:
         noise = GradientNoiseScale()
     resume = args.resume or bool(env.restart_count and args.out)  # a torchrun restart resumes its run
     trainer = Trainer(workload, config, out_dir=args.out, resume=resume, progress=env.is_main, noise=noise)
+    if env.is_main:  # after the trainer's own checks (a bad batch fails with its one line, nothing else)
+        doctor_warnings(config, workload, plan=plan, finetune=args.finetune)
     result = trainer.run()
     code = {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
     if not env.is_main:  # rank 0 alone prints and writes
