@@ -257,8 +257,8 @@ def test_ties_go_to_no_accumulation_then_the_larger_batch():
     chosen = gp.choose(noisy, UncertainThroughput(0.01, 1e-4, u=0.3))
     assert len(tie) > len(gp.ties(exact, UncertainThroughput(0.01, 1e-4, u=0.0)))
     assert chosen.global_batch == max(c.global_batch for c in tie if c.accumulation_steps == 1)
-    for c in tie:
-        assert math.log(best.goodput / c.goodput) <= 0.3 + 1e-12
+    for c in tie:  # the tie is capped: never a batch predicted more than TIE_CAP slower
+        assert math.log(best.goodput / c.goodput) <= gp.TIE_CAP + 1e-12
 
 
 def test_accumulation_only_when_measurably_faster():

@@ -301,11 +301,14 @@ def _set_threads(workload, threads, measure_device, throughput, max_batch, seed,
     return scores
 
 
-def _lr_check_steps(workload: Workload, base_step_s: float, budget_s: float) -> int:
-    """Steps per LR-check run: what the budget allows for six runs, between 30 steps and two epochs."""
+def _lr_check_steps(workload: Workload, base_step_s: float, budget_s: float, runs: int = 4) -> int:
+    """Steps per LR-check run: one epoch, at most 100 steps, fewer (but at least 30) if the budget demands.
+
+    Fixed when the budget allows, so that timing noise does not change the check's verdict.
+    """
     epoch = math.ceil(workload.num_train / workload.base_batch)
-    fits = int(budget_s / (6 * max(base_step_s, 1e-6) * 1.3))  # 1.3: the trainer's own overhead
-    return max(30, min(2 * epoch, fits))
+    fits = int(budget_s / (runs * max(base_step_s, 1e-6) * 1.5))  # 1.5: the trainer's own overhead
+    return max(30, min(epoch, 100, fits))
 
 
 def noise_from_probe(probe: NoiseProbe, workload: Workload) -> dict:

@@ -27,7 +27,9 @@ class Confirmation:
     Attributes:
         loss_threshold: the validation loss every run trained to.
         batches: the global batches.
-        samples: samples each needed to reach ``loss_threshold`` (``None``: not reached within its cap).
+        samples: samples each needed to reach ``loss_threshold`` (``None``: not reached within its cap),
+            the fewest over the LR multipliers tried.
+        lr_multipliers: the multiple of the plan's LR that needed the fewest samples at each batch.
         b_crit: the fitted critical batch (``inf``: samples did not grow with the batch; ``nan``: no fit).
         e_min: the fitted E_min, in samples.
         wall_s: time of the runs trained here (not the base batch's, which is the probe).
@@ -36,6 +38,7 @@ class Confirmation:
     loss_threshold: float
     batches: tuple[int, ...]
     samples: tuple[float | None, ...]
+    lr_multipliers: tuple[float, ...]
     b_crit: float
     e_min: float
     wall_s: float
@@ -109,6 +112,7 @@ def samples_to_loss(workload: Workload, *, batch: int, lr: float, warmup_steps: 
 def confirm_critical_batch(workload: Workload, *, base_samples: float, loss_threshold: float, batches: Sequence[int],
                            lr_for: Callable[[int], float], warmup_for: Callable[[int], int],
                            micro_for: Callable[[int], int | None], max_factor: float = 16.0, seed: int = 0,
+                           lr_multipliers: Sequence[float] = (1.0, 0.5),
                            time_budget_s: float | None = None) -> Confirmation:
     """Fit B_crit from the base batch's probe and short runs at ``batches``.
 
@@ -119,6 +123,9 @@ def confirm_critical_batch(workload: Workload, *, base_samples: float, loss_thre
         batches: the larger global batches to run.
         lr_for, warmup_for, micro_for: the plan's LR, warmup and micro-batch at a batch.
         max_factor: each run stops after ``max_factor x base_samples`` samples (E(B)/E(B0) <= B/B0).
+        lr_multipliers: multiples of ``lr_for(B)`` tried at each larger batch; the fewest samples count.
+            B_crit assumes a well-tuned LR at every batch (McCandlish et al. 2018; Shallue et al. 2019), and
+            a scaling rule tends to overshoot at large batches, so one step down is tried too.
         seed: the runs' seed (the probe's, so they start from the same initialisation).
         time_budget_s: skip the remaining batches once this much time has gone.
     """
@@ -130,18 +137,27 @@ def confirm_critical_batch(workload: Workload, *, base_samples: float, loss_thre
     done_batches: list[int] = [b0]
     done_samples: list[float | None] = [float(base_samples)]
     caps: list[float] = [float(base_samples)]
+    multipliers: list[float] = [1.0]
     for batch in sorted(set(batches)):
         if batch <= b0:
             continue
         if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
             break
         cap = min(max_factor, batch / b0) * base_samples * 1.25
-        s = samples_to_loss(workload, batch=batch, lr=lr_for(batch), warmup_steps=warmup_for(batch),
-                            loss_threshold=loss_threshold, max_samples=cap, micro_batch=micro_for(batch),
-                            eval_every_samples=max(batch, base_samples / 20), seed=seed)
+        tried: dict[float, float | None] = {}
+        for m in lr_multipliers:
+            if tried and time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+                break
+            tried[m] = samples_to_loss(workload, batch=batch, lr=lr_for(batch) * m, warmup_steps=warmup_for(batch),
+                                       loss_threshold=loss_threshold, max_samples=cap, micro_batch=micro_for(batch),
+                                       eval_every_samples=max(batch, base_samples / 20), seed=seed)
+        reached = {m: s for m, s in tried.items() if s is not None}
+        m_best = min(reached, key=reached.get) if reached else next(iter(tried))
         done_batches.append(batch)
-        done_samples.append(s)
+        done_samples.append(reached.get(m_best))
+        multipliers.append(m_best)
         caps.append(cap)
     b_crit, e_min = fit_critical_batch(done_batches, [s if s is not None else c for s, c in zip(done_samples, caps)])
     return Confirmation(loss_threshold=loss_threshold, batches=tuple(done_batches), samples=tuple(done_samples),
+                        lr_multipliers=tuple(multipliers),
                         b_crit=b_crit, e_min=e_min, wall_s=time.perf_counter() - start)

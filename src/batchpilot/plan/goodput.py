@@ -177,6 +177,9 @@ def search(*, micro_choices: Sequence[int], world_size: int, max_micro_batch: in
 
 TIE_FLOOR = 0.02
 """Goodputs closer than 2% are a tie even when the timing looks certain: the efficiency model is not that exact."""
+TIE_CAP = 0.05
+"""...and a tie never spans more than 5%: on a very noisy machine the band is reported (and a caveat given), but
+the choice does not drift to a batch predicted to be much slower."""
 
 
 def log_uncertainty(throughput: object, micro_a: int, micro_b: int) -> float:
@@ -196,7 +199,8 @@ def _faster_split(a: Candidate, b: Candidate, throughput: object) -> Candidate:
 
 def tie_margin(candidate: Candidate, best: Candidate, throughput: object = None) -> float:
     """How far (in log goodput) ``candidate`` may trail ``best`` and still be a tie."""
-    return max(TIE_FLOOR, log_uncertainty(throughput, candidate.micro_batch_per_rank, best.micro_batch_per_rank))
+    u = log_uncertainty(throughput, candidate.micro_batch_per_rank, best.micro_batch_per_rank)
+    return min(TIE_CAP, max(TIE_FLOOR, u))
 
 
 def ties(candidates: Sequence[Candidate], throughput: object = None) -> list[Candidate]:
@@ -211,7 +215,7 @@ def choose(candidates: Sequence[Candidate], throughput: object = None) -> Candid
 
     Candidates whose goodput trails the best by less than the measured timing uncertainty of
     their step-time ratio (from the interleaved rounds of :func:`batchpilot.throughput.measure.measure_throughput`,
-    at least :data:`TIE_FLOOR`) are a tie; the tie goes to no accumulation, then to the larger batch
+    at least :data:`TIE_FLOOR`, at most :data:`TIE_CAP`) are a tie; the tie goes to no accumulation, then to the larger batch
     (fewer optimizer steps for the same predicted time).
     """
     return max(ties(candidates, throughput), key=lambda c: (c.accumulation_steps == 1, c.global_batch))

@@ -21,7 +21,8 @@ from typing import Sequence
 from batchpilot.errors import BatchpilotError
 from batchpilot.workloads import Workload
 
-MULTIPLIERS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+MULTIPLIERS: tuple[float, ...] = (1 / 3, 1.0, 3.0, 9.0)
+"""A factor-3 grid: four short runs find a base LR that is off by 3x or more (1/3 below, 9x above)."""
 TOLERANCE = 0.05
 """A multiplier must lower the late loss by more than 5% to replace the base LR."""
 
@@ -83,10 +84,11 @@ def decide(multipliers: Sequence[float], late_losses: Sequence[float], tolerance
 
 def _note(check_multipliers: Sequence[float], chosen: float, base_lr: float) -> str:
     if chosen == 1.0:
-        return f"base LR {base_lr:g} checked against {len(check_multipliers) - 1} other multiples: kept"
+        others = ", ".join(f"{m:.3g}x" for m in check_multipliers if m != 1.0)
+        return f"base LR {base_lr:g} checked against {others}: kept"
     edge = " (the largest tried: the best may be higher)" if chosen == max(check_multipliers) else ""
-    return (f"base LR {base_lr:g} is off: {chosen:g}x ({base_lr * chosen:g}) lowered the loss of a short run at the "
-            f"base batch by more than {TOLERANCE:.0%}{edge}; the plan scales from {base_lr * chosen:g}")
+    return (f"base LR {base_lr:g} is off: {chosen:.3g}x ({base_lr * chosen:.3g}) lowered the loss of a short run at the "
+            f"base batch by more than {TOLERANCE:.0%}{edge}; the plan scales from {base_lr * chosen:.3g}")
 
 
 def check_base_lr(workload: Workload, *, steps: int, multipliers: Sequence[float] = MULTIPLIERS, seed: int = 0,
