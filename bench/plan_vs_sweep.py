@@ -40,6 +40,8 @@ from batchpilot.sweep.runner import SweepConfig, TrialSpec, run_sweep, with_plan
 from batchpilot.sweep.analysis import TIME_BASES, analyze, as_jsonable
 from batchpilot.workloads import get_workload
 
+from _shared import interleaved_step_times
+
 
 def grid_batches(largest: int, smallest: int = 16) -> tuple[int, ...]:
     """Powers of two from ``smallest`` up to ``largest``, plus ``largest`` itself."""
@@ -52,40 +54,16 @@ def grid_batches(largest: int, smallest: int = 16) -> tuple[int, ...]:
 
 def interleaved_step_s(workload, configs: list[tuple[int, int]], *, rounds: int = 30, warmup: int = 3,
                        seed: int = 0) -> dict[tuple[int, int], float]:
-    """Seconds per optimizer step for each ``(batch, micro_batch)``, timed round-robin.
+    """Seconds per optimizer step for each ``(batch, micro_batch)``, timed round-robin
+    (:func:`_shared.interleaved_step_times`).
 
     The statistic is the lower quartile of the rounds: other jobs on a shared machine only
     ever add time (preemption), so the low quantile estimates the step's own cost, and the
     round-robin order gives every configuration the same background load.
-
-    Each configuration gets a fresh model and optimizer; one step is fetching a random batch,
-    exact accumulation over its micro-batches, the optimizer step and zeroing the gradients
-    (what the trainer does per step, without evaluation).
     """
     import statistics
 
-    from batchpilot.workloads.data import fetch, split_micro
-    from batchpilot.train import accumulate_gradients
-
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for batch, micro in configs:
-            model = workload.make_model()
-            state[(batch, micro)] = (model, workload.make_optimizer(model.parameters(), 1e-6))
-        times: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
-        for r in range(warmup + rounds):
-            for c in configs:
-                model, opt = state[c]
-                t0 = time.perf_counter()
-                idx = torch.randint(0, workload.num_train, (c[0],), generator=g)
-                micro = [fetch(workload.train_data, part) for part in split_micro(idx, c[1])]
-                accumulate_gradients(model, micro, workload.loss_sum, workload.count_units)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if r >= warmup:
-                    times[c].append(time.perf_counter() - t0)
+    times = interleaved_step_times(workload, configs, rounds=rounds, warmup=warmup, seed=seed)
     return {c: statistics.quantiles(v, n=4)[0] for c, v in times.items()}
 
 

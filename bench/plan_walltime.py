@@ -8,29 +8,22 @@ Prints the total, the time of each stage from plan.json, and the choice. Target:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
-from pathlib import Path
+
+from _shared import run_plan_cli
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=1)
     args, extra = ap.parse_known_args()
-    exe = Path(sys.executable).with_name("batchpilot")
     for i in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            proc = subprocess.run([str(exe), "plan", "--json", "--out", tmp, *extra], capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0:
-                print(proc.stderr[-2000:])
-                raise SystemExit(f"batchpilot plan exited {proc.returncode}")
-            plan = json.loads(Path(tmp, "plan.json").read_text())
+            try:
+                plan, wall, _ = run_plan_cli(extra, tmp)
+            except RuntimeError as exc:
+                raise SystemExit(str(exc)) from None
             outputs = sorted(os.listdir(tmp))
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in plan["timings_s"].items() if k != "plan")
         print(f"run {i}: batchpilot plan {' '.join(extra)} took {wall:.1f} s wall (target < 120 s); {stages}; "
