@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from batchpilot.errors import EXIT_USAGE, BatchpilotError
+from batchpilot.errors import EXIT_INTERRUPTED, EXIT_USAGE, BatchpilotError
 
 # Subcommand modules, in help order. Add a line here for a new verb.
 COMMANDS = (
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             _print_error_json(line)
         print(line, file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C outside the trainer's own handling: one line, no traceback
+        print(f"batchpilot {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         _silence_stdout()
         return 0
