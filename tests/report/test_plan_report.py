@@ -104,3 +104,16 @@ def test_page_names_version_command_and_date(plan_dict, tmp_path):
     assert "batchpilot plan --workload mnist1d-mlp --out runs/p" in html
     assert re.search(r"generated \d{4}-\d\d-\d\d \d\d:\d\d UTC", html)
     assert len(re.findall(r"src='data:image/png;base64,", html)) == 5  # M(B), throughput, noise, goodput, worlds
+
+
+def test_memory_curve_reaches_every_traced_point(plan_dict):
+    import matplotlib.pyplot as plt
+
+    from batchpilot.report.plan_report import memory_figure
+
+    d = copy.deepcopy(plan_dict)
+    d["micro_batch_per_rank"] = 8  # a small choice must not cut the curve short of the largest traced batch
+    fig = memory_figure(d)
+    reach = max(max(line.get_xdata()) for line in fig.axes[0].get_lines() if line.get_label() == "fitted M(B)")
+    assert reach >= max(int(b) for b in d["memory"]["peak_bytes_at"])
+    plt.close(fig)

@@ -9,6 +9,7 @@ from typing import Any
 
 from batchpilot.cli.common import add_dtype_arg, add_workload_args, load_workload, print_json, workload_name
 from batchpilot.errors import BatchpilotError
+from batchpilot.files import atomic_write_json
 from batchpilot.memory import DeviceSpec, MemoryCurve, format_bytes, memory_curve, resolve_device
 from batchpilot.memory.options import DTYPES
 from batchpilot.workloads import REGISTRY, Workload
@@ -168,7 +169,7 @@ def _write_outputs(out: Path, workload: Workload, curve: MemoryCurve, device: De
     from batchpilot.report.memory_report import write_memory_report
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_json(out / "memory.json", data, allow_nan=True)
     extra = [(s.name, s.curve) for s in scenarios if s.curve is not None and s.name != "as configured"]
     save_memory_plot(out / "memory.png", curve, device, f"{workload.name}: M(B) on {device.name}", extra)
     write_memory_report(out / "memory.html", workload.name, curve, device, scenarios, extra)

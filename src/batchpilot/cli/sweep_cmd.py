@@ -9,6 +9,7 @@ from pathlib import Path
 
 from batchpilot.cli.common import _clean, add_workload_args, print_json
 from batchpilot.errors import EXIT_FINDINGS, EXIT_INTERRUPTED, BatchpilotError
+from batchpilot.files import atomic_write_json
 from batchpilot.scaling.lr_rules import LR_RULES
 
 
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
 
         def write() -> None:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "sweep.json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+            atomic_write_json(out / "sweep.json", data)
             if analysis is not None:
                 write_sweep_report(out / "report.html", analysis, outcome.trials, workload=config.workload,
                                    sharpness_mode=config.sharpness_mode)

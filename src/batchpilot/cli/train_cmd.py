@@ -6,6 +6,7 @@ import argparse
 
 from batchpilot.cli.common import add_dtype_arg, add_workload_args, load_workload, print_json
 from batchpilot.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, BatchpilotError
+from batchpilot.files import atomic_write_text
 from batchpilot.optim import OPTIMIZERS
 from batchpilot.train.regime import FinetuneRegime, finetune_regime
 from batchpilot.scaling.lr_rules import LR_RULES
@@ -204,8 +205,8 @@ def _run(args: argparse.Namespace, env) -> int:
 
         path = Path(args.out) / "summary.json"
         text = json.dumps(_clean(summary), indent=2, allow_nan=False) + "\n"
-        failed = save_or_fallback(lambda: path.write_text(text), _clean(summary), verb="train", what=str(path),
-                                  name="summary.json")
+        failed = save_or_fallback(lambda: atomic_write_text(path, text), _clean(summary), verb="train",
+                                  what=str(path), name="summary.json")
     if args.json:
         print_json(summary)
     else:

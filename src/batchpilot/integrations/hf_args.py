@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 import yaml
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.files import atomic_write_text
 from batchpilot.integrations.plan import load_plan
 
 AUTO_FIND_BATCH_SIZE = (
@@ -147,7 +148,7 @@ def plan_to_accelerate_config(plan: Any, *, distributed_type: str | None = None,
 def write_accelerate_config(plan: Any, path: str | Path, **kwargs: Any) -> Path:
     """Write :func:`plan_to_accelerate_config` as YAML to ``path``; returns the path."""
     path = Path(path)
-    path.write_text(yaml.safe_dump(plan_to_accelerate_config(plan, **kwargs), sort_keys=True))
+    atomic_write_text(path, yaml.safe_dump(plan_to_accelerate_config(plan, **kwargs), sort_keys=True))
     return path
 
 

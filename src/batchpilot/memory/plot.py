@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from batchpilot.files import atomic_write_with
 from batchpilot.memory.curve import MemoryCurve
 from batchpilot.memory.devices import DeviceSpec
 
@@ -82,6 +83,9 @@ def save_memory_plot(path: str | Path, curve: MemoryCurve, device: DeviceSpec, t
     fig = memory_figure(curve, device, title, extra)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        atomic_write_with(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=110,
+                                                       bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.files import atomic_write_json
 from batchpilot.plan.schema import SCHEMA_VERSION, validate_plan
 from batchpilot.plan.schema import SCHEMA_VERSION, validate_plan
 
@@ -96,9 +97,7 @@ def write_plan(plan: Plan, path: str | Path) -> Path:
     """Write ``plan.json`` (strict JSON, atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, plan.to_dict())
     return path
 
 

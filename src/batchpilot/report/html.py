@@ -18,6 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: never needs a display
 
+from batchpilot.files import atomic_write_text  # noqa: E402
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
@@ -103,7 +105,5 @@ def write_html(path: str | Path, title: str, sections: Sequence[Section], subtit
     """Write a self-contained report to ``path`` (atomically) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(render_html(title, sections, subtitle, command), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, render_html(title, sections, subtitle, command))
     return path

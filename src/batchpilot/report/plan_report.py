@@ -38,8 +38,9 @@ def memory_figure(plan: dict):
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     top = max(plan["max_micro_batch"], plan["micro_batch_per_rank"] * 4, 8)
     top = min(top, max(plan["micro_batch_per_rank"] * 64, 1024))
-    xs = [2 ** (math.log2(top) * i / 100) for i in range(101)]
     traced = {int(k): v for k, v in mem.get("peak_bytes_at", {}).items()}
+    top = max([top, *traced])  # the curve reaches every traced point
+    xs = [2 ** (math.log2(top) * i / 100) for i in range(101)]
     last = max(traced) if traced else top
     inside = [x for x in xs if x <= last]
     line, = ax.plot(inside, [_mem_at(mem, x) / 2**20 for x in inside], label="fitted M(B)")
@@ -69,7 +70,7 @@ def _plain_log_ticks(axis) -> None:
 
     lo, hi = sorted(axis.get_view_interval())
     span = hi / lo if lo > 0 else 1e9
-    subs = tuple(range(1, 10)) if span < 20 else (1.0, 2.0, 5.0) if span < 1e3 else (1.0,)
+    subs = (tuple(range(1, 10)) if span < 4 else (1.0, 2.0, 3.0, 5.0) if span < 30 else (1.0, 2.0, 5.0) if span < 1e4 else (1.0,))
     axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
@@ -90,7 +91,7 @@ def throughput_figure(plan: dict):
     ax.set_xlabel("batch (no accumulation)")
     ax.set_ylabel("samples/s")
     ax.legend(fontsize=8)
-    ax.set_title(f"Throughput on {th['device']} ({th['threads']} threads)")
+    ax.set_title(f"Throughput on {th['device']} ({th['threads']} thread{'' if th['threads'] == 1 else 's'})")
     ax2.plot(bs, [100 * p["mfu"] for p in pts], "s-", color="tab:orange")
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("batch (no accumulation)")
@@ -297,7 +298,7 @@ def worlds_section(plan: dict) -> Section | None:
         rec = worlds.get("recommended")
         margin = worlds.get("recommend_margin")
         paragraphs.append(f"Recommended world size: {rec}, the smallest whose goodput is within "
-                          f"{margin:.0%} of the best listed" if isinstance(margin, (int, float)) else
+                          f"{margin:.0%} of the best listed." if isinstance(margin, (int, float)) else
                           f"Recommended world size: {rec}.")
         table = [["world size", "global batch = micro × accum × ranks", "step (ms)", "all-reduce (ms)", "samples/s",
                   "efficiency", "goodput", "speedup", "scaling efficiency", "pred. time (s)"]]

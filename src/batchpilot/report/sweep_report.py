@@ -32,7 +32,7 @@ def _batch_ticks(ax, batches) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
-    if len(shown) > 5:
+    if len(shown) * max(len(f"{b:g}") for b in shown) > 36:  # long labels: slant them so they cannot touch
         for label in ax.get_xticklabels():
             label.set_rotation(45)
             label.set_horizontalalignment("right")
@@ -44,7 +44,7 @@ def _plain_log_y(ax) -> None:
 
     lo, hi = sorted(ax.get_ylim())
     span = hi / lo if lo > 0 else 1e9
-    subs = tuple(range(1, 10)) if span < 20 else (1.0, 2.0, 5.0) if span < 1e3 else (1.0,)
+    subs = (tuple(range(1, 10)) if span < 4 else (1.0, 2.0, 3.0, 5.0) if span < 30 else (1.0, 2.0, 5.0) if span < 1e4 else (1.0,))
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
@@ -263,14 +263,15 @@ def build_sections(analysis: SweepAnalysis, trials: Sequence[dict], *, sharpness
                            f"E_min = {a.fit.e_min:.0f} examples (relative RMSE {a.fit.rel_rmse:.1%}, {a.fit.points} batches).")
         else:
             summary.append(f"No McCandlish fit: {a.fit_note}.")
+    # two narrower tables (time to target; quality) instead of one of 16 columns that cannot fit the page
     head = ["batch", "LR mult", "LR", "seeds", "reached", "diverged", "steps→target", "examples→target", "time→target s",
-            "steps × median step s",
-            a.metric_name, "train metric", "gap", "top eig", "trace", "samples/s"]
+            "steps × median step s", "samples/s"]
     table = [head] + [[r.batch, r.lr_multiplier, r.lr, r.seeds, r.reached, r.diverged, _fmt(r.steps_to_target),
                        _fmt(r.examples_to_target), _fmt(r.time_to_target_s), _fmt(r.median_time_to_target_s),
-                       _fmt(r.best_val_metric),
-                       _fmt(r.train_metric), _fmt(r.generalization_gap), _fmt(r.top_eigenvalue), _fmt(r.hessian_trace),
                        _fmt(r.samples_per_s, ".0f")] for r in a.batches]
+    quality = [["batch", f"best {a.metric_name}", "train metric", "gap", "top eig", "trace"]] + [
+        [r.batch, _fmt(r.best_val_metric), _fmt(r.train_metric), _fmt(r.generalization_gap), _fmt(r.top_eigenvalue),
+         _fmt(r.hessian_trace)] for r in a.batches]
     regimes = [["batches", "slope −dlogS/dlogB", "regime"]] + [[f"{g.batch_low}→{g.batch_high}", g.slope, g.regime.replace("_", " ")]
                                                                  for g in a.regimes]
     below = "below" if a.higher_is_better else "above"
@@ -307,7 +308,8 @@ def build_sections(analysis: SweepAnalysis, trials: Sequence[dict], *, sharpness
                             figures=[_sharpness_figure(a, sharpness_mode)] if has_sharpness else [])
     return [
         Section("Summary", paragraphs=summary + plan_lines(a, trials), caveats=list(a.notes)),
-        Section("Per batch (best LR)", table=table),
+        Section("Per batch (best LR): time to target", table=table),
+        Section("Per batch (best LR): metric, gap and sharpness", table=quality),
         steps_section,
         Section("Scaling regimes (Shallue et al. 2019)", table=regimes if a.regimes else None,
                 paragraphs=["Perfect: slope ≥ 0.8; no gain: slope ≤ 0.1; diminishing in between."

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.files import atomic_torch_save
 from batchpilot.workloads.spec import Target, Workload, register
 from batchpilot.workloads.common import correct_sum, cross_entropy_sum, preserved_host_rng
 
@@ -50,9 +51,7 @@ def _generate(num_train: int, num_val: int, seed: int) -> tuple[torch.Tensor, ..
     y_val = torch.as_tensor(data["y_test"], dtype=torch.long)
     try:  # best effort: a read-only home only costs the regeneration next time
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save([x, y, x_val, y_val], tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(path, [x, y, x_val, y_val], durable=False)
     except OSError:
         pass
     return x, y, x_val, y_val
