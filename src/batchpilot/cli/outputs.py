@@ -41,14 +41,14 @@ def writable_dir(path: Path) -> bool:
     return True
 
 
-def _check_creatable(path: Path, flag: str, what: str) -> None:
+def _check_creatable(path: Path, flag: str, what: str, shown: str) -> None:
     """The directory ``path`` (not there yet) can be created: no file in the way, a writable ancestor."""
     anchor = _nearest_existing(path.absolute())
     if not anchor.is_dir():
-        raise BatchpilotError(f"{flag} {str(path)!r}: {str(anchor)!r} is a file, so {what} cannot be created under it; "
-                              f"expected a directory path")
+        raise BatchpilotError(f"{flag} {shown!r}: {str(anchor)!r} is a file, so {what} cannot be created under it; "
+                              f"expected a path in a directory")
     if not writable_dir(anchor):
-        raise BatchpilotError(f"{flag} {str(path)!r}: directory {str(anchor)!r} is not writable; expected a writable "
+        raise BatchpilotError(f"{flag} {shown!r}: directory {str(anchor)!r} is not writable; expected a writable "
                               f"location for {what}")
 
 
@@ -71,7 +71,7 @@ def check_out_dir(value: str | os.PathLike | None, flag: str = "--out") -> Path 
         if not writable_dir(path):
             raise BatchpilotError(f"{flag} {text!r} is not writable; expected a directory this user can write")
         return path
-    _check_creatable(path, flag, "the output directory")
+    _check_creatable(path, flag, "the output directory", text)
     return path
 
 
@@ -93,7 +93,7 @@ def check_out_file(value: str | os.PathLike, flag: str) -> Path:
         if not writable_dir(path.absolute().parent):  # SQLite writes a journal next to it
             raise BatchpilotError(f"{flag} {text!r}: its directory is not writable; expected a writable directory")
         return path
-    _check_creatable(path.absolute().parent, flag, "the file")
+    _check_creatable(path.absolute().parent, flag, "the file", text)
     return path
 
 
