@@ -177,8 +177,8 @@ def search(*, micro_choices: Sequence[int], world_size: int, max_micro_batch: in
 
 TIE_FLOOR = 0.02
 """Goodputs closer than 2% are a tie even when the timing looks certain: the efficiency model is not that exact."""
-TIE_CAP = 0.05
-"""...and a tie never spans more than 5%: on a very noisy machine the band is reported (and a caveat given), but
+TIE_CAP = 0.10
+"""...and a tie never spans more than 10%: on a very noisy machine the band is reported (and a caveat given), but
 the choice does not drift to a batch predicted to be much slower."""
 
 

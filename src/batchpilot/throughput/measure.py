@@ -129,13 +129,15 @@ class ThroughputCurve:
         return min(self.points, key=lambda p: abs(math.log(p.batch) - math.log(batch)))
 
     def log_ratio_uncertainty(self, batch_a: int, batch_b: int) -> float:
-        """Uncertainty (about two standard errors) of ``log(step_s(a) / step_s(b))``.
+        """How far ``log(step_s(a) / step_s(b))`` moves between measurements: two standard deviations
+        of the per-round log ratio.
 
         The rounds were timed interleaved, so round ``r`` of both batches saw the same machine load:
-        the spread over rounds of the per-round log ratio measures how well the ratio is known,
-        while a load change that slows every batch alike cancels. Batches between measured points
-        take the nearest point's rounds. With fewer than two paired rounds the spread of the
-        steps within the points stands in (a conservative bound).
+        a load change that slows every batch alike cancels, and what remains is how much the ratio
+        itself moves with the load. That is the spread of a single round, not the standard error of
+        the mean over rounds: the question is whether another run of the plan, under another load,
+        would rank the batches the same way. Batches between measured points take the nearest point's
+        rounds. With fewer than two paired rounds the spread of the steps within the points stands in.
         """
         pa, pb = self._nearest(batch_a), self._nearest(batch_b)
         if pa is pb:
@@ -143,7 +145,7 @@ class ThroughputCurve:
         n = min(len(pa.round_step_s), len(pb.round_step_s))
         if n >= 2:
             logs = [math.log(a / b) for a, b in zip(pa.round_step_s[:n], pb.round_step_s[:n])]
-            return 2.0 * statistics.stdev(logs) / math.sqrt(n)
+            return 2.0 * statistics.stdev(logs)
         return 0.5 * (pa.step_s_spread + pb.step_s_spread)
 
     def to_dict(self) -> dict:
