@@ -140,3 +140,16 @@ def test_measure_throughput_times_interleaved_rounds():
     assert [len(p.round_step_s) for p in curve.points] == [3, 3]
     u = curve.log_ratio_uncertainty(8, 32)
     assert math.isfinite(u) and u >= 0
+
+
+def test_fitted_step_model_is_smooth_and_monotone():
+    curve = _curve([(16, 0.002), (32, 0.0025), (64, 0.008)])  # a noisy middle point
+    import dataclasses
+
+    fit = dataclasses.replace(curve, step_model="fit")
+    steps = [fit.step_s(b) for b in (8, 16, 24, 32, 48, 64, 128)]
+    assert steps == sorted(steps)
+    per_sample = [fit.step_s(b) / b for b in (8, 16, 24, 32, 48, 64, 128)]
+    assert per_sample == sorted(per_sample, reverse=True)
+    assert fit.step_s(32) == pytest.approx(curve.overhead_s + curve.per_sample_s * 32)
+    assert curve.step_s(32) == pytest.approx(0.0025 + 0.001)  # points: the measured value

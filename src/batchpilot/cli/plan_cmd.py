@@ -33,8 +33,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr-rule", choices=LR_RULES, default=None, help="LR scaling rule (default: sqrt for Adam-type, linear otherwise)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads for the measurements, recorded in the plan (default: chosen by measuring)")
-    p.add_argument("--noise-budget", type=float, default=50.0, metavar="SECONDS", help="time for the noise probe run (default 50)")
-    p.add_argument("--throughput-budget", type=float, default=25.0, metavar="SECONDS", help="time for the throughput sweep (default 25)")
+    p.add_argument("--probe-budget", "--noise-budget", dest="noise_budget", type=float, default=30.0, metavar="SECONDS",
+                   help="most training time for the noise probe at the base batch; it stops at the target if that "
+                        "comes first and never needs to reach it (default 30)")
+    p.add_argument("--throughput-budget", type=float, default=20.0, metavar="SECONDS",
+                   help="time for the interleaved throughput rounds (default 20)")
+    p.add_argument("--no-lr-check", dest="lr_check", action="store_false",
+                   help="trust the workload's base LR instead of checking it with short runs at 0.25x-8x")
+    p.add_argument("--lr-check-budget", type=float, default=15.0, metavar="SECONDS",
+                   help="time for the base-LR check (default 15)")
+    p.add_argument("--confirm", action="store_true",
+                   help="measure the critical batch with short runs at 4x and 16x the base batch to the probe's loss, "
+                        "and correct the noise scale by it")
+    p.add_argument("--confirm-budget", type=float, default=40.0, metavar="SECONDS",
+                   help="time for the --confirm runs (default 40)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the measurements' models and data order")
     p.add_argument("--out", default=".", metavar="DIR", help="directory for plan.json and report.html (default: .)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
@@ -47,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from batchpilot.plan import make_plan
 
-    for name in ("noise_budget", "throughput_budget"):
+    for name in ("noise_budget", "throughput_budget", "lr_check_budget", "confirm_budget"):
         if not getattr(args, name) > 0:
             raise BatchpilotError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)!r}")
     if args.threads is not None:
@@ -76,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
         plan = make_plan(workload, device=args.device, memory=args.memory, world_size=sizes[0],
                          world_sizes=sizes if len(sizes) > 1 else None, allreduce_gbps=args.allreduce_gbps,
                          lr_rule=args.lr_rule, noise_budget_s=args.noise_budget,
-                         throughput_budget_s=args.throughput_budget, seed=args.seed, progress=progress)
+                         throughput_budget_s=args.throughput_budget, lr_check=args.lr_check,
+                         lr_check_budget_s=args.lr_check_budget, confirm=args.confirm,
+                         confirm_budget_s=args.confirm_budget, threads=args.threads, seed=args.seed,
+                         progress=progress)
         plan = dataclasses.replace(plan, workload_spec=spec)
         failed = _write_outputs(plan, out, report=not args.no_report, progress=progress)
     plan_json = out / "plan.json"
@@ -148,6 +163,8 @@ def render_plan(plan: dict, out: Path, *, report: bool = True, written: bool = T
     table = Table(title=f"batchpilot plan: {plan['workload']} on {plan['device']}", show_header=False)
     for key, value in _summary_rows(plan)[1:]:
         table.add_row(str(key), str(value))
+    for key, value in evidence_rows(plan):
+        table.add_row(key, value)
     console.print(table)
     alts = Table(title="alternatives", show_header=True)
     for col in ("", "global batch", "samples/s", "efficiency", "goodput", "pred. time (s)"):
@@ -168,6 +185,34 @@ def render_plan(plan: dict, out: Path, *, report: bool = True, written: bool = T
     if written:
         files = [str(out / "plan.json")] + ([str(out / "report.html")] if report else [])
         console.print(f"wrote {', '.join(files)}", highlight=False)
+
+
+def evidence_rows(plan: dict) -> list[tuple[str, str]]:
+    """How the plan got its noise scale, base LR and goodput band, and what the measuring cost."""
+    rows = []
+    noise = plan.get("noise") or {}
+    if noise:
+        how = {"trend_vs_loss": f"B_simple's trend against the loss, at the target's loss {noise.get('loss_at_target', 0):.3g}"
+                                f" ({noise.get('loss_at_target_source')})",
+               "probe_effective": "the probe's phase-weighted B_simple (no trend to fit)",
+               "base_batch_fallback": "no usable estimate: the base batch"}.get(
+            noise.get("method", "").replace("+confirmed", ""), noise.get("method", ""))
+        if noise.get("method", "").endswith("+confirmed"):
+            conf = noise.get("confirmation") or {}
+            b_crit = conf.get("b_crit")
+            how += (f", x{noise.get('confirm_factor', 1):.2f} from --confirm (B_crit "
+                    f"{'unbounded' if b_crit is None else f'{b_crit:,.0f}'} at batches {conf.get('batches')})")
+        rows.append(("noise scale used", f"{plan['noise_scale']:,.0f} samples: {how}"))
+    if plan.get("lr_check"):
+        rows.append(("base LR check", plan["lr_check"]["note"]))
+    band = plan.get("goodput_band") or ()
+    if len(band) == 2 and band[1]:
+        tied = plan.get("tied_batches") or []
+        rows.append(("goodput band (timing)", f"{band[0]:,.0f}–{band[1]:,.0f} useful samples/s"
+                     + (f"; tied batches {', '.join(str(b) for b in tied)}" if len(tied) > 1 else "")))
+    if plan.get("probe_cost_s"):
+        rows.append(("training spent measuring", f"{plan['probe_cost_s']:.1f} s (LR check, noise probe, confirmation)"))
+    return rows
 
 
 def render_worlds(worlds: dict, console) -> None:
@@ -246,11 +291,15 @@ def apply_plan_to_train_args(args: argparse.Namespace) -> dict:
     if args.lr is None and args.lr_rule is None:
         if args.batch == plan["global_batch"]:
             args.lr = float(plan["lr"])
+        elif plan.get("base_lr") and plan.get("base_batch"):  # scale from the plan's (checked) base LR
+            from batchpilot.scaling.lr_rules import scale_lr
+
+            args.lr = scale_lr(float(plan["base_lr"]), int(plan["base_batch"]), args.batch, plan["lr_rule"])
         else:
             args.lr_rule = plan["lr_rule"]
     if args.warmup_steps == 0:
         args.warmup_steps = int(plan["warmup_steps"])
-    if plan.get("threads"):
+    if plan.get("threads") and getattr(args, "threads", None) is None:
         torch.set_num_threads(int(plan["threads"]))
     predicted = plan.get("predicted_steps_to_target")
     if args.steps is None and args.epochs is None and predicted:

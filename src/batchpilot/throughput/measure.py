@@ -32,6 +32,8 @@ __all__ = ["GPU_PEAK_TFLOPS", "PeakFlops", "ThroughputCurve", "ThroughputPoint",
 
 Progress = Callable[[str, float], None]
 """``progress(description, fraction_done)``."""
+FIT_MAX_RESIDUAL = 0.15
+"""The fitted line predicts steps when its RMS relative residual over the points is at most 15%."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ class ThroughputCurve:
         device: measured device.
         threads: torch intra-op threads during the measurement.
         truncated_at: the first batch not measured because of the time budget, else ``None``.
+        step_model: ``fit`` predicts a step from the fitted line (smooth and monotone: noise in one
+            point cannot flip a choice between neighbouring batches), ``points`` interpolates the
+            measured points (when the line does not describe them: relative residual above
+            :data:`FIT_MAX_RESIDUAL`).
+        fit_residual: root-mean-square relative residual of the fitted line over the points.
     """
 
     points: tuple[ThroughputPoint, ...]
@@ -89,6 +96,8 @@ class ThroughputCurve:
     threads: int
     truncated_at: int | None = None
     wall_s: float = field(default=0.0, compare=False)
+    step_model: str = "points"
+    fit_residual: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -105,8 +114,11 @@ class ThroughputCurve:
         return statistics.median(p.optimizer_s for p in self.points)
 
     def micro_s(self, batch: int) -> float:
-        """Forward + backward time at ``batch``: log-log interpolation inside the measured range,
-        the fitted per-sample cost beyond it."""
+        """Forward + backward time at ``batch``. With ``step_model == "fit"``: the fitted line less the
+        optimizer step. Else log-log interpolation inside the measured range, the fitted per-sample
+        cost beyond it."""
+        if self.step_model == "fit":
+            return max(self.overhead_s + self.per_sample_s * batch - self.optimizer_s, self.per_sample_s * batch)
         xs = [p.batch for p in self.points]
         ys = [p.micro_s for p in self.points]
         if batch in xs:
@@ -295,12 +307,14 @@ def measure_throughput(
                                                       0.05))
     points = [timings[b].point(b, peak.flops_per_s) for b in measured]
     overhead, per_sample = fit_step_time([p.batch for p in points], [p.step_s for p in points])
+    residual = math.sqrt(statistics.fmean(((overhead + per_sample * p.batch) / p.step_s - 1) ** 2 for p in points))
     if progress is not None:
         progress("throughput: done", 1.0)
     return ThroughputCurve(
         points=tuple(points), overhead_s=overhead, per_sample_s=per_sample,
         saturation_batch=9 * overhead / per_sample, peak_flops=peak.flops_per_s, peak_source=peak.source,
         device=str(dev), threads=torch.get_num_threads(), truncated_at=truncated, wall_s=time.perf_counter() - start,
+        step_model="fit" if len(points) >= 3 and residual <= FIT_MAX_RESIDUAL else "points", fit_residual=residual,
     )
 
 
