@@ -135,7 +135,7 @@ FIELDS: dict[str, tuple[Callable[[str, Any], Any], tuple[str, ...], str]] = {
     "dataset_size": (_int(1), (), "training samples per epoch"),
     "drop_last": (_bool, (), "the loader drops the ragged last batch"),
     "caveats": (_texts, (), "caveats written by batchpilot plan"),
-    "workload": (_text, (), "batchpilot workload: fills base_batch, base_lr, optimizer, normalization"),
+    "workload": (_text, (), "built-in workload: fills base_batch, base_lr, optimizer, normalization (file.py:fn is never imported)"),
 }
 
 _ALIASES: dict[str, str] = {a: name for name, (_, aliases, _) in FIELDS.items() for a in aliases}
