@@ -68,7 +68,7 @@ def test_world_size_section_only_with_worlds_data(plan_dict):
     assert "World size" not in {s.title for s in plan_sections(d)}
 
 
-@pytest.mark.parametrize("shape", ["candidates", "list", "dict", "absent"])
+@pytest.mark.parametrize("shape", ["pairs", "candidates", "list", "dict", "absent"])
 def test_goodput_band_is_drawn_when_present_in_any_shape(plan_dict, shape):
     import matplotlib.pyplot as plt
 
@@ -76,7 +76,14 @@ def test_goodput_band_is_drawn_when_present_in_any_shape(plan_dict, shape):
     bs = [c["global_batch"] for c in d["candidates"]]
     lo = [0.8 * c["goodput"] for c in d["candidates"]]
     hi = [1.2 * c["goodput"] for c in d["candidates"]]
-    if shape == "candidates":
+    for c in d["candidates"]:
+        c.pop("goodput_band", None)
+    d.pop("goodput_band", None)
+    if shape == "pairs":  # as batchpilot plan writes it: [low, high] per candidate and for the chosen one
+        for c, low, high in zip(d["candidates"], lo, hi):
+            c["goodput_band"] = [low, high]
+        d["goodput_band"] = [0.9 * d["goodput"], 1.1 * d["goodput"]]
+    elif shape == "candidates":
         for c, low, high in zip(d["candidates"], lo, hi):
             c["goodput_low"], c["goodput_high"] = low, high
     elif shape == "list":
@@ -92,6 +99,7 @@ def test_goodput_band_is_drawn_when_present_in_any_shape(plan_dict, shape):
     else:
         assert band == (sorted(bs), [x for _, x in sorted(zip(bs, lo))], [x for _, x in sorted(zip(bs, hi))])
         assert "goodput uncertainty band" in labels
+    assert any(label.startswith("chosen's goodput band") for label in labels) == (shape == "pairs")
 
 
 def test_page_names_version_command_and_date(plan_dict, tmp_path):

@@ -146,30 +146,49 @@ def largest_alternative(plan: dict) -> tuple[dict, str, str] | None:
                           f"would allow {plan['max_micro_batch']})")
 
 
-def goodput_band(plan: dict) -> tuple[list[float], list[float], list[float]] | None:
-    """The goodput uncertainty band as ``(global batches, low, high)``, or ``None`` when the plan has none.
+def _pair(v) -> tuple[float, float] | None:
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v):
+        return float(v[0]), float(v[1])
+    return None
 
-    Read from the candidates' ``goodput_low``/``goodput_high`` or from a plan-level ``goodput_band``
-    (a list of ``{global_batch, low, high}`` or a dict of such lists); absent in older plans.
+
+def goodput_band(plan: dict) -> tuple[list[float], list[float], list[float]] | None:
+    """The goodput uncertainty band over the candidates as ``(global batches, low, high)``, or ``None``.
+
+    Read from each candidate's ``goodput_band`` (``[low, high]``, as ``batchpilot plan`` writes it) or
+    ``goodput_low``/``goodput_high``, or from a plan-level list of ``{global_batch, low, high}`` (or a dict
+    of such lists). ``None`` when absent (older plans) or of zero width everywhere (nothing to draw).
     """
     cands = plan.get("candidates") or []
-    if cands and all(c.get("goodput_low") is not None and c.get("goodput_high") is not None for c in cands):
+    rows = []
+    if cands and all(_pair(c.get("goodput_band")) for c in cands):
+        rows = [(c["global_batch"], *_pair(c["goodput_band"])) for c in cands]
+    elif cands and all(c.get("goodput_low") is not None and c.get("goodput_high") is not None for c in cands):
         rows = [(c["global_batch"], c["goodput_low"], c["goodput_high"]) for c in cands]
     else:
         band = plan.get("goodput_band")
-        rows = []
-        if isinstance(band, list):
+        if isinstance(band, list) and band and all(isinstance(r, dict) for r in band):
             rows = [(r.get("global_batch"), r.get("low", r.get("goodput_low")), r.get("high", r.get("goodput_high")))
-                    for r in band if isinstance(r, dict)]
+                    for r in band]
         elif isinstance(band, dict):
             bs = band.get("global_batch") or band.get("global_batches") or band.get("batches") or []
             rows = list(zip(bs, band.get("low") or band.get("goodput_low") or [],
                             band.get("high") or band.get("goodput_high") or []))
         rows = [r for r in rows if all(isinstance(v, (int, float)) for v in r)]
-    if not rows:
+    if not rows or all(hi - lo <= 0 for _, lo, hi in rows):
         return None
-    rows.sort()
-    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+    best: dict[float, tuple[float, float]] = {}
+    for b, lo, hi in rows:  # several splits of one global batch: the widest band
+        old = best.get(b)
+        best[b] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    bs = sorted(best)
+    return bs, [best[b][0] for b in bs], [best[b][1] for b in bs]
+
+
+def chosen_band(plan: dict) -> tuple[float, float] | None:
+    """The chosen configuration's goodput band (plan-level ``goodput_band: [low, high]``), if it has a width."""
+    pair = _pair(plan.get("goodput_band"))
+    return pair if pair is not None and pair[1] > pair[0] else None
 
 
 def goodput_figure(plan: dict):
@@ -200,6 +219,11 @@ def goodput_figure(plan: dict):
         a, kind, label = largest
         ax.scatter([a["global_batch"]], [a["goodput"]], s=70, marker="X" if kind == "memory" else "P",
                    color="r" if kind == "memory" else "tab:brown", zorder=5, label=label)
+    cb = chosen_band(plan)
+    if cb is not None:
+        ax.errorbar([chosen], [plan["goodput"]], yerr=[[plan["goodput"] - cb[0]], [cb[1] - plan["goodput"]]], fmt="none",
+                    ecolor="g", elinewidth=1.5, capsize=5, zorder=5,
+                    label=f"chosen's goodput band {cb[0]:.0f}–{cb[1]:.0f}")
     ax.scatter([chosen], [plan["goodput"]], s=230, marker="*", color="g", edgecolors="white", linewidths=0.8,
                zorder=6, label=f"chosen {chosen}")
     ax.set_xscale("log", base=2)
@@ -225,6 +249,7 @@ def efficiency_note(plan: dict) -> str:
 def _summary_rows(plan: dict) -> list[list[Any]]:
     t = plan.get("predicted_time_to_target_s")
     warm = plan["warmup_steps"]
+    cb = chosen_band(plan)
     rows = [["setting", "value"],
             ["global batch", f"{plan['global_batch']} = {plan['micro_batch_per_rank']} micro × "
                              f"{plan['accumulation_steps']} accumulation × {plan['world_size']} rank(s)"],
@@ -233,7 +258,7 @@ def _summary_rows(plan: dict) -> list[list[Any]]:
             ["noise scale B_noise", f"{plan['noise_scale']:.0f} samples" if plan["noise_scale"] else "n/a"],
             ["samples/s", f"{plan['samples_per_s']:.0f}"],
             ["efficiency (vs the base batch)", f"{plan['efficiency']:.3f}"],
-            ["goodput", f"{plan['goodput']:.0f}"],
+            ["goodput", f"{plan['goodput']:.0f}" + (f" (timing band {cb[0]:.0f}–{cb[1]:.0f})" if cb else "")],
             ["peak memory per device", f"{_fmt_bytes(plan['peak_bytes'])} of {_fmt_bytes(plan['usable_bytes'])} usable"],
             ["largest micro-batch that fits in memory", plan["max_micro_batch"]]]
     largest = largest_alternative(plan)
