@@ -154,6 +154,11 @@ class _Progress:
         elif kind == "wait":
             self.bar.update(self.steps, description=f"waiting for {len(info['trials'])} trial(s) held by another process",
                             visible=True)
+        elif kind == "invalid":  # a damaged stored row: skipped, its trial runs again
+            from rich.markup import escape
+
+            what = f"batch {t.batch} lr×{t.lr_multiplier:g} seed {t.seed}" if t is not None else f"row {info['key'][:12]}"
+            self.bar.console.print(f"[yellow]store: {escape(what)}: {escape(info['reason'])}")
 
     def __enter__(self):
         self.bar.start()
