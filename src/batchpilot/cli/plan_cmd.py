@@ -187,22 +187,27 @@ def render_plan(plan: dict, out: Path, *, report: bool = True, written: bool = T
         console.print(f"wrote {', '.join(files)}", highlight=False)
 
 
+def _fmt(value, spec: str) -> str:
+    """A number for the table; ``n/a`` where the plan has none (never ``None``)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def evidence_rows(plan: dict) -> list[tuple[str, str]]:
     """How the plan got its noise scale, base LR and goodput band, and what the measuring cost."""
     rows = []
     noise = plan.get("noise") or {}
     if noise:
-        how = {"trend_vs_loss": f"B_simple's trend against the loss, at the target's loss {noise.get('loss_at_target', 0):.3g}"
-                                f" ({noise.get('loss_at_target_source')})",
+        how = {"trend_vs_loss": f"B_simple's trend against the loss, at the target's loss {_fmt(noise.get('loss_at_target'), '.3g')}"
+                                f" ({noise.get('loss_at_target_source') or 'source unknown'})",
                "probe_effective": "the probe's phase-weighted B_simple (no trend to fit)",
                "base_batch_fallback": "no usable estimate: the base batch"}.get(
             noise.get("method", "").replace("+confirmed", ""), noise.get("method", ""))
         if noise.get("method", "").endswith("+confirmed"):
             conf = noise.get("confirmation") or {}
             b_crit = conf.get("b_crit")
-            how += (f", x{noise.get('confirm_factor', 1):.2f} from --confirm (B_crit "
+            how += (f", x{_fmt(noise.get('confirm_factor'), '.2f')} from --confirm (B_crit "
                     f"{'unbounded' if b_crit is None else f'{b_crit:,.0f}'} at batches {conf.get('batches')})")
-        rows.append(("noise scale used", f"{plan['noise_scale']:,.0f} samples: {how}"))
+        rows.append(("noise scale used", f"{_fmt(plan.get('noise_scale'), ',.0f')} samples: {how}"))
     if plan.get("lr_check"):
         rows.append(("base LR check", plan["lr_check"]["note"]))
     band = plan.get("goodput_band") or ()
