@@ -28,7 +28,9 @@ def test_make_plan_with_given_measurements_and_its_report(tmp_path):
     assert all(k in d for k in KEYS)
     assert d["global_batch"] == d["micro_batch_per_rank"] * d["accumulation_steps"] * d["world_size"]
     assert d["noise_scale"] == 82.0 and d["lr_rule"] == "linear"  # SGD workload
-    assert d["goodput"] >= 0.995 * max(c["goodput"] for c in d["candidates"])  # ties go to the smaller batch
+    assert d["goodput"] >= (1 - 0.1) * max(c["goodput"] for c in d["candidates"])  # a tie spans at most 10%
+    assert d["global_batch"] in d["tied_batches"]
+    assert d["noise"]["method"] == "probe_effective" and d["noise"]["b_used"] == 82.0  # no loss phases: no trend
     assert d["predicted_steps_to_target"] is not None and d["warmup_steps"] >= 0
     assert "largest_that_fits" in d["alternatives"] and "base_batch" in d["alternatives"]
     assert str(d["global_batch"]) in d["why"]
@@ -80,6 +82,46 @@ def test_train_runs_a_plan(tmp_path, capsys):
                "--workload-opt", "num_val=100", "--steps", "1", "--batch", "16", "--json"])
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["global_batch"] == 16
+
+
+def test_train_plan_uses_the_plans_threads_and_reports_predicted_vs_measured(tmp_path, capsys):
+    import dataclasses
+
+    w = get_workload("mnist1d-mlp", num_train=400, num_val=100)
+    plan = dataclasses.replace(make_plan(w, probe=fake_probe(), throughput=fake_curve(), threads=1), threads=1)
+    write_plan(plan, tmp_path / "plan.json")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rc = main(["train", "--plan", str(tmp_path / "plan.json"), "--workload-opt", "num_train=400",
+                   "--workload-opt", "num_val=100", "--epochs", "3", "--eval-every", "5", "--stop-at-target",
+                   "--json"])
+        assert rc == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["threads"] == 1  # the plan's, not the 2 set before
+        check = out["plan_check"]
+        assert check["same_batch_as_plan"] and check["threads_planned"] == 1
+        assert check["predicted_steps_to_target"] == plan.predicted_steps_to_target
+        if out["steps_to_target"] is not None:
+            assert check["steps_ratio"] == pytest.approx(out["steps_to_target"] / plan.predicted_steps_to_target)
+        # --threads wins over the plan
+        rc = main(["train", "--plan", str(tmp_path / "plan.json"), "--workload-opt", "num_train=400",
+                   "--workload-opt", "num_val=100", "--steps", "1", "--threads", "2", "--json"])
+        assert rc == 0 and json.loads(capsys.readouterr().out)["threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_make_plan_runs_the_lr_check_and_the_trend_on_a_real_probe():
+    w = get_workload("mnist1d-mlp", num_train=600, num_val=150)
+    plan = make_plan(w, throughput=fake_curve(), threads=1, noise_budget_s=4.0, lr_check_budget_s=3.0).to_dict()
+    check = plan["lr_check"]
+    assert check["multipliers"][0] < 1.0 < check["multipliers"][-1] and len(check["late_losses"]) >= 2
+    assert plan["base_lr"] == pytest.approx(w.base_lr * check["chosen_multiplier"])
+    noise = plan["noise"]
+    assert noise["method"] in ("trend_vs_loss", "probe_effective")
+    assert plan["noise_scale"] == noise["b_used"] > 0
+    assert plan["probe_cost_s"] > 0 and len(plan["goodput_band"]) == 2
 
 
 @pytest.mark.slow

@@ -179,8 +179,11 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
 
     rule = lr_rule or default_lr_rule(workload.optimizer_family())
     noise = noise_from_probe(probe, workload)
-    samples, extrapolation = samples_to_target([(p.samples, p.metric) for p in probe.points if p.metric is not None],
-                                               workload.target)
+    if probe.samples_to_target:  # the probe met the target: measured
+        samples, extrapolation = float(probe.samples_to_target), 1.0
+    else:
+        samples, extrapolation = samples_to_target(
+            [(p.samples, p.metric) for p in probe.points if p.metric is not None], workload.target)
     anchor = (probe.batch, float(samples)) if samples else None
     common = dict(throughput=throughput, memory=curve, base_batch=workload.base_batch, base_lr=workload.base_lr,
                   lr_rule=rule, anchor=anchor, steps_per_epoch_base=math.ceil(workload.num_train / workload.base_batch))
