@@ -11,7 +11,8 @@ result like any other.
 Trials are identified by a hash of everything that defines them, persisted one by one in
 a :class:`~batchpilot.sweep.store.TrialStore` as they finish, and claimed atomically, so a killed
 sweep resumes where it stopped and two processes on one store share the grid without
-running any trial twice.
+running any trial twice. A stored result is checked before it is trusted (:func:`result_problem`): one
+that was damaged or edited by hand is reported (the ``invalid`` event) and its trial runs again.
 """
 
 from __future__ import annotations
@@ -227,6 +228,54 @@ def _finite(v: float | None) -> float | None:
     return v if v is not None and math.isfinite(v) else None
 
 
+RESULT_FIELDS: dict[str, str] = {
+    "batch": "int", "lr_multiplier": "num", "seed": "int", "tag": "str", "lr": "num", "warmup_steps": "int",
+    "micro_batch": "int?", "status": "str", "diverged": "bool", "steps": "int", "metric_name": "str",
+    "higher_is_better": "bool", "steps_to_target": "int?", "examples_to_target": "int?",
+    "time_to_target_s": "num?", "median_time_to_target_s": "num?", "val_metric": "num?", "train_metric": "num?",
+    "generalization_gap": "num?", "samples_per_s": "num", "sharpness": "dict?",
+}
+"""The fields of a stored trial result that the analysis and the report read, with their types."""
+_RESULT_STATUSES = ("completed", "target_reached", "diverged", "stopped")
+
+
+def _type_ok(value: object, kind: str) -> bool:
+    if value is None:
+        return kind.endswith("?")
+    kind = kind.rstrip("?")
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "num":
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, {"str": str, "dict": dict}[kind])
+
+
+def result_problem(result: dict, trial: TrialSpec) -> str | None:
+    """``None`` if ``result`` is a usable stored result of ``trial``, else why not (one line)."""
+    for name, kind in RESULT_FIELDS.items():
+        if name not in result:
+            return f"stored result lacks {name!r}"
+        if not _type_ok(result[name], kind):
+            return f"stored result has {name} = {result[name]!r:.60}, expected {kind.replace('?', ' or null')}"
+    if result["status"] not in _RESULT_STATUSES:
+        return f"stored result has status {result['status']!r}, expected one of {', '.join(_RESULT_STATUSES)}"
+    own = asdict(trial)
+    for name in ("batch", "lr_multiplier", "seed", "tag"):
+        if result[name] != own[name]:
+            return f"stored result is of another trial ({name} {result[name]!r}, expected {own[name]!r})"
+    if trial.lr is not None and result["lr"] != trial.lr:
+        return f"stored result is of another trial (lr {result['lr']!r}, expected {trial.lr!r})"
+    sharp = result["sharpness"]
+    if sharp is not None and not all(sharp.get(k) is None or _type_ok(sharp.get(k), "num")
+                                     for k in ("top_eigenvalue", "trace")):
+        return "stored result has a sharpness that is not numeric"
+    return None
+
+
 @dataclass(frozen=True)
 class SweepOutcome:
     """What a run of the sweep did: every trial's stored result, and what this process ran."""
@@ -241,22 +290,28 @@ class SweepOutcome:
 
 def run_sweep(config: SweepConfig, store: TrialStore, *, workload: Workload | Callable[[], Workload] | None = None,
               execute: Callable[..., dict] = run_trial, on_event: Event | None = None, poll_s: float = 2.0,
-              heartbeat_s: float = 10.0) -> SweepOutcome:
+              heartbeat_s: float = 10.0,
+              check_result: Callable[[dict, TrialSpec], str | None] | None = None) -> SweepOutcome:
     """Run every unfinished trial of ``config``, persisting each as it finishes.
 
     Trials already done in ``store`` are skipped (the workload is not even built when all are
     done). A trial another live process holds is waited for; one whose owner died is
     reclaimed. A trial that raises is marked failed and the sweep goes on (the next run
     retries it); a diverged trial is a result. Ctrl-C releases the running trial and re-raises.
+    A stored row that is damaged (it does not decode, or its result fails :func:`result_problem`)
+    is reported with an ``invalid`` event and its trial runs again.
 
     Args:
         config: the sweep.
         store: the trial store.
         workload: the workload, or a factory for it (default: built from ``config``).
         execute: ``execute(workload, config, trial, on_step) -> dict`` (tests substitute it).
-        on_event: ``on_event(kind, info)`` for progress: ``start``, ``step``, ``finish``, ``skip``, ``wait``, ``fail``.
+        on_event: ``on_event(kind, info)`` for progress: ``start``, ``step``, ``finish``, ``skip``, ``wait``, ``fail``,
+            ``invalid`` (``info``: ``trial`` or ``None``, ``key``, ``reason``).
         poll_s: how often to re-check trials held by other processes.
         heartbeat_s: heartbeat interval while a trial runs.
+        check_result: ``check_result(result, trial) -> None`` or why a stored result is unusable (default:
+            :func:`result_problem` when ``execute`` is :func:`run_trial`, else only that the row decodes).
     """
     t0 = time.perf_counter()
     emit = on_event or (lambda kind, info: None)
@@ -279,16 +334,18 @@ def run_sweep(config: SweepConfig, store: TrialStore, *, workload: Workload | Ca
                                       f"({cache[0].num_train} samples)")
         return cache[0]
 
+    if check_result is None and execute is run_trial:
+        check_result = result_problem
     threads_before = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _run(config, store, specs, keys, get_workload, execute, emit, poll_s, heartbeat_s, t0)
+        return _run(config, store, specs, keys, get_workload, execute, emit, poll_s, heartbeat_s, t0, check_result)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(config, store, specs, keys, get_workload, execute, emit, poll_s, heartbeat_s, t0) -> SweepOutcome:
+def _run(config, store, specs, keys, get_workload, execute, emit, poll_s, heartbeat_s, t0, check_result) -> SweepOutcome:
     ran = skipped = 0
     failed: list[dict] = []
     pending = list(zip(keys, specs))
@@ -296,7 +353,11 @@ def _run(config, store, specs, keys, get_workload, execute, emit, poll_s, heartb
     while pending:
         busy = []
         for key, trial in pending:
-            state = store.claim(key, config.sweep_id, {"common": config.common(), "trial": asdict(trial)})
+            known_bad = key in store.invalid
+            state = store.claim(key, config.sweep_id, {"common": config.common(), "trial": asdict(trial)},
+                                check=None if check_result is None else (lambda result, t=trial: check_result(result, t)))
+            if key in store.invalid and not known_bad:
+                emit("invalid", {"trial": trial, "key": key, "reason": store.invalid[key]})
             if state == "done":
                 skipped += 1
                 emit("skip", {"trial": trial, "total": total})
@@ -323,6 +384,13 @@ def _run(config, store, specs, keys, get_workload, execute, emit, poll_s, heartb
             if result.get("status") == "interrupted":
                 store.fail(key, "interrupted")
                 raise KeyboardInterrupt
+            problem = check_result(result, trial) if check_result is not None else None
+            if problem is not None:  # never store what a rerun would refuse
+                error = f"the trial's result is unusable: {problem.replace('stored result', 'result')}"
+                store.fail(key, error)
+                failed.append({**asdict(trial), "error": error})
+                emit("fail", {"trial": trial, "error": error})
+                continue
             store.finish(key, result)
             ran += 1
             emit("finish", {"trial": trial, "result": result, "total": total})
@@ -330,9 +398,22 @@ def _run(config, store, specs, keys, get_workload, execute, emit, poll_s, heartb
             emit("wait", {"trials": [t for _, t in busy]})
             time.sleep(poll_s)
         pending = busy
+    before = set(store.invalid)
     rows = store.rows(keys)
-    done = tuple(r.result for r in rows if r.status == "done" and r.result is not None)
-    return SweepOutcome(config=config, trials=done, ran=ran, skipped=skipped, failed=tuple(failed),
+    for key in sorted(set(store.invalid) - before):
+        emit("invalid", {"trial": None, "key": key, "reason": store.invalid[key]})
+    by_key = dict(zip(keys, specs))
+    done = []
+    for r in rows:
+        if r.status != "done" or r.result is None:
+            continue
+        problem = check_result(r.result, by_key[r.key]) if check_result is not None else None
+        if problem is None:
+            done.append(r.result)
+        else:  # changed by another process after this one saw it done
+            store.invalid[r.key] = f"{problem}; the next run runs the trial again"
+            emit("invalid", {"trial": by_key[r.key], "key": r.key, "reason": store.invalid[r.key]})
+    return SweepOutcome(config=config, trials=tuple(done), ran=ran, skipped=skipped, failed=tuple(failed),
                         wall_s=time.perf_counter() - t0)
 
 

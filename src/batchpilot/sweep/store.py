@@ -19,13 +19,24 @@ Scope: processes on one machine (or containers sharing a local disk). SQLite's l
 reliable over network file systems (NFS/SMB), so a sweep across machines needs a server
 database; this store does not speak one yet. The SQL is plain (one table, ``BEGIN IMMEDIATE``
 becomes ``SELECT ... FOR UPDATE`` on PostgreSQL), and owners already carry their hostname and a
-heartbeat for exactly that case.
+heartbeat for exactly that case. Until then a ``postgresql://``, ``mysql://`` or any other
+``scheme://`` store is refused with a clear error (only ``sqlite:///path`` is read as a URL).
+
+What it opens: a new or empty file (made a store), or a batchpilot store, known by the SQLite header's
+``application_id`` (:data:`APPLICATION_ID`) and ``user_version`` (:data:`SCHEMA_VERSION`); stores written
+before those were recorded (one ``trials`` table of this layout) are adopted. Anything else, such as
+another application's database or a text file, is refused before anything is written to it. Rows are
+checked as they are read: a row that does not decode (a hand-edited or damaged one) is skipped and
+reported in :attr:`TrialStore.invalid`, and :meth:`TrialStore.claim` runs a trial again whose stored
+result does not decode or fails the caller's check.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -33,7 +44,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+from urllib.parse import quote
 
 from batchpilot.errors import BatchpilotError
 
@@ -54,6 +66,37 @@ CREATE TABLE IF NOT EXISTS trials (
 CREATE INDEX IF NOT EXISTS trials_by_sweep ON trials (sweep_id);
 """
 STATUSES = ("running", "done", "failed")
+APPLICATION_ID = 0x42504C54  # "BPLT" in the SQLite header: this file is a batchpilot trial store
+SCHEMA_VERSION = 1
+"""The store's layout (``PRAGMA user_version``); a store of a newer layout is refused, not misread."""
+COLUMNS = ("key", "sweep_id", "spec", "status", "owner", "heartbeat", "attempts", "started_at", "finished_at",
+           "result", "error")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.DOTALL)
+ResultCheck = Callable[[dict], "str | None"]
+
+
+def store_path(spec: str | os.PathLike) -> Path:
+    """The file of a store given as a path or as ``sqlite:///path`` (``sqlite:////abs/path`` for an absolute one).
+
+    Raises:
+        BatchpilotError: any other ``scheme://`` (PostgreSQL, MySQL ... are not supported yet); the URL's
+            user, password and host are not repeated in the message.
+    """
+    text = os.fspath(spec)
+    m = _URL.match(text)
+    if m is None:
+        return Path(text)
+    scheme, rest = m.group(1).lower(), m.group(2)
+    if scheme != "sqlite":
+        raise BatchpilotError(
+            f"store URL scheme {scheme}:// is not supported yet; give a SQLite file on a local disk, "
+            "e.g. runs/sweep.db or sqlite:///runs/sweep.db (a server database for sweeps across machines is planned)")
+    path = rest[1:] if rest.startswith("/") else ""
+    if not path or path == ":memory:" or "?" in path:
+        raise BatchpilotError(f"store URL {text!r} must be sqlite:///path/to/sweep.db (three slashes, then a file path; "
+                              "four for an absolute path)")
+    return Path(path)
 
 
 @dataclass(frozen=True)
@@ -94,11 +137,54 @@ def _owner_alive_here(owner: str) -> bool | None:
     return True
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def decode_row(r: tuple) -> TrialRow:
+    """A stored row as a :class:`TrialRow`; ``ValueError`` naming the bad column when it does not decode."""
+    if len(r) != len(COLUMNS):
+        raise ValueError(f"{len(r)} columns, expected {len(COLUMNS)}")
+    key, sweep_id, spec, status, owner, hb, attempts, started, finished, result, error = r
+    for name, value in (("key", key), ("sweep_id", sweep_id), ("spec", spec)):
+        if not isinstance(value, str):
+            raise ValueError(f"{name} is {type(value).__name__}, expected text")
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+    for name, value in (("owner", owner), ("error", error)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} is {type(value).__name__}, expected text")
+    for name, value in (("heartbeat", hb), ("started_at", started), ("finished_at", finished)):
+        if value is not None and not _is_number(value):
+            raise ValueError(f"{name} {value!r} is not a time")
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+        raise ValueError(f"attempts {attempts!r} is not a count")
+    try:
+        spec_obj = json.loads(spec)
+    except ValueError:
+        raise ValueError("spec is not JSON") from None
+    if not isinstance(spec_obj, dict):
+        raise ValueError("spec is not a JSON object")
+    result_obj = None
+    if result is not None:
+        if not isinstance(result, str):
+            raise ValueError(f"result is {type(result).__name__}, expected JSON text")
+        try:
+            result_obj = json.loads(result)
+        except ValueError:
+            raise ValueError("result is not JSON") from None
+        if not isinstance(result_obj, dict):
+            raise ValueError("result is not a JSON object")
+    if status == "done" and result_obj is None:
+        raise ValueError("status done without a result")
+    return TrialRow(key, sweep_id, spec_obj, status, owner, hb, attempts, started, finished, result_obj, error)
+
+
 class TrialStore:
     """A SQLite trial store (one file, WAL mode), safe for several processes at once.
 
     Args:
-        path: the database file (created with its parent directory if missing).
+        path: the database file (created with its parent directory if missing), or ``sqlite:///path``.
         owner: this process's owner id (default :func:`make_owner`).
         stale_after_s: a ``running`` row whose heartbeat is older than this is reclaimable.
         busy_timeout_s: how long a write waits for another process's lock.
@@ -108,21 +194,100 @@ class TrialStore:
                  busy_timeout_s: float = 60.0) -> None:
         if not stale_after_s > 0:
             raise BatchpilotError(f"stale_after_s must be > 0, got {stale_after_s!r}")
-        self.path = Path(path)
-        if self.path.exists() and self.path.is_dir():
-            raise BatchpilotError(f"store {str(self.path)!r} is a directory; give a file such as sweep.db")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = store_path(path)
         self.owner = owner or make_owner()
         self.stale_after_s = stale_after_s
+        self.invalid: dict[str, str] = {}
+        """Rows that did not decode or whose result failed a check: key -> why (skipped, or run again)."""
         self._lock = threading.Lock()  # one connection, shared with the heartbeat thread
+        name = repr(str(self.path))
+        if self._inspect() == "sqlite":
+            self._check_foreign()  # read-only: a file that is not ours is refused untouched
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
                                          check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise BatchpilotError(f"store {name} cannot be opened: {exc}") from None
+        try:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise BatchpilotError(f"store {str(self.path)!r} is not a batchpilot SQLite store: {exc}") from exc
+            self._write(self._create)
+        except BatchpilotError:
+            self._conn.close()
+            raise
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise BatchpilotError(f"store {name} is not a usable batchpilot SQLite store: {exc}") from None
+
+    # -- opening --------------------------------------------------------------------------
+    def _inspect(self) -> str:
+        """``new`` (absent or empty) or ``sqlite`` (a SQLite file); anything else is refused."""
+        name = repr(str(self.path))
+        if self.path.is_dir():
+            raise BatchpilotError(f"store {name} is a directory; give a file such as sweep.db")
+        try:
+            if not self.path.exists() or self.path.stat().st_size == 0:
+                return "new"
+            with open(self.path, "rb") as fh:
+                head = fh.read(len(_SQLITE_MAGIC))
+        except OSError as exc:
+            raise BatchpilotError(f"store {name} cannot be read: {exc.strerror or exc}") from None
+        if head != _SQLITE_MAGIC:
+            raise BatchpilotError(f"store {name} is not a batchpilot SQLite store (not a SQLite database at all); "
+                                  "give a new file name or an existing sweep store")
+        return "sqlite"
+
+    def _check_foreign(self) -> None:
+        """Refuse, without writing to it, a SQLite file that is not a batchpilot store of a layout we read."""
+        name = repr(str(self.path))
+        try:
+            conn = sqlite3.connect(f"file:{quote(str(self.path.resolve()))}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise BatchpilotError(f"store {name} cannot be opened: {exc}") from None
+        try:
+            kind = self._kind(conn)
+        except sqlite3.Error as exc:
+            raise BatchpilotError(f"store {name} is not a readable SQLite database: {exc}") from None
+        finally:
+            conn.close()
+        if kind not in ("ours", "legacy", "empty"):
+            raise BatchpilotError(f"store {name} {kind}; give a new file name or a batchpilot sweep store")
+
+    @staticmethod
+    def _kind(conn: sqlite3.Connection) -> str:
+        """``ours``, ``legacy`` (a store from before the version was recorded), ``empty``, or why it is not ours."""
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = sorted(r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        if app_id == APPLICATION_ID:
+            if version > SCHEMA_VERSION:
+                return (f"was written by a newer batchpilot (store schema {version}; this version reads up to "
+                        f"{SCHEMA_VERSION}): upgrade batchpilot")
+            return "ours"
+        if app_id == 0 and not tables:
+            return "empty"
+        if app_id == 0 and version == 0 and tables == ["trials"]:
+            columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(trials)"))
+            if columns == COLUMNS:
+                return "legacy"
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        return (f"is a SQLite database of another application (application_id {app_id:#x}, "
+                f"tables: {shown or 'none'}), not a batchpilot trial store")
+
+    def _create(self, conn: sqlite3.Connection) -> None:
+        """Inside the write lock: make a new store, adopt a legacy one, or check ours (another process may have
+        created it since :meth:`_check_foreign`)."""
+        kind = self._kind(conn)
+        if kind == "ours":
+            return
+        if kind not in ("empty", "legacy"):
+            raise BatchpilotError(f"store {str(self.path)!r} {kind}")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- plumbing -------------------------------------------------------------------------
     def close(self) -> None:
@@ -148,23 +313,30 @@ class TrialStore:
             self._conn.execute("COMMIT")
             return out
 
-    @staticmethod
-    def _row(r: tuple) -> TrialRow:
-        key, sweep_id, spec, status, owner, hb, attempts, started, finished, result, error = r
-        return TrialRow(key, sweep_id, json.loads(spec), status, owner, hb, attempts, started, finished,
-                        json.loads(result) if result is not None else None, error)
+    def _row(self, r: tuple) -> TrialRow | None:
+        """Decode a row; a bad one is recorded in :attr:`invalid` and skipped (``None``)."""
+        try:
+            return decode_row(r)
+        except ValueError as exc:
+            key = r[0] if r and isinstance(r[0], str) else repr(r[0] if r else None)
+            self.invalid[key] = f"row does not decode: {exc}"
+            return None
 
     # -- claims ---------------------------------------------------------------------------
     def _reclaimable(self, owner: str | None, heartbeat: float | None, now: float) -> bool:
-        if owner is None or heartbeat is None:
+        if not isinstance(owner, str) or not _is_number(heartbeat):  # none, or a damaged row
             return True
         alive = _owner_alive_here(owner)
         if alive is False:
             return True
         return now - heartbeat > self.stale_after_s
 
-    def claim(self, key: str, sweep_id: str, spec: dict[str, Any]) -> str:
+    def claim(self, key: str, sweep_id: str, spec: dict[str, Any], *, check: ResultCheck | None = None) -> str:
         """Try to claim trial ``key`` for this process.
+
+        Args:
+            check: ``check(result) -> None`` if a stored result is usable, else why not; a done trial
+                whose result does not decode or fails it is claimed again (why: :attr:`invalid`).
 
         Returns:
             ``"claimed"`` (run it now), ``"done"`` (already finished: skip), or ``"busy"``
@@ -173,22 +345,33 @@ class TrialStore:
 
         def txn(conn: sqlite3.Connection) -> str:
             now = time.time()
-            row = conn.execute("SELECT status, owner, heartbeat FROM trials WHERE key = ?", (key,)).fetchone()
+            row = conn.execute("SELECT * FROM trials WHERE key = ?", (key,)).fetchone()
+            spec_text = json.dumps(spec, sort_keys=True)
             if row is None:
                 conn.execute(
                     "INSERT INTO trials (key, sweep_id, spec, status, owner, heartbeat, attempts, started_at)"
                     " VALUES (?, ?, ?, 'running', ?, ?, 1, ?)",
-                    (key, sweep_id, json.dumps(spec, sort_keys=True), self.owner, now, now))
+                    (key, sweep_id, spec_text, self.owner, now, now))
                 return "claimed"
-            status, owner, heartbeat = row
-            if status == "done":
-                return "done"
-            if status == "running" and owner != self.owner and not self._reclaimable(owner, heartbeat, now):
-                return "busy"
+            try:
+                decoded = decode_row(row)
+                problem = check(decoded.result) if check is not None and decoded.status == "done" else None
+            except ValueError as exc:
+                decoded, problem = None, f"row does not decode: {exc}"
+            if problem is None and decoded is not None:
+                if decoded.status == "done":
+                    return "done"
+                if decoded.status == "running" and decoded.owner != self.owner and \
+                        not self._reclaimable(decoded.owner, decoded.heartbeat, now):
+                    return "busy"
+            else:
+                self.invalid[key] = f"{problem}; the trial runs again"
+            attempts = decoded.attempts if decoded is not None else 0
             conn.execute(
-                "UPDATE trials SET status = 'running', owner = ?, heartbeat = ?, attempts = attempts + 1,"
-                " started_at = ?, error = NULL, sweep_id = ? WHERE key = ?",
-                (self.owner, now, now, sweep_id, key))
+                "UPDATE trials SET status = 'running', owner = ?, heartbeat = ?, attempts = ?, started_at = ?,"
+                " finished_at = NULL, result = NULL, error = ?, sweep_id = ?, spec = ? WHERE key = ?",
+                (self.owner, now, attempts + 1, now, None if problem is None else f"re-run: {problem}"[:2000],
+                 sweep_id, spec_text, key))
             return "claimed"
 
         return self._write(txn)
@@ -228,23 +411,25 @@ class TrialStore:
         """The row for ``key``, or ``None``."""
         with self._lock:
             r = self._conn.execute("SELECT * FROM trials WHERE key = ?", (key,)).fetchone()
-        return self._row(r) if r is not None else None
+        return self._row(r) if r is not None else None  # (a row that does not decode: None, see invalid)
 
     def rows(self, keys: Iterable[str] | None = None, *, sweep_id: str | None = None) -> list[TrialRow]:
-        """Rows for ``keys`` (in that order, missing ones skipped), or all rows of ``sweep_id``, or all rows."""
+        """Rows for ``keys`` (in that order, missing ones skipped), or all rows of ``sweep_id``, or all rows.
+
+        A row that does not decode is skipped and recorded in :attr:`invalid`."""
         with self._lock:
             if keys is not None:
                 found = {}
                 for k in keys:
                     r = self._conn.execute("SELECT * FROM trials WHERE key = ?", (k,)).fetchone()
                     if r is not None:
-                        found[k] = self._row(r)
-                return list(found.values())
-            if sweep_id is not None:
+                        found[k] = r
+                rs = list(found.values())
+            elif sweep_id is not None:
                 rs = self._conn.execute("SELECT * FROM trials WHERE sweep_id = ? ORDER BY rowid", (sweep_id,)).fetchall()
             else:
                 rs = self._conn.execute("SELECT * FROM trials ORDER BY rowid").fetchall()
-        return [self._row(r) for r in rs]
+        return [row for row in (self._row(r) for r in rs) if row is not None]
 
 
 class Heartbeat:
