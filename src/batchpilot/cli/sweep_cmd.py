@@ -159,11 +159,6 @@ class _Progress:
 
             what = f"batch {t.batch} lr×{t.lr_multiplier:g} seed {t.seed}" if t is not None else f"row {info['key'][:12]}"
             self.bar.console.print(f"[yellow]store: {escape(what)}: {escape(info['reason'])}")
-        elif kind == "invalid":  # a damaged stored row: skipped, its trial runs again
-            from rich.markup import escape
-
-            what = f"batch {t.batch} lr×{t.lr_multiplier:g} seed {t.seed}" if t is not None else f"row {info['key'][:12]}"
-            self.bar.console.print(f"[yellow]store: {escape(what)}: {escape(info['reason'])}")
 
     def __enter__(self):
         self.bar.start()
