@@ -200,7 +200,7 @@ def goodput_figure(plan: dict):
 
     cands = plan["candidates"]
     bs = [c["global_batch"] for c in cands]
-    fig, ax = plt.subplots(figsize=(6.8, 3.9))
+    fig, ax = plt.subplots(figsize=(6.4, 3.9))
     band = goodput_band(plan)
     if band is not None:
         ax.fill_between(band[0], band[1], band[2], color="tab:blue", alpha=0.18, label="goodput uncertainty band")
@@ -229,7 +229,7 @@ def goodput_figure(plan: dict):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("global batch")
     ax.set_ylabel("samples/s")
-    ax.legend(fontsize=7.5, markerscale=0.8)
+    ax.legend(fontsize=7.5, markerscale=0.8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside
     ax.set_title("Goodput (Pollux)")
     return fig
 
