@@ -11,6 +11,7 @@ from batchpilot.cli.common import add_dtype_arg, add_workload_args, load_workloa
 from batchpilot.errors import BatchpilotError
 from batchpilot.files import atomic_write_json
 from batchpilot.memory import DeviceSpec, MemoryCurve, format_bytes, memory_curve, resolve_device
+from batchpilot.memory.curve import MAX_MICRO_BATCH
 from batchpilot.memory.options import DTYPES
 from batchpilot.workloads import REGISTRY, Workload
 
@@ -201,7 +202,8 @@ def render(workload: Workload, curve: MemoryCurve, device: DeviceSpec, scenarios
     c.add_row("traced", ", ".join(f"B={b}: {format_bytes(v)}" for b, v in sorted(curve.peak_bytes_at.items())))
     c.add_row("method", f"{curve.method}; worst residual {curve.residual_frac:.2%}; {curve.trace_seconds:.1f} s")
     c.add_row("device", device.describe())
-    c.add_row("largest micro-batch", f"{m}  (peak {format_bytes(curve.peak_bytes(m))})" if m else "none fits")
+    capped = " — the cap: the device holds more than any batch needs" if m == MAX_MICRO_BATCH else ""
+    c.add_row("largest micro-batch", f"{m}  (peak {format_bytes(curve.peak_bytes(m))}){capped}" if m else "none fits")
     console.print(c)
     if scenarios:
         w = Table(title="what would change it")

@@ -27,6 +27,8 @@ from batchpilot.errors import BatchpilotError
 from batchpilot.memory.units import format_bytes
 
 FWD_BWD = ("forward", "backward")
+MAX_MICRO_BATCH = 2**31 - 1
+"""The largest micro-batch :meth:`MemoryCurve.max_micro_batch` reports: budgets beyond it are capped here."""
 
 
 @dataclass(frozen=True)
@@ -89,24 +91,28 @@ class MemoryCurve:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def max_micro_batch(self, budget_bytes: float) -> int:
-        """The largest micro-batch whose predicted peak fits in ``budget_bytes``; 0 when batch 1 does not fit."""
-        if self.peak_bytes(1) > budget_bytes:
+        """The largest micro-batch whose predicted peak fits in ``budget_bytes``; 0 when batch 1 does not fit.
+
+        At most :data:`MAX_MICRO_BATCH` (a budget beyond it, such as ``--memory 1e30TB``, is capped there).
+        M(B) is non-decreasing, so an exponential search then a bisection find it in at most ~62
+        evaluations of :meth:`peak_bytes`, whatever the budget.
+
+        Raises:
+            BatchpilotError: ``budget_bytes`` is not a number (NaN).
+        """
+        budget = float(budget_bytes)
+        if math.isnan(budget):
+            raise BatchpilotError(f"memory budget must be a number of bytes, got {budget_bytes!r}")
+        if self.peak_bytes(1) > budget:
             return 0
-        pts = self._points()
-        last_b = pts[-1][0] if pts else 1
-        if self.peak_bytes(last_b) <= budget_bytes:
-            if self.per_sample_bytes <= 0:
-                return 2**31 - 1
-            b = max(last_b, int((budget_bytes - self.peak_bytes(last_b)) // self.per_sample_bytes) + last_b)
-            while b > 1 and self.peak_bytes(b) > budget_bytes:  # float rounding at the boundary
-                b -= 1
-            while self.peak_bytes(b + 1) <= budget_bytes:
-                b += 1
-            return min(b, 2**31 - 1)
-        lo, hi = 1, last_b  # peak(lo) fits, peak(hi) does not; M is non-decreasing
+        if self.peak_bytes(MAX_MICRO_BATCH) <= budget:
+            return MAX_MICRO_BATCH
+        lo, hi = 1, 2  # peak(lo) fits; find hi that does not
+        while self.peak_bytes(hi) <= budget:
+            lo, hi = hi, min(2 * hi, MAX_MICRO_BATCH)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self.peak_bytes(mid) <= budget_bytes:
+            if self.peak_bytes(mid) <= budget:
                 lo = mid
             else:
                 hi = mid
