@@ -122,6 +122,8 @@ def test_make_plan_runs_the_lr_check_and_the_trend_on_a_real_probe():
     assert noise["method"] in ("trend_vs_loss", "probe_effective")
     assert plan["noise_scale"] == noise["b_used"] > 0
     assert plan["probe_cost_s"] > 0 and len(plan["goodput_band"]) == 2
+    if plan["noise_probe"]["status"] != "target_reached":
+        assert any("extrapolated" in c or "does not yet point" in c for c in plan["caveats"])
 
 
 @pytest.mark.slow
