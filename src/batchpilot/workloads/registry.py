@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -43,16 +44,40 @@ def _load_path(spec: str) -> Factory:
             module_spec.loader.exec_module(module)
         except Exception as exc:  # user code: report, do not crash with a traceback
             sys.modules.pop(mod_name, None)
-            raise BatchpilotError(f"workload file {str(path)!r} failed to import: {type(exc).__name__}: {exc}") from exc
+            raise BatchpilotError(f"workload file {str(path)!r} failed to import: {_one_line(exc)}") from exc
     else:
         try:
             module = importlib.import_module(target)
         except Exception as exc:
-            raise BatchpilotError(f"workload module {target!r} failed to import: {type(exc).__name__}: {exc}") from exc
+            raise BatchpilotError(f"workload module {target!r} failed to import: {_one_line(exc)}") from exc
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise BatchpilotError(f"workload {spec!r}: {target!r} has no callable {fn_name!r}")
     return fn
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, at most ~300 characters (user code may raise anything)."""
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_options(spec: str, factory: Factory, options: dict) -> None:
+    """Name the options the factory's signature cannot take, before it runs."""
+    if not options:
+        return
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read: the call itself will tell
+        return
+    try:
+        signature.bind(**options)
+    except TypeError as exc:
+        takes = [p.name for p in signature.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise BatchpilotError(f"workload {spec!r} does not accept options {sorted(options)} ({exc}); "
+                              f"it takes: {', '.join(takes) or 'no options'}") from None
 
 
 def get_workload(spec: str, **options: object) -> Workload:
@@ -64,7 +89,8 @@ def get_workload(spec: str, **options: object) -> Workload:
 
     Raises:
         BatchpilotError: unknown name (the known ones are listed), a path that does not import,
-            or a factory that does not return a :class:`Workload`.
+            options the factory does not take, a factory that raises (anything: one line naming the
+            workload), or one that does not return a :class:`Workload`.
     """
     _ensure_builtins()
     if spec in REGISTRY:
@@ -74,12 +100,13 @@ def get_workload(spec: str, **options: object) -> Workload:
     else:
         known = ", ".join(sorted(REGISTRY))
         raise BatchpilotError(f"unknown workload {spec!r}; known: {known} (or 'file.py:fn', 'pkg.module:fn')")
+    _check_options(spec, factory, options)
     try:
         workload = factory(**options)
     except BatchpilotError:
         raise
-    except TypeError as exc:
-        raise BatchpilotError(f"workload {spec!r} does not accept options {sorted(options)}: {exc}") from exc
+    except Exception as exc:  # user code: whatever it raises becomes one line naming the workload
+        raise BatchpilotError(f"workload {spec!r} failed to build: {_one_line(exc)}") from exc
     if not isinstance(workload, Workload):
         raise BatchpilotError(f"workload {spec!r} returned {type(workload).__name__}, expected batchpilot.Workload")
     return workload
