@@ -198,3 +198,62 @@ def test_sigint_to_cli_subprocess_then_resume_is_exact(tmp_path):
     resumed, full = (json.loads((d / "summary.json").read_text()) for d in (cut, tmp_path / "full"))
     assert resumed["final_train_loss"] == full["final_train_loss"] and resumed["steps"] == full["steps"] == 60
     assert [json.loads(ln)["step"] for ln in metrics.read_text().splitlines()] == list(range(1, 61))
+
+
+# -- the CLI: Ctrl-C is exit 130 and one line, never a traceback ------------------------------------
+
+def _sigint_at(step: int):
+    """A stand-in for the fault-injection hook the loop calls after each counted step: a real SIGINT at ``step``."""
+    def hook(current: int) -> None:
+        if current == step:
+            signal.raise_signal(signal.SIGINT)
+    return hook
+
+
+def test_cli_train_ctrl_c_is_130_one_line_and_resumes_exactly(tmp_path, capsys, monkeypatch):
+    from batchpilot.cli import main
+
+    args = ["train", "--workload", "mnist1d-mlp", "--workload-opt", "num_train=600", "--workload-opt", "num_val=200",
+            "--batch", "32", "--micro-batch", "8", "--steps", "12", "--eval-every", "4", "--checkpoint-every", "5",
+            "--seed", "0", "--json"]
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr("batchpilot.train.loop.maybe_inject_fault", _sigint_at(7))
+        assert main([*args, "--out", str(cut)]) == 130
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["status"] == "interrupted"
+    assert "Traceback" not in captured.err
+    assert [ln for ln in captured.err.splitlines() if "interrupted" in ln] == \
+        [f"batchpilot train: interrupted after step 7; rerun with --resume to continue from {cut}"]
+    assert main([*args, "--out", str(cut), "--resume"]) == 0
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    capsys.readouterr()
+    resumed, full = (json.loads((d / "summary.json").read_text()) for d in (cut, tmp_path / "full"))
+    assert resumed["final_train_loss"] == full["final_train_loss"] and resumed["val_loss"] == full["val_loss"]
+    assert [json.loads(ln)["step"] for ln in (cut / "metrics.jsonl").read_text().splitlines()] == list(range(1, 13))
+
+
+def test_noise_probe_passes_ctrl_c_on(mlp_workload):
+    """The plan's noise probe runs the trainer, which turns Ctrl-C into status "interrupted": the probe must
+    stop the plan, not treat the short run as completed."""
+    from batchpilot.plan.probe import probe_noise
+
+    def progress(description: str, fraction: float) -> None:
+        if "step 3" in description:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        probe_noise(mlp_workload, time_budget_s=60, max_epochs=1, progress=progress)
+
+
+def test_cli_plan_ctrl_c_is_130_one_line(tmp_path, capsys, monkeypatch):
+    from batchpilot.cli import main
+
+    def interrupted_plan(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("batchpilot.plan.make_plan", interrupted_plan)
+    code = main(["plan", "--workload", "mnist1d-mlp", "--workload-opt", "num_train=600", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines() == ["batchpilot plan: interrupted"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from batchpilot.cli.common import _clean, add_workload_args, print_json
@@ -195,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
             with _Progress() as progress:
                 outcome = run_sweep(config, store, workload=workload, on_event=progress)
         except KeyboardInterrupt:
-            print("batchpilot sweep: interrupted; finished trials are stored, rerun the same command to resume")
+            print("batchpilot sweep: interrupted; finished trials are stored, rerun the same command to resume",
+                  file=sys.stderr)  # (stdout may be --json)
             return EXIT_INTERRUPTED
     analysis = analyze(outcome.trials, plan=plan, gap_threshold=args.gap_threshold, time_basis=args.time_basis) if outcome.trials else None
     data = result_data(outcome, analysis, args.store)

@@ -221,6 +221,11 @@ def _run(args: argparse.Namespace, env) -> int:
             Console().print(f"gradient noise scale B_simple ≈ {fmt(n['b_simple'])} {unit} (80% interval "
                             f"{fmt(n['b_simple_low'])}–{fmt(n['b_simple_high'])} {unit}; {n['n_updates']} steps, from "
                             f"the {n['source']})", highlight=False)
+    if result.status == "interrupted":  # one line on stderr: where the run stopped and how to go on
+        import sys
+
+        how = f"; rerun with --resume to continue from {args.out}" if args.out else " (no --out: nothing was saved)"
+        print(f"batchpilot train: interrupted after step {result.steps}{how}", file=sys.stderr)
     if failed:
         from batchpilot.cli.outputs import report_write_failure
 
