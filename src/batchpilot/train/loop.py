@@ -241,7 +241,7 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "counters": {k: getattr(c, k) for k in c.__dataclass_fields__},
             "batching": self.batching.state_dict() if self.batching is not None else None,
-            "noise": self.noise.state_dict() if self.noise is not None else None,
+            "noise": _noise_state(self.noise),
             "pending_record": dict(self._pending) if self._pending is not None else None,
             **({"rng_cpu_ranks": self.dist.gather(torch.get_rng_state())} if self.dist is not None else {}),
         }
@@ -276,7 +276,7 @@ class Trainer:
             self._counters = _Counters(**state["counters"])
             if self.batching is not None:
                 self.batching.load_state_dict(state["batching"])
-            if self.noise is not None and state.get("noise") is not None:
+            if state.get("noise") is not None and hasattr(self.noise, "load_state_dict"):
                 self.noise.load_state_dict(state["noise"])
             pending = state.get("pending_record")
             if pending is not None and not (isinstance(pending, dict) and pending.get("step") == self._counters.step):
@@ -468,7 +468,7 @@ class Trainer:
             "lr": [group["lr"] for group in optimizer.param_groups],
             "buffers": [b.detach().clone() for b in model.buffers()],
             "batching": self.batching.state_dict() if self.batching is not None else None,
-            "noise": self.noise.state_dict() if self.noise is not None else None,
+            "noise": _noise_state(self.noise),
         }
 
     def _rollback(self, snap: dict, model, optimizer, sampler) -> None:
@@ -482,7 +482,7 @@ class Trainer:
                 buf.copy_(saved)
         if self.batching is not None:
             self.batching.load_state_dict(snap["batching"])
-        if self.noise is not None:
+        if snap["noise"] is not None:
             self.noise.load_state_dict(snap["noise"])
         optimizer.zero_grad(set_to_none=True)
 
@@ -514,6 +514,13 @@ class Trainer:
             batch_sizes=tuple((s, b) for s, b in self.batching.changes) if self.batching is not None
             else ((1, cfg.global_batch),),
         )
+
+
+def _noise_state(noise) -> dict | None:
+    """A noise monitor's state for a checkpoint or a roll-back; ``None`` for a monitor that has no
+    ``state_dict`` (it then starts afresh on resume)."""
+    state_dict = getattr(noise, "state_dict", None)
+    return state_dict() if callable(state_dict) else None
 
 
 def reported_metrics(workload: Workload) -> tuple[str, ...]:
