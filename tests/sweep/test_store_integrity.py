@@ -201,3 +201,10 @@ def test_cli_refuses_bad_stores_in_one_line(tmp_path, capsys):
         lines = [ln for ln in err.splitlines() if ln.startswith("batchpilot sweep: error:")]
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
     assert text.read_text() == "batch,steps\n32,100\n"
+
+
+def test_a_store_where_no_directory_can_be_made_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(BatchpilotError, match="cannot create its directory"):
+        TrialStore(blocker / "sub" / "s.db")

@@ -203,7 +203,10 @@ class TrialStore:
         name = repr(str(self.path))
         if self._inspect() == "sqlite":
             self._check_foreign()  # read-only: a file that is not ours is refused untouched
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BatchpilotError(f"store {name}: cannot create its directory ({exc.strerror or exc})") from None
         try:
             self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
                                          check_same_thread=False)
