@@ -58,3 +58,12 @@ def test_samples_to_target_measured_or_log_linear_extrapolation():
     assert factor == pytest.approx(math.exp(10.0) / 8000)
     assert samples_to_target(evals, acc, max_factor=2.0) == (None, pytest.approx(math.nan, nan_ok=True))
     assert samples_to_target([(100, 0.5), (200, 0.4)], acc)[0] is None
+
+
+def test_far_roots_do_not_overflow():
+    acc = Target("val_acc", ">=", 0.99)
+    nearly_flat = [(s, 0.5 + 1e-9 * s) for s in (1000, 2000, 4000, 8000)]  # the root lies at ~e^(1e8)
+    assert samples_to_target(nearly_flat, acc)[0] is None
+    flat_loss = [(l, 0.5 - 1e-9 * math.log(l)) for l in (2.0, 1.5, 1.2, 1.0)]
+    got = loss_at_target(flat_loss, acc)
+    assert got.loss > 0 and math.isfinite(got.loss)

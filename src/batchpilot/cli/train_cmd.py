@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="EMA of the weights (e.g. 0.999), stepped per optimizer step (default: no EMA)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seeds the model init, dropout and data order")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: the plan's with --plan, else torch's default); small models "
+                        "often run many times faster on 1 thread on a busy machine")
     p.add_argument("--eval-every", type=int, default=None, metavar="N", help="evaluate every N steps (default: at the end)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="checkpoint every N steps (needs --out; default: at the end only)")
@@ -159,6 +162,12 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, env) -> int:
     plan = None
+    if args.threads is not None:
+        import torch
+
+        if isinstance(args.threads, bool) or args.threads < 1:
+            raise BatchpilotError(f"--threads must be a positive integer, got {args.threads!r}")
+        torch.set_num_threads(args.threads)
     if args.plan:
         from batchpilot.cli.plan_cmd import apply_plan_to_train_args
 
@@ -187,6 +196,11 @@ def _run(args: argparse.Namespace, env) -> int:
     summary = result.to_dict()
     if regime is not None:
         summary["finetune"] = regime.to_dict()
+    import torch
+
+    summary["threads"] = torch.get_num_threads()
+    if plan is not None:
+        summary["plan_check"] = plan_check(plan, result)
     unit = unit_name(workload)
     if noise is not None:
         import math
@@ -213,6 +227,8 @@ def _run(args: argparse.Namespace, env) -> int:
         render_summary(result)
         if regime is not None:
             render_regime(regime)
+        if plan is not None:
+            print(plan_check_line(summary["plan_check"]))
         if noise is not None:
             from rich.console import Console
 
@@ -232,6 +248,37 @@ def _run(args: argparse.Namespace, env) -> int:
         report_write_failure("train", failed)
         return code or 2
     return code
+
+
+def plan_check(plan: dict, result: TrainResult) -> dict:
+    """The plan's predictions beside what this run measured (``None`` where either is missing)."""
+    def ratio(measured, predicted):
+        return measured / predicted if measured is not None and predicted else None
+
+    same = result.global_batch == plan.get("global_batch")
+    pred_steps = plan.get("predicted_steps_to_target") if same else None
+    pred_time = plan.get("predicted_time_to_target_s") if same else None
+    return {"same_batch_as_plan": same, "threads_planned": plan.get("threads"),
+            "predicted_steps_to_target": pred_steps, "measured_steps_to_target": result.steps_to_target,
+            "steps_ratio": ratio(result.steps_to_target, pred_steps),
+            "predicted_time_to_target_s": pred_time, "measured_time_to_target_s": result.time_to_target_s,
+            "time_ratio": ratio(result.time_to_target_s, pred_time),
+            "predicted_samples_per_s": plan.get("samples_per_s") if same else None,
+            "measured_samples_per_s": result.samples_per_s}
+
+
+def plan_check_line(check: dict) -> str:
+    """One line: predicted vs measured steps and time to the target."""
+    if not check["same_batch_as_plan"]:
+        return "plan check: this run's batch differs from the plan's, so its predictions do not apply"
+    def fmt(v, unit=""):
+        return "not reached" if v is None else (f"{v:,.1f}{unit}" if isinstance(v, float) else f"{v:,}{unit}")
+    parts = [f"steps to target: predicted {fmt(check['predicted_steps_to_target'])}, measured "
+             f"{fmt(check['measured_steps_to_target'])}",
+             f"time: predicted {fmt(check['predicted_time_to_target_s'], ' s')}, measured "
+             f"{fmt(check['measured_time_to_target_s'], ' s')}"]
+    threads = f" (threads {check['threads_planned']}, as planned)" if check.get("threads_planned") else ""
+    return "plan check: " + "; ".join(parts) + threads
 
 
 def unit_name(workload) -> str:
@@ -273,7 +320,7 @@ def doctor_warnings(config: TrainConfig, workload, *, plan: dict | None = None, 
             fields.update(ema_step="per_optimizer_step", ema_decay=config.ema_decay)
         if plan is not None:
             fields["batch_source"] = "plan"
-            for key in ("noise_scale", "max_micro_batch"):
+            for key in ("noise_scale", "max_micro_batch", "base_lr", "base_batch"):  # the plan's checked base point
                 if plan.get(key) is not None:
                     fields[key] = plan[key]
         # BP401 ("no validation run recorded") is moot here: this run is that validation

@@ -138,7 +138,7 @@ def loss_at_target(evals: Sequence[tuple[float, float]], target: Target | None) 
     fit = _linear_root([math.log(l) for l, _ in later], [m for _, m in later], target.value)
     if fit is None or not _improves_with(target, fit[1], along_falling_x=True):
         return TargetLoss(last, "last", 1.0)
-    loss = min(last, math.exp(fit[0]))
+    loss = min(last, math.exp(min(fit[0], math.log(last))))
     loss = max(loss, last / 100.0)  # never more than 100x below anything seen
     return TargetLoss(loss, "extrapolated", last / loss)
 
@@ -166,8 +166,8 @@ def samples_to_target(evals: Sequence[tuple[int, float]], target: Target | None,
     fit = _linear_root([math.log(s) for s, _ in later], [m for _, m in later], target.value)
     if fit is None or not _improves_with(target, fit[1], along_falling_x=False):
         return None, float("nan")
-    samples = math.exp(fit[0])
-    if samples > max_factor * probed:
+    if fit[0] > math.log(max_factor * probed):  # (compared in logs: exp() of a far root overflows)
         return None, float("nan")
+    samples = math.exp(fit[0])
     samples = max(samples, float(probed))
     return samples, samples / probed

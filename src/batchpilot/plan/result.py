@@ -11,7 +11,6 @@ from typing import Any
 from batchpilot.errors import BatchpilotError
 from batchpilot.files import atomic_write_json
 from batchpilot.plan.schema import SCHEMA_VERSION, validate_plan
-from batchpilot.plan.schema import SCHEMA_VERSION, validate_plan
 
 PLAN_VERSION = 1
 
@@ -69,10 +68,18 @@ class Plan:
     """How to rebuild the workload (:mod:`.workload_spec`): its name or ``file.py:fn`` / ``pkg.module:fn``, options."""
     schema_version: int = SCHEMA_VERSION
     """The plan.json layout (:mod:`.schema`)."""
-    workload_spec: dict = field(default_factory=dict)
-    """How to rebuild the workload (:mod:`.workload_spec`): its name or ``file.py:fn`` / ``pkg.module:fn``, options."""
-    schema_version: int = SCHEMA_VERSION
-    """The plan.json layout (:mod:`.schema`)."""
+    noise: dict = field(default_factory=dict)
+    """The noise scale the plan used and how it was obtained (:mod:`.noise_trend`, :mod:`.confirm`): the
+    probe's effective B_simple, its trend against the loss, the loss at the target and how far it was
+    extrapolated, the confirmation runs' B_crit when ``--confirm`` ran, and ``b_used``."""
+    lr_check: dict = field(default_factory=dict)
+    """The base-LR check (:mod:`.lr_check`): multipliers tried, their late losses, the adopted base LR."""
+    goodput_band: tuple[float, float] = (0.0, 0.0)
+    """The chosen candidate's goodput range from the timing uncertainty (interleaved rounds)."""
+    tied_batches: tuple[int, ...] = ()
+    """Global batches whose goodput was within the measured uncertainty of the best (the tie the choice broke)."""
+    probe_cost_s: float = 0.0
+    """Wall-clock seconds of all the training the plan ran (LR check, noise probe, confirmation)."""
 
     def __post_init__(self) -> None:
         if self.global_batch != self.micro_batch_per_rank * self.accumulation_steps * self.world_size:
@@ -103,7 +110,6 @@ def write_plan(plan: Plan, path: str | Path) -> Path:
 
 REQUIRED_KEYS = ("micro_batch_per_rank", "accumulation_steps", "world_size", "global_batch", "lr", "lr_rule",
                  "warmup_steps")
-MAX_PLAN_BYTES = 64 * 2**20
 MAX_PLAN_BYTES = 64 * 2**20
 
 
