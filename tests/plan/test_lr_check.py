@@ -21,11 +21,11 @@ def test_decide_keeps_the_base_lr_within_tolerance():
 
 def test_check_finds_a_base_lr_far_too_low_and_leaves_the_workload_alone():
     w = get_workload("mnist1d-mlp", num_train=1000, num_val=200)
-    slow = dataclasses.replace(w, base_lr=w.base_lr / 50)
-    check = check_base_lr(slow, steps=40, multipliers=(1.0, 4.0, 16.0), seed=0)
+    slow = dataclasses.replace(w, base_lr=w.base_lr / 100)
+    check = check_base_lr(slow, steps=60, multipliers=(1.0, 10.0, 100.0), seed=0)
     assert check.chosen_multiplier > 1.0
     assert check.late_losses[check.multipliers.index(check.chosen_multiplier)] < check.late_losses[0]
     fixed = with_checked_lr(slow, check)
     assert fixed.base_lr == pytest.approx(slow.base_lr * check.chosen_multiplier)
-    assert slow.base_lr == w.base_lr / 50  # the original is untouched
+    assert slow.base_lr == w.base_lr / 100  # the original is untouched
     assert "off" in check.note

@@ -142,7 +142,10 @@ def evaluate(micro: int, accumulation: int, *, world_size: int, throughput: Step
     if anchor is not None:
         samples = anchor[1] * efficiency(anchor[0], b_noise, batch)  # E(B) = E(a) * (Bn + B)/(Bn + a)
         plain = max(1, math.ceil(samples / batch))
-        warmup = warmup_steps_for(batch, base_batch, plain)
+        # a run predicted far beyond what was measured must not get a warmup just as far: at most the
+        # 5 epochs Goyal et al. (2017) warm up for
+        warmup = min(warmup_steps_for(batch, base_batch, plain),
+                     max(math.ceil(math.log2(max(batch / base_batch, 1))), 5 * steps_per_epoch_base * base_batch // batch))
         steps = plain + warmup // 2  # a linear warmup costs about half its length
         time_s = steps * step_s
     else:

@@ -23,8 +23,10 @@ from batchpilot.workloads import Workload
 
 MULTIPLIERS: tuple[float, ...] = (1 / 3, 1.0, 3.0, 9.0)
 """A factor-3 grid: four short runs find a base LR that is off by 3x or more (1/3 below, 9x above)."""
-TOLERANCE = 0.05
-"""A multiplier must lower the late loss by more than 5% to replace the base LR."""
+TOLERANCE = 0.15
+"""A multiplier must lower the late loss by more than 15% to replace the base LR. Short runs favour large
+LRs: on the bench's tabular SGD workload, 3x the base LR lowered the loss after 100 steps by 11% but then
+failed to reach the target at all (bench/plan_accuracy.py), while mnist1d-cnn's 9x gain was 27%."""
 
 
 @dataclass(frozen=True)
