@@ -42,6 +42,7 @@ def test_ratio_of_another_batch_within_noise_and_beyond():
     a = analyze(far, plan={"global_batch": 64})
     text = " ".join(build_sections(a, far)[0].paragraphs)
     assert "within the timing noise" not in text and "Timing noise of these runs" in text
+    assert "The grid also ran batch 64: 2.00 s" in text
 
 
 def test_b_crit_has_a_legend_entry_and_batch_ticks_are_plain():

@@ -237,6 +237,12 @@ def plan_lines(a: SweepAnalysis, trials: Sequence[dict]) -> list[str]:
                  "told apart by time here.")
     elif noise is not None:
         line += f" Timing noise of these runs: {noise_text}."
+    if p.best_batch != p.global_batch:
+        key = TIME_KEYS.get(a.time_basis, "time_to_target_s")
+        same = next((r for r in a.batches if r.batch == p.global_batch and getattr(r, key) is not None), None)
+        if same is not None:
+            line += (f" The grid also ran batch {p.global_batch}: {getattr(same, key):.2f} s (the same batch timed twice; "
+                     "a difference from the plan's time is timing noise, or the plan's own split, warmup or LR).")
     return [line]
 
 
