@@ -25,8 +25,12 @@ Config = tuple[int, int]
 
 
 def interleaved_step_times(workload, configs: Sequence[Config], *, rounds: int = 30, warmup: int = 3,
-                           seed: int = 0) -> dict[Config, list[float]]:
+                           seed: int = 0, time_budget_s: float | None = None,
+                           max_rounds: int = 1000) -> dict[Config, list[float]]:
     """Seconds of each optimizer step of every configuration, ``rounds`` per configuration, timed round-robin.
+
+    With ``time_budget_s``, ``rounds`` is a minimum: rounds go on until the timed rounds have taken that
+    long (at most ``max_rounds``), so cheap steps get many rounds and costly ones few.
 
     Each configuration gets a fresh model and optimizer (under a forked RNG, so the caller's RNG is
     untouched). One step is what the trainer does per step apart from evaluation: fetch a random
@@ -47,7 +51,14 @@ def interleaved_step_times(workload, configs: Sequence[Config], *, rounds: int =
         for batch, micro in configs:
             model = workload.make_model()
             state[(batch, micro)] = (model, workload.make_optimizer(model.parameters(), 1e-6))
-        for r in range(warmup + rounds):
+        r, t_timed = 0, None
+        while True:
+            if r == warmup:
+                t_timed = time.perf_counter()
+            kept = r - warmup
+            if kept >= rounds and (time_budget_s is None or kept >= max_rounds
+                                   or time.perf_counter() - t_timed >= time_budget_s):
+                break
             for c in configs:
                 model, opt = state[c]
                 t0 = time.perf_counter()
@@ -58,6 +69,7 @@ def interleaved_step_times(workload, configs: Sequence[Config], *, rounds: int =
                 opt.zero_grad(set_to_none=True)
                 if r >= warmup:
                     times[c].append(time.perf_counter() - t0)
+            r += 1
     return times
 
 

@@ -18,9 +18,9 @@ For every workload (the built-ins ``mnist1d-cnn`` and ``mnist1d-mlp`` and the ge
    can no longer be that batch's best: for 2 seeds the median is the mean). Such a trial counts as
    not reaching the target (``capped_early``). The plan's trials get the full ``--max-epochs``.
 3. **Step time.** Measured separately, interleaved: every configuration (the grid batches and the
-   plan's micro-batch x accumulation, as its real step) takes one step per round, round-robin,
-   ``--timing-rounds`` rounds, median, on 1 thread, so load changes hit all of them alike. Time to
-   target = steps to target x step time.
+   plan's micro-batch x accumulation, as its real step) takes one step per round, round-robin, for
+   about ``--timing-budget`` seconds (at least ``--timing-rounds`` rounds), median, on 1 thread, so
+   load changes hit all of them alike. Time to target = steps to target x step time.
 4. **B_crit.** ``S(B) = S_min (1 + B_crit / B)`` (McCandlish et al. 2018, eq. 2.11; equivalently
    ``E(B) = E_min (1 + B / B_crit)``) fitted by least squares on log steps (relative errors; steps span
    orders of magnitude) over the batches that reached the target; the RMS residual is reported.
@@ -404,12 +404,16 @@ class Bench:
         configs = list(dict.fromkeys(configs))
         ckey = [list(c) for c in configs]
         timing = rec.get("timing")
-        if not timing or timing.get("configs") != ckey or timing.get("rounds") != a.timing_rounds:
-            print(f"[{name}] timing {len(configs)} configurations, {a.timing_rounds} interleaved rounds", flush=True)
+        tspec = {"min_rounds": a.timing_rounds, "warmup": a.timing_warmup, "budget_s": a.timing_budget}
+        if not timing or timing.get("configs") != ckey or timing.get("spec") != tspec:
+            print(f"[{name}] timing {len(configs)} configurations in interleaved rounds (at least {a.timing_rounds}, "
+                  f"about {a.timing_budget:g} s)", flush=True)
             t0 = time.perf_counter()
             load = os.getloadavg()[0]
-            times = interleaved_step_times(w, configs, rounds=a.timing_rounds, warmup=a.timing_warmup)
-            timing = {"configs": ckey, "rounds": a.timing_rounds, "wall_s": time.perf_counter() - t0,
+            times = interleaved_step_times(w, configs, rounds=a.timing_rounds, warmup=a.timing_warmup,
+                                           time_budget_s=a.timing_budget)
+            timing = {"configs": ckey, "spec": tspec, "rounds": len(next(iter(times.values()))),
+                      "wall_s": time.perf_counter() - t0,
                       "load_avg_before": load, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "times_s": {f"{b}x{m}": v for (b, m), v in times.items()}}
             rec["timing"] = timing
@@ -478,6 +482,8 @@ def summarize(rec: dict, grid: dict, step_s: dict, plan: dict | None, plan_cfg: 
                           "samples_to_target": meds[best_m] * b})
     finite = [r for r in per_batch if math.isfinite(r["time_to_target_s"])]
     best = min(finite, key=lambda r: r["time_to_target_s"]) if finite else None
+    if best is not None:  # the sweep's optimum may lie beyond the grid: then "best" is only the grid's best
+        best = {**best, "at_grid_edge": best["batch"] in (per_batch[0]["batch"], per_batch[-1]["batch"])}
     fit = fit_b_crit([r["batch"] for r in per_batch], [r["steps_to_target"] for r in per_batch])
     out: dict = {"per_batch": per_batch, "best": best, "fit": fit}
     grid_trials = [t for t in rec["trials"].values() if "grid" in t.get("tags", ())]
@@ -506,6 +512,9 @@ def summarize(rec: dict, grid: dict, step_s: dict, plan: dict | None, plan_cfg: 
                                 "reached": [t["reached"] for t in trials], "status": [t["status"] for t in trials]}
         if best is not None:
             out["plan_over_best"] = steps * st / best["time_to_target_s"]
+        predicted = (plan or {}).get("predicted_steps_to_target")
+        if predicted and math.isfinite(steps):
+            out["plan_measured"]["predicted_over_measured_steps"] = predicted / steps
         same = next((r for r in per_batch if r["batch"] == plan_cfg["batch"]), None)
         if same is not None and plan_cfg["micro"] == plan_cfg["batch"] and math.isfinite(same["time_to_target_s"]):
             out["plan_over_same_batch_best_lr"] = steps * st / same["time_to_target_s"]
@@ -564,7 +573,8 @@ def print_table(state: dict, names: list[str]) -> None:
             name, rec["workload"]["target"],
             f"{p['global_batch']} ({p['micro_batch_per_rank']}×{p['accumulation_steps']})" if p else "plan failed",
             f"{p['lr']:.3g} (×{p['lr_over_rule_lr']:.2f})" if p else "",
-            f"{best['batch']} (×{best['best_lr_multiplier']:g})" if best else "none reached",
+            (f"{best['batch']} (×{best['best_lr_multiplier']:g})" + ("ᵉ" if best.get("at_grid_edge") else ""))
+            if best else "none reached",
             f"[{style}]{_num(ratio, '.2f')}[/{style}]" if style else _num(ratio, ".2f"),
             _num(s.get("b_noise")),
             f"{_num(fit.get('b_crit'))} ({_num(fit.get('rms_log_residual'), '.2f')})" + ("*" if fit.get("note") else ""),
@@ -577,6 +587,11 @@ def print_table(state: dict, names: list[str]) -> None:
              if state["workloads"].get(n, {}).get("summary", {}).get("fit", {}).get("note")]
     for n in notes:
         print(f"  * {n}")
+    if any(((state["workloads"].get(n) or {}).get("summary") or {}).get("best", {}) and
+           state["workloads"][n]["summary"]["best"].get("at_grid_edge") for n in names):
+        print("  ᵉ the best sweep batch is at the edge of the grid: the true optimum may lie beyond it")
+    print("  plan/best: time to target of the plan's configuration / of the best sweep batch at its best LR (median "
+          "steps over seeds x interleaved step time); cost share: plan wall clock / sweep wall clock")
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -594,9 +609,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--evals-per-epoch", type=int, default=20, help="validation evaluations per epoch (default 20)")
     ap.add_argument("--grid-warmup-epochs", type=float, default=0.0,
                     help="linear warmup of grid trials whose LR exceeds the base LR, in epochs (default 0: none)")
-    ap.add_argument("--timing-rounds", type=int, default=15)
+    ap.add_argument("--timing-rounds", type=int, default=15, help="least interleaved timing rounds (default 15)")
+    ap.add_argument("--timing-budget", type=float, default=20.0,
+                    help="seconds of interleaved timing per workload; more rounds when they fit (default 20)")
     ap.add_argument("--timing-warmup", type=int, default=2)
     ap.add_argument("--plan-args", default="", help='extra arguments for batchpilot plan, e.g. "--confirm"')
+    ap.add_argument("--report-only", action="store_true", help="print the table of the results in --out; run nothing")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 batches, LR x1, 1 seed, <= 150 steps per trial")
     ap.add_argument("--out", default=None, help="results JSON (default runs/plan_accuracy/plan_accuracy.json, "
                                                 "runs/plan_accuracy/quick.json with --quick)")
@@ -607,8 +625,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.lr_multipliers = 1, (1.0,)
         args.max_steps = min(args.max_steps or 150, 150)
-        args.timing_rounds, args.timing_warmup = 3, 1
+        args.timing_rounds, args.timing_warmup, args.timing_budget = 3, 1, 1.0
         args.workloads = args.workloads or "mnist1d-shuffled-ln-adamw"
+    args.workloads_given = args.workloads is not None
     args.workloads = expand_workloads(args.workloads or "all")
     default_out = REPO / "runs" / "plan_accuracy" / ("quick.json" if args.quick else "plan_accuracy.json")
     args.out = Path(args.out) if args.out else default_out
@@ -622,6 +641,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     state = load_state(args.out)
+    if args.report_only:
+        if "meta" not in state:
+            raise SystemExit(f"{args.out} holds no results")
+        print_table(state, [n for n in args.workloads if n in state["workloads"]] if args.workloads_given
+                    else list(state["workloads"]))
+        return 0
     state["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.platform(),
                      "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                      "threads": 1, "argv": sys.argv[1:], "code": code_version(), "quick": args.quick}
