@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(raw)
     args.raw_argv = raw  # e.g. for `train --nproc` to relaunch itself
+    from batchpilot.report.command import set_command
+
+    set_command(raw)  # the exact command, for the reports' provenance line
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
