@@ -337,6 +337,13 @@ class GradientNoiseScale:
     ) -> tuple[float, float]:
         """Add one step's norms (see :func:`two_batch_estimates`); returns its ``(g_sq, trace_sigma)``."""
         g_sq, trace_sigma = two_batch_estimates(small_sq_norms, big_sq_norm, small_batch, big_batch)
+        return self.add_estimate(g_sq, trace_sigma)
+
+    def add_estimate(self, g_sq: float, trace_sigma: float) -> tuple[float, float]:
+        """Add one step's unbiased ``(g_sq, trace_sigma)`` however it was measured (two batch sizes here,
+        per-example norms in :mod:`batchpilot.noise.per_example`): the EMAs, the bootstrap window and
+        :attr:`history` all come from these pairs. Returns the pair."""
+        g_sq, trace_sigma = float(g_sq), float(trace_sigma)
         if not (math.isfinite(g_sq) and math.isfinite(trace_sigma)):
             raise BatchpilotError(f"gradient norms are not finite (g_sq={g_sq}, trace_sigma={trace_sigma})")
         self._g_ema.update(g_sq)

@@ -106,7 +106,8 @@ class Trainer:
             rank's local gradient until the last micro-batch.
         on_step: hook receiving each step's record.
         noise: a :class:`~batchpilot.noise.microbatch.GradientNoiseScale` to feed: from the ranks under DDP
-            (:class:`~batchpilot.noise.ranks.RankNoiseScale`), else from the micro-batches (needs accumulation).
+            (:class:`~batchpilot.noise.ranks.RankNoiseScale`), else from the micro-batches (needs accumulation);
+            or a :class:`~batchpilot.noise.per_example.PerExampleNoiseScale` (one process, any accumulation).
     """
 
     def __init__(
@@ -144,8 +145,11 @@ class Trainer:
         self.dist = check_world_size(config.world_size)
         self.is_main = self.dist is None or self.dist.is_main
         self.noise, self.rank_noise, self._ddp = noise, None, None
+        if noise is not None and self.dist is not None and not getattr(noise, "needs_accumulation", True):
+            raise BatchpilotError("the per-example noise scale runs in one process; under DDP the noise scale "
+                                  "comes from the ranks (GradientNoiseScale)")
         if noise is not None and self.dist is None:
-            if config.accumulation_steps < 2 and not config.variable_batch:
+            if config.accumulation_steps < 2 and not config.variable_batch and getattr(noise, "needs_accumulation", True):
                 raise BatchpilotError("the noise scale needs two batch sizes: a micro-batch below the batch "
                                       "(accumulation) or more than one rank")
             noise.attach(lambda: self.model)
