@@ -13,7 +13,9 @@ def test_trend_recovers_a_power_law_and_reads_it_at_a_lower_loss():
     points = [(l, 50 * l ** -1.5) for l in (2.0, 1.5, 1.0, 0.7, 0.5)]
     trend = fit_noise_trend(points)
     assert trend.slope == pytest.approx(-1.5)
-    assert trend.at(0.25) == pytest.approx(50 * 0.25 ** -1.5)
+    assert trend.at(0.7) == pytest.approx(50 * 0.7 ** -1.5)  # inside the measured range
+    assert trend.at(0.35) == pytest.approx(50 * 0.35 ** -1.5)  # 1.7x beyond the largest measured: trusted
+    assert trend.at(0.1) == pytest.approx(MAX_GROWTH * 50 * 0.5 ** -1.5)  # far beyond: capped
     assert not trend.clipped
 
 
