@@ -65,3 +65,35 @@ def test_gpt2_small_has_124m_parameters_and_a_huge_activation_share():
     t = trace_step(get_workload("hf:gpt2"), 8, target="cuda")
     assert 124_000_000 * 4 < t.breakdown["params"] < 125_000_000 * 4
     assert t.peak_bytes > 10 * 2**30  # a weights-only estimate says ~2 GiB
+
+
+def test_seq_len_rebuilds_a_config_file_workload_with_its_options(tmp_path):
+    w = load_hf_workload("hf:" + _config(tmp_path, TINY_BERT, "bert.json"), head="lm", seq_len=32)
+    curve = memory_curve(w, batch_sizes=[2, 4], seq_len=96)
+    assert curve.seq_len == 96
+    short = memory_curve(w, batch_sizes=[2, 4])
+    assert curve.per_sample_bytes > 2.5 * short.per_sample_bytes  # 3x the tokens per sample, still the lm head
+
+
+def test_memory_cli_seq_len_for_a_config_file(tmp_path, capsys):
+    """The issue's failing command: `batchpilot memory --workload hf:llama.json --seq-len N --device H100`."""
+    from batchpilot.cli import main
+
+    llama = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 256}
+    path = _config(tmp_path, llama, "llama.json")
+    code = main(["memory", "--workload", f"hf:{path}", "--seq-len", "200", "--device", "H100", "--no-what-if",
+                 "--batch-sizes", "1,4", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["seq_len"] == 200 and out["max_micro_batch"] > 0
+    assert main(["memory", "--workload", f"hf:{path}", "--seq-len", "300", "--json"]) == 2
+    assert "exceeds the config's maximum positions 256" in capsys.readouterr().out
+
+
+def test_memory_cli_seq_len_for_a_sized_builtin(capsys):
+    from batchpilot.cli import main
+
+    code = main(["memory", "--workload", "hf:gpt2", "--workload-opt", "n_layer=1", "--workload-opt", "n_embd=32",
+                 "--workload-opt", "n_head=2", "--seq-len", "48", "--batch-sizes", "1,4", "--no-what-if", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["seq_len"] == 48 and out["workload"] == "hf:gpt2"

@@ -85,10 +85,8 @@ def workload_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def refuse_memory_only(name: str, verb: str) -> None:
-    """``hf:*`` workloads hold random tokens for memory prediction: only ``batchpilot memory`` takes them."""
-    if name.startswith("hf:") and verb in MEMORY_ONLY_VERBS:
-        raise BatchpilotError(f"workload {name!r} is memory-only (random tokens, no training data): {verb} cannot use "
-                              f"it; predict its memory with: batchpilot memory --workload {name}")
+    """Kept for callers: whether an ``hf:*`` workload is memory-only depends on its options (data, size), so
+    :func:`load_workload` decides from the built workload's ``memory_only``; nothing is refused by name."""
 
 
 def load_workload(args: argparse.Namespace, verb: str | None = None) -> Workload:
@@ -98,8 +96,9 @@ def load_workload(args: argparse.Namespace, verb: str | None = None) -> Workload
         refuse_memory_only(name, verb)
     workload = get_workload(name, **workload_options(args))
     if verb in MEMORY_ONLY_VERBS and workload.memory_only:
-        raise BatchpilotError(f"workload {name!r} is memory-only: {verb} cannot use it; predict its memory with: "
-                              f"batchpilot memory --workload {name}")
+        why = f" ({workload.description})" if workload.description else ""
+        raise BatchpilotError(f"workload {name!r} is memory-only{why}: {verb} cannot use it; predict its memory "
+                              f"with: batchpilot memory --workload {name}")
     return workload
 
 

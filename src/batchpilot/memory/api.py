@@ -53,6 +53,8 @@ def with_seq_len(workload: Workload, seq_len: int | None) -> Workload:
     if workload.seq_len is None:
         raise BatchpilotError(f"workload {workload.name!r} is not a sequence model; --seq-len does not apply")
     try:
+        if workload.rebuild is not None:  # keeps the workload's other options (hf: size, head, data)
+            return workload.rebuild(seq_len=seq_len)
         return get_workload(workload.name, seq_len=seq_len)
     except BatchpilotError as exc:
         raise BatchpilotError(f"workload {workload.name!r} cannot be rebuilt at seq_len={seq_len}: {exc}") from exc

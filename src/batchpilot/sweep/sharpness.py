@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from batchpilot.workloads.data import fetch
 from batchpilot.errors import BatchpilotError, require_positive_int
@@ -114,7 +115,8 @@ def make_hvp(model: nn.Module, loss_sum: Callable, batches: list[tuple[torch.Ten
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     plist = list(params.values())
     grads = []
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+    # SDPA's flash/efficient kernels have no double backward: the math kernel computes the same attention with one
+    with torch.random.fork_rng(devices=[]), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         torch.manual_seed(seed)
         for x, y in batches:
             fresh = {k: b.clone() for k, b in buffers.items()}  # BN updates land on the clones

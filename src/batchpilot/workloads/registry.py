@@ -17,7 +17,7 @@ from batchpilot.workloads.spec import REGISTRY, Factory, Workload
 
 
 def _ensure_builtins() -> None:
-    from batchpilot.workloads import charlm, digits, mnist1d  # noqa: F401  (registers the built-ins)
+    from batchpilot.workloads import charlm, digits, hf, mnist1d  # noqa: F401  (registers the built-ins)
 
 
 def list_workloads() -> dict[str, str]:
@@ -95,11 +95,16 @@ def get_workload(spec: str, **options: object) -> Workload:
     _ensure_builtins()
     if spec in REGISTRY:
         factory = REGISTRY[spec][0]
+    elif spec.startswith("hf:"):  # a transformers config file: hf:path/config.json
+        from batchpilot.workloads.hf import hf_factory
+
+        factory = hf_factory(spec)
     elif ":" in spec:
         factory = _load_path(spec)
     else:
         known = ", ".join(sorted(REGISTRY))
-        raise BatchpilotError(f"unknown workload {spec!r}; known: {known} (or 'file.py:fn', 'pkg.module:fn')")
+        raise BatchpilotError(f"unknown workload {spec!r}; known: {known} (or 'file.py:fn', 'pkg.module:fn', "
+                              "'hf:config.json')")
     _check_options(spec, factory, options)
     try:
         workload = factory(**options)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -90,6 +90,8 @@ class Workload:
         description: one line for ``batchpilot workloads``.
         seq_len: sequence length for sequence models, else ``None``.
         memory_only: random data for memory prediction only (``hf:*``); training it is refused.
+        rebuild: ``rebuild(**changes)`` builds this workload again with some factory options changed
+            (``seq_len=2048``), keeping the others; ``None``: rebuilt by name through ``get_workload``.
     """
 
     name: str
@@ -108,6 +110,7 @@ class Workload:
     description: str = ""
     seq_len: int | None = None
     memory_only: bool = False
+    rebuild: Callable[..., "Workload"] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.base_batch, bool) or not isinstance(self.base_batch, int) or self.base_batch < 1:
