@@ -25,6 +25,7 @@ from batchpilot.plan.result import Plan
 from batchpilot.plan.worlds import CommModel
 from batchpilot.plan.text import caveats_for, lr_rule_note, noise_note, why_text
 from batchpilot.scaling.lr_rules import LR_RULES, default_lr_rule
+from batchpilot.throughput import predict
 from batchpilot.throughput.measure import ThroughputCurve, choose_cpu_threads, default_batches, measure_throughput
 from batchpilot.workloads import Workload
 
@@ -155,8 +156,10 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
         throughput = measure_throughput(workload, batch_sizes=sorted(batches), device=measure_device,
                                         time_budget_s=max(5.0, throughput_budget_s - (time.perf_counter() - t0)),
                                         seed=seed, progress=_staged(progress, "throughput"))
+    base_step_s = throughput.step_s(workload.base_batch)  # this machine's: it times the LR check and the probe
+    # a named GPU that is not here: goodput from its predicted step times, not this CPU's (throughput/predict.py)
+    throughput, measure_device = predict.for_plan(workload, spec, throughput, measure_device, max_batch=max_batch)
     timings["throughput"] = time.perf_counter() - t0
-    base_step_s = throughput.step_s(workload.base_batch)
 
     # 3. the base LR, checked
     t0 = time.perf_counter()
@@ -242,6 +245,7 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
                           batchnorm=has_batchnorm(workload), measured_on=measure_device, spec=spec,
                           candidates=candidates, world_size=world_size, b_noise_used=b_noise_used,
                           comm_note=worlds_info["comm"]["source"] if "comm" in worlds_info else None)
+    caveats += predict.plan_caveats(throughput)  # says so when the throughput is predicted
     if extrapolation and extrapolation > 1:
         caveats.append(f"the probe stopped before the target: the samples to {workload.target} at the base batch are "
                        f"extrapolated {extrapolation:.1f}x beyond the {probe.points[-1].samples} samples it trained, "
