@@ -84,14 +84,17 @@ def throughput_figure(plan: dict):
     pts = th["points"]
     bs = [p["batch"] for p in pts]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.6, 3.6))
-    ax.plot(bs, [p["samples_per_s"] for p in pts], "o-", label="measured (median step)")
+    predicted = str(th.get("peak_source", "")).startswith("predicted")  # an absent GPU (throughput/predict.py)
+    ax.plot(bs, [p["samples_per_s"] for p in pts], "o-",
+            label="PREDICTED, not measured" if predicted else "measured (median step)")
     ax.plot(bs, [b / (th["overhead_s"] + th["per_sample_s"] * b) for b in bs], "--", color="gray",
             label="fit: B / (overhead + per_sample·B)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (no accumulation)")
     ax.set_ylabel("samples/s")
     ax.legend(fontsize=8)
-    ax.set_title(f"Throughput on {th['device']} ({th['threads']} thread{'' if th['threads'] == 1 else 's'})")
+    ax.set_title(f"Throughput on {th['device']}" if predicted else
+                 f"Throughput on {th['device']} ({th['threads']} thread{'' if th['threads'] == 1 else 's'})")
     ax2.plot(bs, [100 * p["mfu"] for p in pts], "s-", color="tab:orange")
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("batch (no accumulation)")
@@ -360,6 +363,9 @@ def plan_sections(plan: dict) -> list[Section]:
             f" × B, by {mem['method']}. The largest micro-batch within the {_fmt_bytes(plan['usable_bytes'])} usable on "
             f"{plan['device']} is {plan['max_micro_batch']}.{limits}"], figures=[memory_figure(plan)]),
         Section("Throughput and MFU", paragraphs=[
+            ("PREDICTED, not measured: the target GPU is not here, so every step time below comes from the traced "
+             "FLOPs and bytes of one step against its datasheet peak and bandwidth (docs/gpu.md). "
+             if str(th.get("peak_source", "")).startswith("predicted") else "") +
             f"Median full step (fetch, forward, backward, optimizer) on a fresh model, fitted as step_s(B) = "
             f"{th['overhead_s'] * 1e3:.3g} ms + {th['per_sample_s'] * 1e6:.3g} µs × B; the fixed cost is a tenth of "
             f"the step near batch {th['saturation_batch']:.0f}. MFU uses FlopCounterMode FLOPs over a peak of "
