@@ -1,5 +1,6 @@
 """The trial store refuses files that are not its own (untouched), records its schema version, refuses
-server URLs it cannot speak yet, and never crashes on a damaged row: it is reported and run again."""
+URL schemes it does not speak (a postgresql:// URL is never a local file), and never crashes on a damaged
+row: it is reported and run again."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from batchpilot.cli import main
 from batchpilot.errors import EXIT_USAGE, BatchpilotError
 from batchpilot.sweep.runner import SweepConfig, TrialSpec, result_problem, run_sweep, run_trial
+from batchpilot.sweep.backends import open_store
 from batchpilot.sweep.store import APPLICATION_ID, SCHEMA, SCHEMA_VERSION, TrialStore, store_path
 
 
@@ -73,14 +75,27 @@ def test_a_store_from_before_the_version_is_adopted(tmp_path):
     assert _pragma(db, "application_id") == APPLICATION_ID
 
 
-@pytest.mark.parametrize("url, scheme", [("postgresql://bob:hunter2@db.example/sweeps", "postgresql"),
-                                         ("mysql://root@localhost/x", "mysql"), ("file:///tmp/s.db", "file"),
+@pytest.mark.parametrize("url, scheme", [("mysql://root:hunter2@localhost/x", "mysql"), ("file:///tmp/s.db", "file"),
                                          ("HTTPS://example.com/s.db", "https")])
 def test_unsupported_urls_are_refused_without_creating_a_file(url, scheme, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(BatchpilotError, match=rf"store URL scheme {scheme}:// is not supported yet") as err:
-        TrialStore(url)
-    assert "hunter2" not in str(err.value)
+    for opener in (TrialStore, open_store):
+        with pytest.raises(BatchpilotError, match=rf"store URL scheme {scheme}:// is not supported") as err:
+            opener(url)
+        assert "hunter2" not in str(err.value)
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_a_postgresql_url_is_never_a_local_file(tmp_path, monkeypatch):
+    """The SQLite store refuses a server URL (it once made a file named after it); open_store sends it to the
+    PostgreSQL backend, whose connection error names the server without the password."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BatchpilotError, match=r"postgresql:// is a PostgreSQL store, not a SQLite file"):
+        TrialStore("postgresql://bob:hunter2@db.example/sweeps")
+    pytest.importorskip("psycopg")
+    with pytest.raises(BatchpilotError, match=r"cannot connect to the PostgreSQL server") as err:
+        open_store("postgresql://bob:hunter2@127.0.0.1:1/sweeps", connect_timeout_s=2)
+    assert "hunter2" not in str(err.value) and "bob:***@127.0.0.1:1/sweeps" in str(err.value)
     assert list(tmp_path.rglob("*")) == []
 
 
@@ -194,7 +209,7 @@ def test_cli_refuses_bad_stores_in_one_line(tmp_path, capsys):
     text.write_text("batch,steps\n32,100\n")
     base = ["sweep", "--workload", "mnist1d-mlp", "--workload-opt", "num_train=600", "--batches", "32"]
     for store, message in ((str(text), "not a batchpilot SQLite store"),
-                           ("postgresql://u:pw@h/db", "store URL scheme postgresql:// is not supported yet")):
+                           ("mysql://u:pw@h/db", "store URL scheme mysql:// is not supported")):
         capsys.readouterr()
         assert main([*base, "--store", store]) == EXIT_USAGE
         err = capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""A sweep killed with SIGKILL mid-trial loses no finished trial; two processes on one store never share a trial."""
+"""A sweep killed with SIGKILL mid-trial loses no finished trial; two processes on one store never share a trial.
+Both on a SQLite file and on a PostgreSQL server (``store_url``, conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from batchpilot.cli import main
-from batchpilot.sweep.store import TrialStore
+from batchpilot.sweep.backends import open_store
 
 ARGS = ["sweep", "--workload", "mnist1d-mlp", "--workload-opt", "num_train=600", "--workload-opt", "num_val=200",
         "--max-epochs", "3", "--sharpness-samples", "64", "--json"]
@@ -20,19 +21,19 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 
 
 def _spawn(db, batches):
-    return subprocess.Popen([sys.executable, "-m", "batchpilot", *ARGS, "--batches", batches, "--store", str(db)],
+    return subprocess.Popen([sys.executable, "-m", "batchpilot", *ARGS, "--batches", batches, "--store", db],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
 def _rows(db):
-    if not db.exists():
+    if "://" not in db and not os.path.exists(db):
         return []
-    with TrialStore(db) as s:
+    with open_store(db) as s:
         return s.rows()
 
 
-def test_sigkill_mid_trial_loses_no_finished_trial(tmp_path, capsys):
-    db = tmp_path / "s.db"
+def test_sigkill_mid_trial_loses_no_finished_trial(store_url, capsys):
+    db = store_url
     batches = "8,16,32,64,128"
     proc = _spawn(db, batches)
     deadline = time.time() + 120
@@ -56,7 +57,7 @@ def test_sigkill_mid_trial_loses_no_finished_trial(tmp_path, capsys):
     assert done_before and len(killed) == 1
 
     capsys.readouterr()
-    assert main([*ARGS, "--batches", batches, "--store", str(db)]) == 0
+    assert main([*ARGS, "--batches", batches, "--store", db]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["skipped"] == len(done_before) and out["ran"] == 5 - len(done_before)
     after = {r.key: r for r in _rows(db)}
@@ -67,8 +68,8 @@ def test_sigkill_mid_trial_loses_no_finished_trial(tmp_path, capsys):
     assert sorted(t["batch"] for t in out["trials"]) == [8, 16, 32, 64, 128]
 
 
-def test_two_processes_share_the_grid_without_running_a_trial_twice(tmp_path):
-    db = tmp_path / "s.db"
+def test_two_processes_share_the_grid_without_running_a_trial_twice(store_url):
+    db = store_url
     batches = "8,16,32,64,128,256"
     procs = [_spawn(db, batches) for _ in range(2)]
     outs = [json.loads(p.communicate(timeout=240)[0]) for p in procs]

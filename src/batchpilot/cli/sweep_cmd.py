@@ -46,8 +46,9 @@ def parse_floats(text: str, name: str) -> tuple[float, ...]:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="train at several batch sizes: steps/time to target, generalization gap, sharpness",
                        description="Sweep batch sizes with the reference trainer (Shallue et al. 2019). Every trial is stored "
-                                   "in SQLite as it finishes; rerunning resumes. Exit codes: 0 ok, 1 some trials failed, "
-                                   "2 bad input, 130 interrupted.")
+                                   "as it finishes (a SQLite file, or a PostgreSQL server shared by workers on several "
+                                   "machines); rerunning resumes. Exit codes: 0 ok, 1 some trials failed or were left "
+                                   "unfinished, 2 bad input, 130 interrupted.")
     add_workload_args(p, plan_aware=True)
     p.add_argument("--batches", required=True, metavar="B[,B...]",
                    help="global batches: '32,64,128' or '16,32,...,1024' (required)")
@@ -71,7 +72,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch CPU threads for every trial (default: the plan's with --plan, else torch's)")
     p.add_argument("--time-basis", choices=("measured", "median_step"), default="measured",
                    help="time to target: measured training time, or steps x median step time (robust on a busy machine)")
-    p.add_argument("--store", default="sweep.db", metavar="DB", help="SQLite trial store (default sweep.db); rerun to resume")
+    p.add_argument("--store", default="sweep.db", metavar="DB|URL",
+                   help="trial store: a SQLite file (default sweep.db; also sqlite:///path) on this machine, or "
+                        "postgresql://user@host[:port]/db shared by workers on several machines; rerun to resume")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes on this machine, sharing the grid through the store (default 1); each gets "
+                        "its share of the CPU threads (cores/N) unless --threads says otherwise")
+    p.add_argument("--lease", type=float, default=120.0, metavar="S",
+                   help="seconds after its last heartbeat that a running trial is given to another worker (a dead worker "
+                        "on this machine frees its trial at once; default 120)")
     p.add_argument("--plan", default=None, metavar="PLAN_JSON",
                    help="plan.json from 'batchpilot plan': its configuration runs as a trial and is marked (default: none)")
     p.add_argument("--trust-plan-workload", action="store_true",
@@ -169,38 +178,70 @@ class _Progress:
         self.bar.stop()
 
 
-def result_data(outcome, analysis, store_path: str) -> dict:
-    """The JSON document: config, counts, trials and analysis."""
+def result_data(outcome, analysis, store_path: str, workers: list | None = None) -> dict:
+    """The JSON document: config, counts, trials and analysis (and, with --workers, what each worker did)."""
     from batchpilot.sweep.analysis import as_jsonable
 
-    return _clean({"sweep": as_jsonable(outcome.config), "store": store_path, "ran": outcome.ran, "skipped": outcome.skipped,
-                   "failed": list(outcome.failed), "wall_s": outcome.wall_s, "trials": list(outcome.trials),
-                   "analysis": as_jsonable(analysis) if analysis is not None else None})
+    data = {"sweep": as_jsonable(outcome.config), "store": store_path, "ran": outcome.ran, "skipped": outcome.skipped,
+            "failed": list(outcome.failed), "wall_s": outcome.wall_s, "trials": list(outcome.trials),
+            "analysis": as_jsonable(analysis) if analysis is not None else None}
+    if workers is not None:
+        data["workers"] = [{"pid": w.pid, "exit_code": w.exitcode, "ran": w.ran, "failed": len(w.failed), "error": w.error}
+                           for w in workers]
+    return _clean(data)
 
 
 def run(args: argparse.Namespace) -> int:
-    from batchpilot.sweep.store import TrialStore
+    from batchpilot.sweep.backends import is_server_store, open_store
     from batchpilot.sweep.runner import run_sweep
     from batchpilot.sweep.analysis import analyze
+    from batchpilot.sweep.store import store_path
 
     from batchpilot.cli.outputs import check_out_dir, check_out_file
 
     check_out_dir(args.out)
-    check_out_file(args.store, "--store")
+    server = is_server_store(args.store)
+    if not server:
+        check_out_file(store_path(args.store), "--store")  # (an unsupported URL scheme is refused here)
+    workers = args.workers
+    if isinstance(workers, bool) or workers < 1:
+        raise BatchpilotError(f"--workers must be an integer >= 1, got {workers!r}")
+    if not (args.lease > 0 and math.isfinite(args.lease)):
+        raise BatchpilotError(f"--lease must be a number of seconds > 0, got {args.lease!r}")
     config, plan = build_config(args)
+    if workers > 1 and args.threads is None:
+        from dataclasses import replace
+
+        from batchpilot.sweep.workers import cpu_share
+
+        config = replace(config, threads=cpu_share(workers))
+        if server:
+            print(f"batchpilot sweep: note: {workers} workers x {config.threads} thread(s) each; a trial's thread count is "
+                  "part of its identity, so give the same --threads on every machine that shares this store",
+                  file=sys.stderr)
     if not (args.gap_threshold >= 0 and math.isfinite(args.gap_threshold)):
         raise BatchpilotError(f"--gap-threshold must be a finite number >= 0, got {args.gap_threshold!r}")
     workload = _checked_workload(config)  # a bad workload or a batch above the training set fails before the store opens
-    with TrialStore(args.store) as store:
+    heartbeat_s = max(0.05, min(10.0, args.lease / 4))
+    reports = None
+    with open_store(args.store, stale_after_s=args.lease) as store:  # made (or checked) before any worker starts
         try:
-            with _Progress() as progress:
-                outcome = run_sweep(config, store, workload=workload, on_event=progress)
+            if workers == 1:
+                with _Progress() as progress:
+                    outcome = run_sweep(config, store, workload=workload, on_event=progress, heartbeat_s=heartbeat_s)
+            else:
+                outcome, reports, unfinished = _run_workers(config, args.store, store, workers, args.lease, heartbeat_s)
         except KeyboardInterrupt:
             print("batchpilot sweep: interrupted; finished trials are stored, rerun the same command to resume",
                   file=sys.stderr)  # (stdout may be --json)
             return EXIT_INTERRUPTED
+        where = store.where
+    if reports is not None and unfinished:
+        errors = [f"worker {w.index + 1}: {w.error}" for w in reports if w.error]
+        print(f"batchpilot sweep: {len(unfinished)} trial(s) not finished"
+              + (f" ({'; '.join(errors)})" if errors else "") + "; rerun the same command to resume", file=sys.stderr)
     analysis = analyze(outcome.trials, plan=plan, gap_threshold=args.gap_threshold, time_basis=args.time_basis) if outcome.trials else None
-    data = result_data(outcome, analysis, args.store)
+    data = result_data(outcome, analysis, where, reports)
     failed = None
     if args.out:
         from batchpilot.cli.outputs import save_or_fallback
@@ -223,9 +264,26 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         from batchpilot.cli.outputs import report_write_failure
 
-        report_write_failure("sweep", failed + f" (the trials are also in the store {args.store})")
+        report_write_failure("sweep", failed + f" (the trials are also in the store {where})")
         return 2
-    return EXIT_FINDINGS if outcome.failed else 0
+    return EXIT_FINDINGS if outcome.failed or (reports is not None and unfinished) else 0
+
+
+def _run_workers(config, store_spec: str, store, workers: int, lease_s: float, heartbeat_s: float):
+    """``--workers N``: N local processes share the grid through the store; then every trial is read back."""
+    import time
+
+    from batchpilot.sweep.workers import collect, run_workers
+
+    t0 = time.perf_counter()
+    print(f"batchpilot sweep: {workers} workers x {config.threads} thread(s) on {store.where}", file=sys.stderr)
+    reports = run_workers(config, store_spec, workers, lease_s=lease_s, heartbeat_s=heartbeat_s)
+    failed = tuple(f for w in reports for f in w.failed)
+    outcome, unfinished = collect(config, store, ran=sum(w.ran for w in reports), failed=failed,
+                                  wall_s=time.perf_counter() - t0)
+    if all(w.exitcode == 2 and w.error for w in reports):  # bad input every worker met: one line, exit 2
+        raise BatchpilotError(reports[0].error)
+    return outcome, reports, unfinished
 
 
 def _checked_workload(config):

@@ -16,11 +16,11 @@ pid is gone, or when its heartbeat is older than ``stale_after_s`` (owners on ot
 WAL with ``synchronous=FULL`` makes every committed trial survive a killed process.
 
 Scope: processes on one machine (or containers sharing a local disk). SQLite's locking is not
-reliable over network file systems (NFS/SMB), so a sweep across machines needs a server
-database; this store does not speak one yet. The SQL is plain (one table, ``BEGIN IMMEDIATE``
-becomes ``SELECT ... FOR UPDATE`` on PostgreSQL), and owners already carry their hostname and a
-heartbeat for exactly that case. Until then a ``postgresql://``, ``mysql://`` or any other
-``scheme://`` store is refused with a clear error (only ``sqlite:///path`` is read as a URL).
+reliable over network file systems (NFS/SMB), so a sweep across machines uses the PostgreSQL store
+(:mod:`batchpilot.sweep.pgstore`, ``--store postgresql://user@host/db``): the same rows and the same
+claim rules behind one interface (:class:`BaseTrialStore`); :func:`~batchpilot.sweep.backends.open_store` picks the backend from
+the store's name. ``sqlite:///path`` and plain paths are SQLite; any other ``scheme://`` is refused
+with a clear error.
 
 What it opens: a new or empty file (made a store), or a batchpilot store, known by the SQLite header's
 ``application_id`` (:data:`APPLICATION_ID`) and ``user_version`` (:data:`SCHEMA_VERSION`); stores written
@@ -73,25 +73,57 @@ COLUMNS = ("key", "sweep_id", "spec", "status", "owner", "heartbeat", "attempts"
            "result", "error")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.DOTALL)
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 ResultCheck = Callable[[dict], "str | None"]
+
+
+def store_scheme(spec: str | os.PathLike) -> str:
+    """``sqlite`` for a path or ``sqlite:///path``, ``postgresql`` for ``postgresql://`` / ``postgres://``,
+    else the URL's own scheme (which :func:`~batchpilot.sweep.backends.open_store` refuses)."""
+    m = _URL.match(os.fspath(spec))
+    if m is None:
+        return "sqlite"
+    scheme = m.group(1).lower()
+    return "postgresql" if scheme in POSTGRES_SCHEMES else scheme
+
+
+def redact_url(spec: str | os.PathLike) -> str:
+    """``spec`` with any password in a URL's user part replaced by ``***`` (for messages and reports)."""
+    text = os.fspath(spec)
+    m = _URL.match(text)
+    if m is None:
+        return text
+    rest = m.group(2)
+    netloc, sep, tail = rest.partition("/")
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            user = user.split(":", 1)[0] + ":***"
+        netloc = f"{user}@{host}"
+    tail = re.sub(r"(?i)(password=)[^&]*", r"\1***", tail)
+    return f"{m.group(1)}://{netloc}{sep}{tail}"
 
 
 def store_path(spec: str | os.PathLike) -> Path:
     """The file of a store given as a path or as ``sqlite:///path`` (``sqlite:////abs/path`` for an absolute one).
 
     Raises:
-        BatchpilotError: any other ``scheme://`` (PostgreSQL, MySQL ... are not supported yet); the URL's
-            user, password and host are not repeated in the message.
+        BatchpilotError: any other ``scheme://`` (``postgresql://`` is the server store, opened by
+            :func:`~batchpilot.sweep.backends.open_store`; MySQL and others are not supported); the URL's user, password and host are
+            not repeated in the message.
     """
     text = os.fspath(spec)
     m = _URL.match(text)
     if m is None:
         return Path(text)
     scheme, rest = m.group(1).lower(), m.group(2)
+    if scheme in POSTGRES_SCHEMES:
+        raise BatchpilotError(f"store URL scheme {scheme}:// is a PostgreSQL store, not a SQLite file; "
+                              "open it with batchpilot.sweep.backends.open_store (batchpilot sweep --store does)")
     if scheme != "sqlite":
         raise BatchpilotError(
-            f"store URL scheme {scheme}:// is not supported yet; give a SQLite file on a local disk, "
-            "e.g. runs/sweep.db or sqlite:///runs/sweep.db (a server database for sweeps across machines is planned)")
+            f"store URL scheme {scheme}:// is not supported; give a SQLite file on a local disk "
+            "(runs/sweep.db or sqlite:///runs/sweep.db) or a PostgreSQL server (postgresql://user@host/db)")
     path = rest[1:] if rest.startswith("/") else ""
     if not path or path == ":memory:" or "?" in path:
         raise BatchpilotError(f"store URL {text!r} must be sqlite:///path/to/sweep.db (three slashes, then a file path; "
@@ -180,7 +212,104 @@ def decode_row(r: tuple) -> TrialRow:
     return TrialRow(key, sweep_id, spec_obj, status, owner, hb, attempts, started, finished, result_obj, error)
 
 
-class TrialStore:
+class BaseTrialStore:
+    """What every trial store does: atomic claims with leases, heartbeats, results in one transaction.
+
+    A backend implements :meth:`claim`, :meth:`heartbeat`, :meth:`finish`, :meth:`fail`, :meth:`get`,
+    :meth:`rows` and :meth:`close`; the rules that decide a claim (:meth:`_decide`) are shared, so both
+    backends reclaim exactly the same rows.
+
+    Attributes:
+        owner: this process's owner id (``host:pid:token``).
+        stale_after_s: the lease: a ``running`` row whose heartbeat is older than this is reclaimable
+            (an owner on this host whose pid is gone is reclaimable at once).
+        invalid: rows that did not decode or whose result failed a check: key -> why.
+        transient_errors: exceptions a heartbeat may meet and retry on the next beat.
+        where: the store's name for messages and reports (a URL's password redacted).
+    """
+
+    transient_errors: tuple[type[BaseException], ...] = ()
+    where: str = ""
+
+    def __init__(self, *, owner: str | None, stale_after_s: float) -> None:
+        if not (isinstance(stale_after_s, (int, float)) and stale_after_s > 0 and math.isfinite(stale_after_s)):
+            raise BatchpilotError(f"stale_after_s must be > 0, got {stale_after_s!r}")
+        self.owner = owner or make_owner()
+        self.stale_after_s = float(stale_after_s)
+        self.invalid: dict[str, str] = {}
+
+    # -- the interface --------------------------------------------------------------------
+    def claim(self, key: str, sweep_id: str, spec: dict[str, Any], *, check: ResultCheck | None = None) -> str:
+        """Try to claim trial ``key``: ``"claimed"`` (run it now), ``"done"`` (skip) or ``"busy"``."""
+        raise NotImplementedError
+
+    def heartbeat(self, key: str) -> bool:
+        """Refresh the lease of a trial this process owns; ``False`` if it no longer owns it."""
+        raise NotImplementedError
+
+    def finish(self, key: str, result: dict[str, Any]) -> bool:
+        """Store the result and mark the trial done in one transaction; ``False`` if it was reclaimed."""
+        raise NotImplementedError
+
+    def fail(self, key: str, error: str) -> None:
+        """Mark a trial this process owns as failed (retried by the next run)."""
+        raise NotImplementedError
+
+    def get(self, key: str) -> TrialRow | None:
+        """The row for ``key``, or ``None``."""
+        raise NotImplementedError
+
+    def rows(self, keys: Iterable[str] | None = None, *, sweep_id: str | None = None) -> list[TrialRow]:
+        """Rows for ``keys`` (in that order), or of ``sweep_id``, or all, in insertion order."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the connection."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- shared rules ---------------------------------------------------------------------
+    def _row(self, r: tuple) -> TrialRow | None:
+        """Decode a row; a bad one is recorded in :attr:`invalid` and skipped (``None``)."""
+        try:
+            return decode_row(r)
+        except ValueError as exc:
+            key = r[0] if r and isinstance(r[0], str) else repr(r[0] if r else None)
+            self.invalid[key] = f"row does not decode: {exc}"
+            return None
+
+    def _reclaimable(self, owner: str | None, heartbeat: float | None, now: float) -> bool:
+        if not isinstance(owner, str) or not _is_number(heartbeat):  # none, or a damaged row
+            return True
+        alive = _owner_alive_here(owner)
+        if alive is False:
+            return True
+        return now - heartbeat > self.stale_after_s
+
+    def _decide(self, key: str, row: tuple, now: float, check: ResultCheck | None) -> "str | tuple[int, str | None]":
+        """For an existing row: ``"done"``, ``"busy"``, or ``(attempts so far, problem or None)`` to claim it."""
+        try:
+            decoded = decode_row(row)
+            problem = check(decoded.result) if check is not None and decoded.status == "done" else None
+        except ValueError as exc:
+            decoded, problem = None, f"row does not decode: {exc}"
+        if problem is None and decoded is not None:
+            if decoded.status == "done":
+                return "done"
+            if decoded.status == "running" and decoded.owner != self.owner and \
+                    not self._reclaimable(decoded.owner, decoded.heartbeat, now):
+                return "busy"
+        else:
+            self.invalid[key] = f"{problem}; the trial runs again"
+        return (decoded.attempts if decoded is not None else 0, problem)
+
+
+class TrialStore(BaseTrialStore):
     """A SQLite trial store (one file, WAL mode), safe for several processes at once.
 
     Args:
@@ -192,13 +321,9 @@ class TrialStore:
 
     def __init__(self, path: str | Path, *, owner: str | None = None, stale_after_s: float = 120.0,
                  busy_timeout_s: float = 60.0) -> None:
-        if not stale_after_s > 0:
-            raise BatchpilotError(f"stale_after_s must be > 0, got {stale_after_s!r}")
+        super().__init__(owner=owner, stale_after_s=stale_after_s)
         self.path = store_path(path)
-        self.owner = owner or make_owner()
-        self.stale_after_s = stale_after_s
-        self.invalid: dict[str, str] = {}
-        """Rows that did not decode or whose result failed a check: key -> why (skipped, or run again)."""
+        self.where = str(self.path)
         self._lock = threading.Lock()  # one connection, shared with the heartbeat thread
         name = repr(str(self.path))
         if self._inspect() == "sqlite":
@@ -298,11 +423,7 @@ class TrialStore:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> "TrialStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    transient_errors = (sqlite3.Error,)
 
     def _write(self, fn):
         """Run ``fn(conn)`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT`` (atomic against other processes)."""
@@ -316,24 +437,7 @@ class TrialStore:
             self._conn.execute("COMMIT")
             return out
 
-    def _row(self, r: tuple) -> TrialRow | None:
-        """Decode a row; a bad one is recorded in :attr:`invalid` and skipped (``None``)."""
-        try:
-            return decode_row(r)
-        except ValueError as exc:
-            key = r[0] if r and isinstance(r[0], str) else repr(r[0] if r else None)
-            self.invalid[key] = f"row does not decode: {exc}"
-            return None
-
     # -- claims ---------------------------------------------------------------------------
-    def _reclaimable(self, owner: str | None, heartbeat: float | None, now: float) -> bool:
-        if not isinstance(owner, str) or not _is_number(heartbeat):  # none, or a damaged row
-            return True
-        alive = _owner_alive_here(owner)
-        if alive is False:
-            return True
-        return now - heartbeat > self.stale_after_s
-
     def claim(self, key: str, sweep_id: str, spec: dict[str, Any], *, check: ResultCheck | None = None) -> str:
         """Try to claim trial ``key`` for this process.
 
@@ -356,20 +460,10 @@ class TrialStore:
                     " VALUES (?, ?, ?, 'running', ?, ?, 1, ?)",
                     (key, sweep_id, spec_text, self.owner, now, now))
                 return "claimed"
-            try:
-                decoded = decode_row(row)
-                problem = check(decoded.result) if check is not None and decoded.status == "done" else None
-            except ValueError as exc:
-                decoded, problem = None, f"row does not decode: {exc}"
-            if problem is None and decoded is not None:
-                if decoded.status == "done":
-                    return "done"
-                if decoded.status == "running" and decoded.owner != self.owner and \
-                        not self._reclaimable(decoded.owner, decoded.heartbeat, now):
-                    return "busy"
-            else:
-                self.invalid[key] = f"{problem}; the trial runs again"
-            attempts = decoded.attempts if decoded is not None else 0
+            decision = self._decide(key, row, now, check)
+            if isinstance(decision, str):
+                return decision
+            attempts, problem = decision
             conn.execute(
                 "UPDATE trials SET status = 'running', owner = ?, heartbeat = ?, attempts = ?, started_at = ?,"
                 " finished_at = NULL, result = NULL, error = ?, sweep_id = ?, spec = ? WHERE key = ?",
@@ -442,7 +536,7 @@ class Heartbeat:
     store's ``stale_after_s``.
     """
 
-    def __init__(self, store: TrialStore, key: str, interval_s: float = 10.0) -> None:
+    def __init__(self, store: BaseTrialStore, key: str, interval_s: float = 10.0) -> None:
         self.store, self.key, self.interval_s = store, key, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{key[:8]}", daemon=True)
@@ -451,7 +545,7 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 self.store.heartbeat(self.key)
-            except sqlite3.Error:  # a busy store: the next beat tries again
+            except self.store.transient_errors:  # a busy or unreachable store: the next beat tries again
                 pass
 
     def __enter__(self) -> "Heartbeat":
@@ -461,3 +555,4 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
