@@ -346,12 +346,17 @@ def noise_from_probe(probe: NoiseProbe, workload: Workload) -> dict:
 
 def _confirm(workload, probe: NoiseProbe, noise: dict, common: dict, *, max_micro: int, world_size: int, seed: int,
              budget_s: float, progress) -> dict:
-    """Short runs at 4x and 16x the base batch to the probe's last loss; rescale the noise scale by the
-    ratio of the fitted B_crit to the trend's value at that loss."""
+    """Short runs at 4x and 16x the base batch to the loss the probe had reached halfway; rescale the noise
+    scale by the ratio of the fitted B_crit to the trend's value at that loss.
+
+    Halfway, not at the probe's best loss: a probe that ran to its target may end near the lowest loss the
+    data allows, which large batches reach late or never (on the bench's digits workload a batch of 512
+    did not reach it within 16x the samples); the trend carries the correction to the target's loss."""
     losses = [(p.samples, p.val_loss) for p in probe.points if p.val_loss]
     if not losses:
         return noise
-    threshold = min(l for _, l in losses) * 1.02  # the probe's best loss, with a 2% margin against eval noise
+    half = max(losses[-1][0] / 2, losses[0][0])
+    threshold = min(l for s, l in losses if s <= half) * 1.02  # with a 2% margin against eval noise
     base_samples = next(s for s, l in losses if l <= threshold)
     b0 = workload.base_batch
     cap = workload.num_train // 4

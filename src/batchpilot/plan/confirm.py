@@ -55,8 +55,8 @@ def fit_critical_batch(batches: Sequence[float], samples: Sequence[float | None]
     largest batch, whose count is the largest, decide alone. ``E_min`` has a closed form for each
     ``B_crit``; ``B_crit`` is searched on a fine geometric grid from 1/16 of the smallest batch to
     64x the largest, and ``inf`` (samples that do not grow with the batch) is a candidate too.
-    A batch that did not reach the loss within its cap enters at its cap (the caller's choice), which
-    biases ``B_crit`` up.
+    (:func:`confirm_critical_batch` leaves out a batch that did not reach the loss when two others did;
+    otherwise it enters at its cap: it needed more, so the fitted ``B_crit`` is then an upper bound.)
 
     Returns:
         ``(b_crit, e_min)``; ``(nan, nan)`` with fewer than two distinct batches.
@@ -79,22 +79,28 @@ def fit_critical_batch(batches: Sequence[float], samples: Sequence[float | None]
 
 def samples_to_loss(workload: Workload, *, batch: int, lr: float, warmup_steps: int, loss_threshold: float,
                     max_samples: float, eval_every_samples: float, micro_batch: int | None = None,
-                    seed: int = 0) -> float | None:
+                    seed: int = 0, max_time_s: float | None = None) -> float | None:
     """Train ``batch`` until the validation loss is at most ``loss_threshold``; the samples it took.
 
-    Returns ``None`` when ``max_samples`` pass first (or the run diverges).
+    Returns ``None`` when ``max_samples`` or ``max_time_s`` pass first (or the run diverges).
     """
     from batchpilot.train import TrainConfig, Trainer
 
     hit: dict[str, float] = {}
+    start = time.perf_counter()
 
     class _Reached(Exception):
+        pass
+
+    class _OutOfTime(Exception):
         pass
 
     def on_step(record: dict) -> None:
         if "val_loss" in record and record["val_loss"] <= loss_threshold:
             hit["samples"] = record["samples"]
             raise _Reached
+        if max_time_s is not None and time.perf_counter() - start > max_time_s:
+            raise _OutOfTime
 
     steps = max(1, math.ceil(max_samples / batch))
     config = TrainConfig(global_batch=batch, micro_batch_per_rank=micro_batch, lr=lr, warmup_steps=min(warmup_steps, steps),
@@ -104,6 +110,8 @@ def samples_to_loss(workload: Workload, *, batch: int, lr: float, warmup_steps: 
         result = Trainer(workload, config, on_step=on_step).run()
     except _Reached:
         return hit["samples"]
+    except _OutOfTime:
+        return None
     if result.status == "interrupted":
         raise KeyboardInterrupt
     return None
@@ -148,16 +156,21 @@ def confirm_critical_batch(workload: Workload, *, base_samples: float, loss_thre
         for m in lr_multipliers:
             if tried and time_budget_s is not None and time.perf_counter() - start > time_budget_s:
                 break
+            left = None if time_budget_s is None else max(1.0, time_budget_s - (time.perf_counter() - start))
             tried[m] = samples_to_loss(workload, batch=batch, lr=lr_for(batch) * m, warmup_steps=warmup_for(batch),
                                        loss_threshold=loss_threshold, max_samples=cap, micro_batch=micro_for(batch),
-                                       eval_every_samples=max(batch, base_samples / 20), seed=seed)
+                                       eval_every_samples=max(batch, base_samples / 20), seed=seed, max_time_s=left)
         reached = {m: s for m, s in tried.items() if s is not None}
         m_best = min(reached, key=reached.get) if reached else next(iter(tried))
         done_batches.append(batch)
         done_samples.append(reached.get(m_best))
         multipliers.append(m_best)
         caps.append(cap)
-    b_crit, e_min = fit_critical_batch(done_batches, [s if s is not None else c for s, c in zip(done_samples, caps)])
+    reached = [(b, s) for b, s in zip(done_batches, done_samples) if s is not None]
+    if len(reached) >= 2:  # a batch that did not get there (cap, time) is reported, not guessed at
+        b_crit, e_min = fit_critical_batch([b for b, _ in reached], [s for _, s in reached])
+    else:  # only the base batch got there: the others enter at their caps, an upper bound on B_crit
+        b_crit, e_min = fit_critical_batch(done_batches, [s if s is not None else c for s, c in zip(done_samples, caps)])
     return Confirmation(loss_threshold=loss_threshold, batches=tuple(done_batches), samples=tuple(done_samples),
                         lr_multipliers=tuple(multipliers),
                         b_crit=b_crit, e_min=e_min, wall_s=time.perf_counter() - start)
