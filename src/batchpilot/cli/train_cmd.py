@@ -63,6 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="directory for metrics.jsonl, checkpoint.pt and summary.json (default: write nothing)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--log", action="append", default=None, metavar="KIND",
+                   help="also log every step to tensorboard (event files), csv (metrics.csv) or jsonl (steps.jsonl) "
+                        "under --log-dir: loss, LR, batch, samples/s, evaluations, and the noise scale with its "
+                        "interval at every step it is measured; repeat (or comma-separate) for several")
+    p.add_argument("--log-dir", default=None, metavar="DIR", help="directory for --log (default: --out)")
     p.add_argument("--noise-scale", action="store_true",
                    help="measure the gradient noise scale B_simple while training (from the DDP ranks, or from the "
                         "micro-batches on one process); in metrics.jsonl at evaluations and in the summary")
@@ -119,6 +124,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     """Paths and flag combinations, before any workload is built or process launched."""
     from batchpilot.cli.outputs import check_in_file, check_out_dir
 
+    _check_log(args)
     if args.resume and not args.out:
         raise BatchpilotError("--resume needs --out DIR (where the checkpoint is)")
     if args.finetune and not args.init_from:
@@ -189,7 +195,12 @@ def _run(args: argparse.Namespace, env) -> int:
     trainer = Trainer(workload, config, out_dir=args.out, resume=resume, progress=env.is_main, noise=noise)
     if env.is_main:  # after the trainer's own checks (a bad batch fails with its one line, nothing else)
         doctor_warnings(config, workload, plan=plan, finetune=args.finetune)
-    result = trainer.run()
+    logger = _step_logger(args, env, workload, trainer)
+    try:
+        result = trainer.run()
+    finally:
+        if logger is not None:
+            logger.close()
     code = {"diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}.get(result.status, 0)
     if not env.is_main:  # rank 0 alone prints and writes
         return code
@@ -361,3 +372,37 @@ def render_regime(regime: FinetuneRegime) -> None:
     console.print(f"[bold]fine-tuning regime (hypothesis, confirm with a sweep):[/bold] batch {regime.batch}, lr {regime.lr:.3g}")
     for line in regime.reasoning:
         console.print(f"  - {line}")
+
+
+def _check_log(args: argparse.Namespace) -> None:
+    """``--log`` kinds, their directory, and the tensorboard package, before anything runs."""
+    from batchpilot.train.metrics_log import parse_log_kinds, require_tensorboard
+
+    kinds = parse_log_kinds(getattr(args, "log", None))
+    if not kinds:
+        if getattr(args, "log_dir", None):
+            raise BatchpilotError("--log-dir needs --log tensorboard|csv|jsonl")
+        return
+    if not (getattr(args, "log_dir", None) or args.out):
+        raise BatchpilotError("--log needs a directory to write to: --out DIR or --log-dir DIR")
+    if args.log_dir:
+        from batchpilot.cli.outputs import check_out_dir
+
+        check_out_dir(args.log_dir)
+    if "tensorboard" in kinds:
+        require_tensorboard()
+
+
+def _step_logger(args: argparse.Namespace, env, workload, trainer):
+    """``--log``: a :class:`~batchpilot.train.metrics_log.StepLogger` on rank 0, installed as the trainer's
+    ``on_step`` hook (the hook it had runs after it); ``None`` without ``--log`` or on other ranks."""
+    from batchpilot.train.loop import reported_metrics
+    from batchpilot.train.metrics_log import StepLogger, make_sinks, parse_log_kinds, trainer_noise
+
+    kinds = parse_log_kinds(getattr(args, "log", None))
+    if not kinds or not env.is_main:
+        return None
+    sinks = make_sinks(kinds, args.log_dir or args.out, metric_columns=reported_metrics(workload))
+    logger = StepLogger(sinks, noise=trainer_noise(trainer), then=trainer.on_step)
+    trainer.on_step = logger
+    return logger
