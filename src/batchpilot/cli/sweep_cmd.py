@@ -87,6 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --plan: run the plan's own workload code (file.py:fn / pkg.module:fn) without naming it "
                         "with --workload; off by default, because only code named on the command line runs")
     p.add_argument("--out", default=None, metavar="DIR", help="directory for report.html and sweep.json (default: write nothing)")
+    p.add_argument("--log", action="append", default=None, metavar="KIND",
+                   help="log every trial's steps as its own run: tensorboard, csv or jsonl (repeat for several), "
+                        "under --log-dir (default: --out/runs)")
+    p.add_argument("--log-dir", default=None, metavar="DIR", help="directory of the trials' runs for --log")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -208,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         raise BatchpilotError(f"--workers must be an integer >= 1, got {workers!r}")
     if not (args.lease > 0 and math.isfinite(args.lease)):
         raise BatchpilotError(f"--lease must be a number of seconds > 0, got {args.lease!r}")
+    log = _trial_log(args)
     config, plan = build_config(args)
     if workers > 1 and args.threads is None:
         from dataclasses import replace
@@ -227,10 +232,18 @@ def run(args: argparse.Namespace) -> int:
     with open_store(args.store, stale_after_s=args.lease) as store:  # made (or checked) before any worker starts
         try:
             if workers == 1:
+                extra = {}
+                if log is not None:
+                    from batchpilot.sweep.runner import result_problem
+                    from batchpilot.sweep.trial_log import logged_execute
+
+                    extra = {"execute": logged_execute(*log), "check_result": result_problem}
                 with _Progress() as progress:
-                    outcome = run_sweep(config, store, workload=workload, on_event=progress, heartbeat_s=heartbeat_s)
+                    outcome = run_sweep(config, store, workload=workload, on_event=progress, heartbeat_s=heartbeat_s,
+                                        **extra)
             else:
-                outcome, reports, unfinished = _run_workers(config, args.store, store, workers, args.lease, heartbeat_s)
+                outcome, reports, unfinished = _run_workers(config, args.store, store, workers, args.lease, heartbeat_s,
+                                                            log)
         except KeyboardInterrupt:
             print("batchpilot sweep: interrupted; finished trials are stored, rerun the same command to resume",
                   file=sys.stderr)  # (stdout may be --json)
@@ -269,7 +282,27 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_FINDINGS if outcome.failed or (reports is not None and unfinished) else 0
 
 
-def _run_workers(config, store_spec: str, store, workers: int, lease_s: float, heartbeat_s: float):
+def _trial_log(args: argparse.Namespace):
+    """``--log``: ``(kinds, directory)`` for the trials' runs, or ``None``."""
+    from batchpilot.train.metrics_log import parse_log_kinds, require_tensorboard
+
+    kinds = parse_log_kinds(args.log)
+    if not kinds:
+        if args.log_dir:
+            raise BatchpilotError("--log-dir needs --log tensorboard|csv|jsonl")
+        return None
+    if not (args.log_dir or args.out):
+        raise BatchpilotError("--log needs a directory for the trials' runs: --log-dir DIR or --out DIR")
+    log_dir = args.log_dir or str(Path(args.out) / "runs")
+    from batchpilot.cli.outputs import check_out_dir
+
+    check_out_dir(log_dir)
+    if "tensorboard" in kinds:
+        require_tensorboard()
+    return kinds, log_dir
+
+
+def _run_workers(config, store_spec: str, store, workers: int, lease_s: float, heartbeat_s: float, log=None):
     """``--workers N``: N local processes share the grid through the store; then every trial is read back."""
     import time
 
@@ -277,7 +310,7 @@ def _run_workers(config, store_spec: str, store, workers: int, lease_s: float, h
 
     t0 = time.perf_counter()
     print(f"batchpilot sweep: {workers} workers x {config.threads} thread(s) on {store.where}", file=sys.stderr)
-    reports = run_workers(config, store_spec, workers, lease_s=lease_s, heartbeat_s=heartbeat_s)
+    reports = run_workers(config, store_spec, workers, lease_s=lease_s, heartbeat_s=heartbeat_s, log=log)
     failed = tuple(f for w in reports for f in w.failed)
     outcome, unfinished = collect(config, store, ran=sum(w.ran for w in reports), failed=failed,
                                   wall_s=time.perf_counter() - t0)

@@ -64,7 +64,7 @@ def _line(index: int, total: int, kind: str, info: dict) -> str | None:
 
 
 def _worker(index: int, total: int, config: SweepConfig, store_spec: str, lease_s: float, heartbeat_s: float,
-            poll_s: float, results) -> None:
+            poll_s: float, results, log=None) -> None:
     """A worker process's body: run the sweep on the store, report the counts on ``results``."""
     from batchpilot.sweep.backends import open_store
     from batchpilot.sweep.runner import run_sweep
@@ -77,8 +77,13 @@ def _worker(index: int, total: int, config: SweepConfig, store_spec: str, lease_
     code = 0
     report = {"index": index, "pid": os.getpid()}
     try:
+        extra = {}
+        if log is not None:  # --log: each trial's steps as its own run
+            from batchpilot.sweep.trial_log import logged_execute
+
+            extra = {"execute": logged_execute(*log), "check_result": result_problem}
         with open_store(store_spec, stale_after_s=lease_s) as store:
-            out = run_sweep(config, store, on_event=on_event, heartbeat_s=heartbeat_s, poll_s=poll_s)
+            out = run_sweep(config, store, on_event=on_event, heartbeat_s=heartbeat_s, poll_s=poll_s, **extra)
         report.update(ran=out.ran, skipped=out.skipped, failed=list(out.failed))
     except KeyboardInterrupt:
         report["error"] = "interrupted"
@@ -100,8 +105,10 @@ def _worker(index: int, total: int, config: SweepConfig, store_spec: str, lease_
 
 def run_workers(config: SweepConfig, store_spec: str, workers: int, *, lease_s: float = 120.0,
                 heartbeat_s: float | None = None, poll_s: float = 2.0,
-                on_started: Callable[[list[int]], None] | None = None) -> list[WorkerReport]:
-    """Start ``workers`` processes on ``store_spec`` and wait for all of them.
+                on_started: Callable[[list[int]], None] | None = None,
+                log: tuple[tuple[str, ...], str] | None = None) -> list[WorkerReport]:
+    """Start ``workers`` processes on ``store_spec`` and wait for all of them (``log``: ``(kinds, directory)``
+    to log each trial's steps as its own run, see :mod:`batchpilot.sweep.trial_log`).
 
     Ctrl-C reaches the workers too (one process group): each releases its trial and stops; this re-raises
     :class:`KeyboardInterrupt` once they have.
@@ -111,7 +118,7 @@ def run_workers(config: SweepConfig, store_spec: str, workers: int, *, lease_s: 
     heartbeat_s = heartbeat_s if heartbeat_s is not None else max(0.05, min(10.0, lease_s / 4))
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(i, workers, config, store_spec, lease_s, heartbeat_s, poll_s, results),
+    procs = [ctx.Process(target=_worker, args=(i, workers, config, store_spec, lease_s, heartbeat_s, poll_s, results, log),
                          name=f"batchpilot-sweep-worker-{i + 1}") for i in range(workers)]
     for p in procs:
         p.start()
