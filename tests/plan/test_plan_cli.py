@@ -114,13 +114,18 @@ def test_train_plan_uses_the_plans_threads_and_reports_predicted_vs_measured(tmp
 
 def test_make_plan_runs_the_lr_check_and_the_trend_on_a_real_probe():
     w = get_workload("mnist1d-mlp", num_train=600, num_val=150)
-    plan = make_plan(w, throughput=fake_curve(), threads=1, noise_budget_s=4.0, lr_check_budget_s=3.0).to_dict()
+    plan = make_plan(w, throughput=fake_curve(), threads=1, noise_budget_s=4.0, lr_check_budget_s=3.0,
+                     confirm_budget_s=6.0).to_dict()
     check = plan["lr_check"]
     assert check["multipliers"][0] < 1.0 < check["multipliers"][-1] and len(check["late_losses"]) >= 2
     assert plan["base_lr"] == pytest.approx(w.base_lr * check["chosen_multiplier"])
     noise = plan["noise"]
-    assert noise["method"] in ("trend_vs_loss", "probe_effective")
+    assert noise["method"].split("+")[0] in ("trend_vs_loss", "probe_effective")
     assert plan["noise_scale"] == noise["b_used"] > 0
+    conf = noise["confirmation"]  # --confirm is on by default: the base batch plus larger ones
+    assert conf["batches"][0] == w.base_batch and len(conf["batches"]) >= 2
+    if noise["method"].endswith("+confirmed") and conf["b_crit"] is not None:
+        assert noise["b_used"] == pytest.approx(conf["b_crit"])
     assert plan["probe_cost_s"] > 0 and len(plan["goodput_band"]) == 2
     if plan["noise_probe"]["status"] != "target_reached":
         assert any("extrapolated" in c or "does not yet point" in c for c in plan["caveats"])

@@ -42,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="trust the workload's base LR instead of checking it with short runs at 0.25x-8x")
     p.add_argument("--lr-check-budget", type=float, default=15.0, metavar="SECONDS",
                    help="time for the base-LR check (default 15)")
-    p.add_argument("--confirm", action="store_true",
-                   help="measure the critical batch with short runs at 4x and 16x the base batch to the probe's loss, "
-                        "and correct the noise scale by it")
+    p.add_argument("--confirm", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the critical batch with short runs at 4x and 16x the base batch to the loss the probe "
+                        "reached halfway, and plan with it; --no-confirm plans from the noise scale B_simple alone")
     p.add_argument("--confirm-budget", type=float, default=40.0, metavar="SECONDS",
                    help="time for the --confirm runs (default 40)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the measurements' models and data order")
@@ -205,8 +205,9 @@ def evidence_rows(plan: dict) -> list[tuple[str, str]]:
         if noise.get("method", "").endswith("+confirmed"):
             conf = noise.get("confirmation") or {}
             b_crit = conf.get("b_crit")
-            how += (f", x{_fmt(noise.get('confirm_factor'), '.2f')} from --confirm (B_crit "
-                    f"{'unbounded' if b_crit is None else f'{b_crit:,.0f}'} at batches {conf.get('batches')})")
+            how = (f"B_crit fitted from short runs at batches {conf.get('batches')} to a common loss"
+                   + (" (samples did not grow: beyond the batches tried)" if b_crit is None else "")
+                   + f"; B_simple's estimate was {_fmt(noise.get('b_trend_at_target') or noise.get('b_simple_effective'), ',.0f')}")
         rows.append(("noise scale used", f"{_fmt(plan.get('noise_scale'), ',.0f')} samples: {how}"))
     if plan.get("lr_check"):
         rows.append(("base LR check", plan["lr_check"]["note"]))

@@ -67,8 +67,9 @@ def noise_note(probe: NoiseProbe, noise: dict | None = None) -> str:
     conf = noise.get("confirmation")
     if conf and method.endswith("+confirmed"):
         body += (f" Short runs at batches {', '.join(str(b) for b in conf['batches'])} to validation loss "
-                 f"{conf['loss_threshold']:.3g} fit B_crit = {_fmt(conf['b_crit'])} (E(B) = E_min(1 + B/B_crit)), "
-                 f"{noise.get('confirm_factor', 1):.2f}x the trend's value there; the plan applies that factor.")
+                 f"{conf['loss_threshold']:.3g} (the probe's loss halfway) fit B_crit = {_fmt(conf['b_crit'])} "
+                 f"(E(B) = E_min(1 + B/B_crit), McCandlish et al. 2018); the plan uses it instead of B_simple, "
+                 f"which tracked the sweeps' B_crit less well (docs/planning.md).")
     return f"{head}{body} The plan uses B_noise = {_fmt(noise.get('b_used', probe.b_noise_effective))} samples."
 
 
