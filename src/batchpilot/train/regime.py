@@ -86,8 +86,9 @@ def finetune_regime(base_batch: int, base_lr: float, optimizer_family: str, *, n
         + " smaller batch gives more updates per pass over a small fine-tuning set, and with the LR rescaled "
         f"by the {rule} rule the batch alone does not enlarge the steps",
         "the gradient noise scale tends to grow as the loss falls (McCandlish et al. 2018), so a pretrained model "
-        "may tolerate a larger batch than this: measure B_noise on the pretrained start (batchpilot.noise.microbatch) before trusting the divisor",
-        "the seeds' '10-20x smaller batch' and 'LR 10-100x smaller' are unproven heuristics (seeds/README.md #9); "
+        "may tolerate a larger batch than this: measure B_noise on the pretrained start (batchpilot train --noise-scale) before trusting the divisor",
+        "the common advice of a 10-20x smaller batch and a 10-100x smaller LR for fine-tuning is an unproven "
+        "heuristic (docs/large-batch.md, fine-tuning); "
         "these defaults are hypotheses to confirm with a sweep over batch and LR from the same pretrained start",
     )
     return FinetuneRegime(batch=batch, lr=lr, lr_rule=rule, reasoning=reasoning)
