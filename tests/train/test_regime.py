@@ -20,7 +20,7 @@ def _run_json(capsys, *argv):
 def test_finetune_regime_is_smaller_and_labelled_a_hypothesis():
     r = finetune_regime(32, 0.05, "sgd")
     assert (r.batch, r.lr_rule) == (8, "linear") and r.lr == pytest.approx(0.05 * 8 / 32 / 10)
-    assert r.hypothesis and any("unproven" in line and "seeds/README.md #9" in line for line in r.reasoning)
+    assert r.hypothesis and any("unproven" in line and "docs/large-batch.md" in line for line in r.reasoning)
     adam = finetune_regime(32, 1e-3, "adamw", num_train=20)
     assert adam.batch == 5 and adam.lr == pytest.approx(1e-3 * (5 / 32) ** 0.5 / 10)  # a quarter of 20 samples
     assert finetune_regime(32, 0.05, "sgd", batch=16).lr == pytest.approx(0.05 * 16 / 32 / 10)
