@@ -136,3 +136,16 @@ def test_unknown_target_metric_lists_the_reported_ones(mlp_workload, capsys):
     with pytest.raises(BatchpilotError, match="does not report"):
         Trainer(mlp_workload, TrainConfig(global_batch=32, steps=1, target="val_accuracy>=0.5"))
     Trainer(mlp_workload, TrainConfig(global_batch=32, steps=1, target="val_loss<=0.5"))  # a reported one is fine
+
+
+def test_resuming_a_finished_run_leaves_its_checkpoint_alone(tmp_path):
+    from batchpilot.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--workload", "mnist1d-mlp", "--workload-opt", "num_train=256", "--workload-opt", "num_val=64",
+            "--batch", "32", "--steps", "3", "--out", str(out), "--json"]
+    assert main(args) == 0
+    ckpt = out / "checkpoint.pt"
+    before = (ckpt.read_bytes(), ckpt.stat().st_mtime_ns)
+    assert main(args + ["--resume"]) == 0
+    assert (ckpt.read_bytes(), ckpt.stat().st_mtime_ns) == before

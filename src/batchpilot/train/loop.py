@@ -362,6 +362,7 @@ class Trainer:
         objects = (model, optimizer, scheduler, ema, sampler)
         status: str | None = None
         consistent = True  # whether the objects hold the state of a completed step
+        start_step, had_pending = c.step, self._pending is not None
         with self._hold_sigint():
             try:
                 if self._pending is not None:  # resumed from an interrupt after a counted step
@@ -401,7 +402,8 @@ class Trainer:
                     metrics.close()
             if status is None:
                 status = "target_reached" if self._target_stop() else "completed"
-            if status != "diverged" and consistent and not (status == "interrupted" and self.dist is not None):
+            unchanged = c.step == start_step and not had_pending  # e.g. --resume of a finished run: keep its file
+            if status != "diverged" and consistent and not unchanged and not (status == "interrupted" and self.dist is not None):
                 self._phase = "saving"  # Ctrl-C now waits for the checkpoint to be written
                 save()  # (an interrupted DDP run keeps its last periodic checkpoint: the peers may be gone)
             self._phase = "idle"
