@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from batchpilot.report.command import set_command
 
     set_command(raw)  # the exact command, for the reports' provenance line
+    if not sys.stdout.isatty():  # piped to a file: rich would fit tables to 80 columns and cut cells with "…"
+        os.environ.setdefault("COLUMNS", "160")
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
