@@ -84,3 +84,27 @@ def test_without_tensorboard_installed_it_says_how_to_get_it(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert "needs the tensorboard package: pip install 'batchpilot[tensorboard]'" in err
     assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_a_resumed_run_drops_what_the_earlier_attempt_logged_after_its_checkpoint(tmp_path, capsys):
+    """As after kill -9: the earlier attempt logged steps 9-10 past its checkpoint (step 8); the resumed run
+    logs 9-12 once, and its curves do not fold back."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = tmp_path / "run"
+    args = ["train", "--workload", "mnist1d-mlp", "--workload-opt", "num_train=600", "--workload-opt", "num_val=200",
+            "--batch", "64", "--seed", "0", "--json", "--log", "csv", "--log", "tensorboard", "--out", str(out)]
+    assert main([*args, "--steps", "8"]) == 0
+    with open(out / "metrics.csv", "a") as fh:  # the lost attempt's rows past the checkpoint
+        fh.write("9,999,,,,,,,,,,,,\n10,999,,,,,,,,,,,,\n")
+    lost = SummaryWriter(str(out / "tensorboard"))
+    for step in (9, 10):
+        lost.add_scalar("train/loss", 999.0, global_step=step)
+    lost.close()
+    assert main([*args, "--steps", "12", "--resume"]) == 0
+    capsys.readouterr()
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 13)) and all(float(r["loss"]) < 999 for r in rows)
+    loss = _scalars(out / "tensorboard")["train/loss"]
+    assert [s for s, _ in loss] == list(range(1, 13)) and all(v < 999 for _, v in loss)
