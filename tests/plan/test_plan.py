@@ -280,3 +280,15 @@ def test_accumulation_only_when_measurably_faster():
     # ...but not when the gain is inside the timing uncertainty
     unsure = {c.global_batch: c for c in _search(Spill(0.0001, 1e-4, u=3.0))}
     assert unsure[1024].accumulation_steps == 1
+
+
+def test_a_batch_that_fits_whole_is_not_split_because_it_was_not_timed():
+    from batchpilot.plan.build import micro_batch_choices
+
+    choices = micro_batch_choices([8, 16, 32, 64, 128], max_micro=600, num_train=4000)
+    assert choices == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert micro_batch_choices([8, 16, 32], max_micro=20, num_train=4000) == [1, 2, 4, 8, 16]
+    cands = gp.search(micro_choices=choices, world_size=1, max_micro_batch=600, max_global_batch=4000,
+                      throughput=UncertainThroughput(0.01, 1e-4, u=0.05), memory=FakeMemory(1e6, 1e3), b_noise=1e9,
+                      base_batch=32, base_lr=0.1, lr_rule="linear", anchor=None, steps_per_epoch_base=100)
+    assert {c.global_batch: c.accumulation_steps for c in cands}[512] == 1

@@ -191,7 +191,7 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
     anchor = (probe.batch, float(samples)) if samples else None
     common = dict(throughput=throughput, memory=curve, base_batch=workload.base_batch, base_lr=workload.base_lr,
                   lr_rule=rule, anchor=anchor, steps_per_epoch_base=math.ceil(workload.num_train / workload.base_batch))
-    micro_choices = [b for b in throughput.batches if b <= max_micro]
+    micro_choices = micro_batch_choices(throughput.batches, max_micro, workload.num_train)
 
     # 5. optional: B_crit from short runs at larger batches corrects the noise scale
     t0 = time.perf_counter()
@@ -278,6 +278,15 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
         tied_batches=tied,
         probe_cost_s=timings["lr_check"] + timings["noise"] + timings["confirm"],
     )
+
+
+def micro_batch_choices(measured: Sequence[int], max_micro: int, num_train: int) -> list[int]:
+    """Micro-batches the search may use: the measured ones that fit, and every power of two up to the largest
+    that fits in memory and the training set, whose step times the throughput model extrapolates. Without the
+    unmeasured ones a batch past the timing budget could only be reached by accumulation, though it fits whole."""
+    cap = min(max_micro, num_train)
+    powers = {1 << k for k in range(cap.bit_length()) if 1 << k <= cap}
+    return sorted({b for b in measured if b <= max_micro} | powers)
 
 
 def _rel(value: float, ref: float) -> float:
