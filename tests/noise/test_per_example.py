@@ -400,10 +400,12 @@ def test_fallback_under_accumulation_adds_the_micro_batch_estimate():
     model = TiedLM()
     idx, y = torch.randint(0, 7, (8, 5)), torch.randint(0, 7, (8, 5))
     mon = PerExampleNoiseScale(model)
-    (tok_sum(model(idx), y) / 40).backward()  # the first step checks the layers (and finds the tied one)
-    mon.observe(units=[5] * 8)
-    model.zero_grad(set_to_none=True)
     parts = (slice(0, 3), slice(3, 8))
+    for i, part in enumerate(parts):  # the first step checks the layers (and finds the tied one)
+        (tok_sum(model(idx[part]), y[part]) / 40).backward()
+        mon.after_micro(i, 5 * (part.stop - part.start))
+    mon.end_step()
+    model.zero_grad(set_to_none=True)
     micro_sq = {}
     for i, part in enumerate(parts):
         before = {k: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for k, p in model.named_parameters()}
@@ -423,6 +425,19 @@ def test_fallback_under_accumulation_adds_the_micro_batch_estimate():
     small = [sum(float((micro_sq[i][k] * 40 / sizes[i]).square().sum()) for k in fb) for i in range(2)]
     g2, t2 = two_batch_estimates(small, sum(float(big[k].square().sum()) for k in fb), sizes, 40)
     close(got, (g1 + g2, t1 + t2))
+
+
+def test_without_accumulation_the_fallback_takes_no_snapshot():
+    torch.manual_seed(19)
+    model = TiedLM()
+    idx, y = torch.randint(0, 7, (8, 5)), torch.randint(0, 7, (8, 5))
+    mon = PerExampleNoiseScale(model)
+    for _ in range(3):
+        (tok_sum(model(idx), y) / 40).backward()
+        mon.after_micro(0, 40)
+        model.zero_grad(set_to_none=True)
+    assert mon._fallback_monitor._steps_seen == 1  # after the first step: no copy of the fallback gradients
+    assert mon.estimate().method == "per-example" and mon.n_updates == 3
 
 
 def test_a_layer_called_twice_falls_back():
@@ -504,3 +519,101 @@ def test_trainer_without_accumulation():
         assert est.covered_fraction == 1.0
     finally:
         torch.set_default_dtype(torch.float64)
+
+
+def test_a_subset_of_examples_keeps_both_terms_unbiased():
+    """max_examples=m: the small-batch term from the first m examples, the big one from the whole batch."""
+    torch.manual_seed(16)
+    model = Small()
+    x, y = _batch(12)
+    mon = PerExampleNoiseScale(model, max_examples=5)
+    F.cross_entropy(model(x), y).backward()
+    got = mon.observe()
+    assert all(v.shape == (5,) for v in mon.last_norms.values())
+    ref = flat(per_sample_grads(model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), x, y))
+    small = ref[:5].square().sum(1)
+    close(got, two_batch_estimates(small.tolist(), float(ref.mean(0).square().sum()), 1, 12))
+    with pytest.raises(BatchpilotError):
+        PerExampleNoiseScale(model, max_examples=1)
+
+
+class NormVariants(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.LayerNorm(6)
+        self.b = nn.LayerNorm(6, bias=False)
+        self.c = nn.LayerNorm(6)
+        self.d = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.c(self.b(self.a(x)))
+        h = self.d(h)
+        h.mul_(1.5)  # the output modified in place after the layer: x̂ is recomputed from the input
+        return self.head(h)
+
+
+def test_layernorm_with_zero_weight_large_bias_and_an_in_place_output():
+    torch.manual_seed(17)
+    model = NormVariants()
+    with torch.no_grad():
+        model.a.weight[2] = 0.0  # a zero in the weight: the output cannot give x̂
+        model.a.bias.normal_()
+        model.b.weight.normal_()
+        model.c.bias.fill_(1e4)  # |b| > 1e3 |w|
+        model.d.weight.uniform_(0.5, 1.5)
+        model.d.bias.normal_()
+    x, y = torch.randn(7, 4, 6), torch.randint(0, 3, (7, 4))
+    mon = check_layer_norms(model, x, y, units_per_example=4)
+    assert set(mon.last_norms) == {"a", "b", "c", "d", "head"}
+
+
+def test_the_cheap_preset_keeps_norms_and_linear_layers_without_positions():
+    torch.manual_seed(18)
+    model = SeqModel(3, 6)
+    mon = PerExampleNoiseScale(model, layers="cheap")
+    x, y = torch.randn(5, 4, 3), torch.randint(0, 5, (5, 4))
+    (ce_sum(model(x), y) / 20).backward()
+    got = mon.observe(units=[4] * 5)
+    assert set(mon.last_norms) == {"ln"}
+    grads = per_sample_grads(model, ce_sum, x, y)
+    g_ref, t_ref = exact_pair(flat(grads, {"ln.weight", "ln.bias"}) / 4)
+    close(got, (g_ref, 4 * t_ref))
+    model2 = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 2))
+    mon2 = PerExampleNoiseScale(model2, layers="cheap")
+    F.cross_entropy(model2(torch.randn(6, 4)), torch.randint(0, 2, (6,))).backward()
+    mon2.observe()
+    assert set(mon2.last_norms) == {"0", "1", "2"}
+
+
+def test_state_dict_round_trip_and_reset():
+    model = Small()
+    mon = PerExampleNoiseScale(model)
+    for seed in range(3):
+        x, y = _batch(seed=seed)
+        F.cross_entropy(model(x), y).backward()
+        mon.observe()
+        model.zero_grad()
+    state = mon.state_dict()
+    other = PerExampleNoiseScale(Small())
+    other.load_state_dict(state)
+    assert other.history == mon.history and other.estimate().b_simple == mon.estimate().b_simple
+    mon.reset()
+    assert mon.n_updates == 0 and math.isnan(mon.estimate().b_simple)
+
+
+def test_cli_train_without_accumulation_reports_b_simple_with_its_interval(capsys, tmp_path):
+    import json
+
+    from batchpilot.cli import main
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        assert main(["train", "--workload", "mnist1d-cnn", "--batch", "128", "--noise-scale", "--steps", "12",
+                     "--threads", "1", "--json"]) == 0
+    finally:
+        torch.set_default_dtype(torch.float64)
+    noise = json.loads(capsys.readouterr().out)["noise_scale"]
+    assert noise["source"] == "per-example" and noise["unit"] == "samples" and noise["n_updates"] == 11
+    assert 0 < noise["b_simple_low"] <= noise["b_simple"] <= noise["b_simple_high"]
+    assert noise["covered_fraction"] == 1.0 and noise["excluded"] == []

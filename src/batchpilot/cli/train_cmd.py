@@ -69,8 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "interval at every step it is measured; repeat (or comma-separate) for several")
     p.add_argument("--log-dir", default=None, metavar="DIR", help="directory for --log (default: --out)")
     p.add_argument("--noise-scale", action="store_true",
-                   help="measure the gradient noise scale B_simple while training (from the DDP ranks, or from the "
-                        "micro-batches on one process); in metrics.jsonl at evaluations and in the summary")
+                   help="measure the gradient noise scale B_simple while training (from the DDP ranks, from the "
+                        "micro-batches under accumulation, else from per-example gradient norms); in metrics.jsonl "
+                        "at evaluations and in the summary")
     ddp = p.add_argument_group("distributed (DDP; or launch with `torchrun --nproc-per-node N -m batchpilot train ...`)")
     ddp.add_argument("--nproc", type=int, default=None, metavar="N",
                      help="run on N local ranks through torchrun (torch.distributed.run; gloo on CPU); --batch stays "
@@ -187,10 +188,14 @@ def _run(args: argparse.Namespace, env) -> int:
         regime = finetune_regime(w.base_batch, w.base_lr, w.optimizer_family(), num_train=w.num_train, batch=args.batch)
     config = config_from_args(args, workload.base_batch, regime, world_size=env.world_size)
     noise = None
-    if args.noise_scale:
-        from batchpilot.noise.microbatch import GradientNoiseScale
+    if args.noise_scale and (env.world_size > 1 or config.accumulation_steps > 1 or config.variable_batch):
+        from batchpilot.noise.microbatch import GradientNoiseScale  # two batch sizes for free (docs/noise.md)
 
         noise = GradientNoiseScale()
+    elif args.noise_scale:  # one process, no accumulation: per-example gradient norms (docs/noise.md)
+        from batchpilot.noise.per_example import PerExampleNoiseScale
+
+        noise = PerExampleNoiseScale()
     resume = args.resume or bool(env.restart_count and args.out)  # a torchrun restart resumes its run
     trainer = Trainer(workload, config, out_dir=args.out, resume=resume, progress=env.is_main, noise=noise)
     if env.is_main:  # after the trainer's own checks (a bad batch fails with its one line, nothing else)
@@ -218,7 +223,8 @@ def _run(args: argparse.Namespace, env) -> int:
 
         summary["noise_scale"] = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                                   for k, v in noise.estimate().to_dict().items()}
-        summary["noise_scale"]["source"] = "ranks" if env.world_size > 1 else "micro-batches"
+        summary["noise_scale"]["source"] = "ranks" if env.world_size > 1 else \
+            summary["noise_scale"].get("method", "micro-batches")
         summary["noise_scale"]["unit"] = unit
     failed = None
     if args.out:
@@ -245,9 +251,13 @@ def _run(args: argparse.Namespace, env) -> int:
 
             n = summary["noise_scale"]
             fmt = lambda v: "n/a" if v is None else f"{v:,.0f}"  # noqa: E731
+            source = {"ranks": "the DDP ranks", "per-example": "per-example gradient norms",
+                      "per-example+micro-batches": "per-example gradient norms and the micro-batches"}.get(n["source"])
+            left_out = (f"; leaves out {', '.join(n['excluded'])}: {100 * n['excluded_fraction']:.0f}% of the "
+                        "parameters, see docs/noise.md") if n.get("excluded") else ""
             Console().print(f"gradient noise scale B_simple ≈ {fmt(n['b_simple'])} {unit} (80% interval "
                             f"{fmt(n['b_simple_low'])}–{fmt(n['b_simple_high'])} {unit}; {n['n_updates']} steps, from "
-                            f"the {n['source']})", highlight=False)
+                            f"{source or 'the ' + str(n['source'])}{left_out})", highlight=False)
     if result.status == "interrupted":  # one line on stderr: where the run stopped and how to go on
         import sys
 

@@ -245,10 +245,9 @@ class _NormRule(_Rule):
         _batch_major(x, n, len(module.normalized_shape) + 1, self.name)
         w, b = module.weight, getattr(module, "bias", None)
         from_output = False
-        if w is not None:
+        if w is not None:  # few kernels: each costs tens of microseconds between the forward's big ones
             with torch.no_grad():
-                ok = w != 0 if b is None else (w.abs() * 1e3 >= b.abs()) & (w != 0)
-                from_output = bool(ok.all())
+                from_output = bool(w.abs().min() > 0) if b is None else float((b / w).abs().max()) <= 1e3
         return x, (y.detach() if from_output else None), y._version
 
     def _sums(self, module, saved, d, m):
@@ -556,6 +555,8 @@ class PerExampleNoiseScale:
         self._batch: int | None = None
         self._micro: list[_Micro] = []
         self._broken = False  # a micro-batch of this step went unrecorded: the step is skipped
+        self._last_micros = 0  # backward passes in the last recorded step (1: no accumulation)
+        self._accumulating = True
         self._coverage: dict = {}
         self._last_info: dict = {}
         self.last_norms: dict[str, torch.Tensor] = {}
@@ -649,7 +650,16 @@ class PerExampleNoiseScale:
         if not layer.checked:  # the first backward checks the split against the parameters' own gradients
             for pname, p in layer.params:
                 layer.leaf_handles.append(p.register_hook(_store_into(layer.leaf, pname)))
-        output.register_hook(partial(self._output_grad, layer))
+        node = output.grad_fn
+        if node is not None:  # a pre-hook on the node that made the output: its gradient, before any later
+            node.register_prehook(partial(self._node_grad, layer, output.output_nr))  # in-place op's
+        else:
+            output.register_hook(partial(self._output_grad, layer))
+
+    def _node_grad(self, layer: _Layer, nr: int, grad_outputs) -> None:
+        grad = grad_outputs[nr]
+        if grad is not None:
+            self._output_grad(layer, grad)
 
     def _output_grad(self, layer: _Layer, grad: torch.Tensor) -> None:
         x = layer.saved
@@ -689,12 +699,13 @@ class PerExampleNoiseScale:
         """
         if index == 0:
             self.end_step()
+            self._accumulating = self._last_micros != 1  # the fallback snapshots only while steps accumulate
             self._broken = False
             if self._resolve_source():  # hooked only now: nothing of this step was seen
                 self._broken = True
                 return
         micro_units = self._record(index, units)
-        if self.use_fallback and micro_units is not None:
+        if self.use_fallback and micro_units is not None and self._accumulating:
             if index == 0:
                 self._fallback_params = self._coverage["fallback"]
             if self._fallback_params:
@@ -773,7 +784,8 @@ class PerExampleNoiseScale:
             if ref is None or got is None:
                 continue
             ref = ref.to(got.dtype)
-            tol = 1e-3 if p.dtype in (torch.float32, torch.float64) else 3e-2
+            # 16-bit gradients are sums rounded at 2^-8 (bf16): only a gross mismatch is a verdict there
+            tol = 1e-3 if p.dtype in (torch.float32, torch.float64) else 0.25
             err = float(torch.linalg.vector_norm(got - ref))
             scale = float(torch.linalg.vector_norm(ref)) + float(torch.linalg.vector_norm(got))
             if err > tol * scale + 1e-30:
@@ -786,6 +798,8 @@ class PerExampleNoiseScale:
         :meth:`after_micro` with index 0 does it too). Returns ``(g_sq, trace_sigma)``, or ``None``
         when nothing (or only part of the step) was recorded, or the step had fewer than two examples."""
         micro, self._micro = self._micro, []
+        if micro:
+            self._last_micros = len(micro)
         fb = self._fallback_monitor.end_step() if self.use_fallback else None
         if not micro or self._broken or micro[-1].big is None:
             return None
@@ -872,9 +886,11 @@ class PerExampleNoiseScale:
             la.clear()
 
 
+_IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
 def _functorch_wrapped(t: torch.Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(t)) if check is not None else False
+    return bool(_IS_WRAPPED(t)) if _IS_WRAPPED is not None else False
 
 
 def _store_into(store: dict, key: str):
