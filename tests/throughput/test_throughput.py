@@ -153,3 +153,15 @@ def test_fitted_step_model_is_smooth_and_monotone():
     assert per_sample == sorted(per_sample, reverse=True)
     assert fit.step_s(32) == pytest.approx(curve.overhead_s + curve.per_sample_s * 32)
     assert curve.step_s(32) == pytest.approx(0.0025 + 0.001)  # points: the measured value
+
+
+def test_points_model_never_lets_a_larger_batch_be_faster():
+    from batchpilot.throughput.measure import monotone
+
+    assert monotone([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert monotone([4.55, 14.63, 24.56, 51.14, 27.15, 221.7]) == pytest.approx(
+        [4.55, 14.63, 24.56, 39.145, 39.145, 221.7])
+    dip = _curve([(16, 0.002), (32, 0.006), (64, 0.004), (128, 0.01)])  # a quiet moment at 64
+    steps = [dip.step_s(b) for b in (16, 32, 48, 64, 96, 128)]
+    assert all(b >= a - 1e-12 for a, b in zip(steps, steps[1:]))  # (log-log interpolation rounds in the last bit)
+    assert dip.step_s(64) == pytest.approx(0.005 + 0.001)  # the dip pooled with its neighbour

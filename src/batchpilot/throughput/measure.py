@@ -120,7 +120,7 @@ class ThroughputCurve:
         if self.step_model == "fit":
             return max(self.overhead_s + self.per_sample_s * batch - self.optimizer_s, self.per_sample_s * batch)
         xs = [p.batch for p in self.points]
-        ys = [p.micro_s for p in self.points]
+        ys = monotone([p.micro_s for p in self.points])  # a larger batch never takes less time
         if batch in xs:
             return ys[xs.index(batch)]
         if batch < xs[0]:  # the fitted slope below the range, never below proportional scaling
@@ -163,6 +163,25 @@ class ThroughputCurve:
     def to_dict(self) -> dict:
         """Plain data."""
         return asdict(self)
+
+
+def monotone(values: Sequence[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators; Barlow et al. 1972).
+
+    Step times measured on a busy machine can dip at a larger batch (a quiet moment); interpolating the raw
+    points would then make that batch look several times faster than its neighbours and win the plan.
+    """
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+    out: list[float] = []
+    for s, n in blocks:
+        out += [s / n] * int(n)
+    return out
 
 
 def fit_step_time(batches: Sequence[int], step_s: Sequence[float]) -> tuple[float, float]:
