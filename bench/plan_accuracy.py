@@ -33,6 +33,8 @@ For every workload (the built-ins ``mnist1d-cnn`` and ``mnist1d-mlp`` and the ge
 
 Every finished trial is written to the ``--out`` JSON at once; a rerun with the same settings skips
 the trials (and the plan) already there, so a killed bench loses at most the trial in progress.
+The sweep uses no planner code: after a planner change, ``--replan`` grades the new planner against
+the stored sweep at the cost of the plans and their own trials only.
 
     .venv/bin/python bench/plan_accuracy.py [--workloads generated|builtin|all|name,...] [--seeds 2]
         [--plan-args "--confirm"] [--out runs/plan_accuracy/plan_accuracy.json] [--quick]
@@ -219,12 +221,24 @@ def noise_fields(plan: dict) -> dict:
     return out
 
 
+_REPLANNED: set[str] = set()
+
+
 def run_plan(name: str, spec: str, rec: dict, plans_dir: Path, extra: list[str], *, quick: bool, state_path: Path,
-             state: dict, quiet: bool = False) -> dict | None:
-    """The stored plan made with the same arguments, else a new one (``None`` if the planner fails)."""
+             state: dict, quiet: bool = False, replan: bool = False) -> dict | None:
+    """The stored plan made with the same arguments, else a new one (``None`` if the planner fails).
+
+    ``replan``: plan again once in this process (the planner changed; the sweep, which uses no planner
+    code, stays valid); the previous plan moves to ``plan_history``.
+    """
     args = plan_arguments(spec, extra, quick=quick)
     key = _digest(args)
     old = rec.get("plan")
+    if replan and name not in _REPLANNED:
+        _REPLANNED.add(name)
+        if old:
+            rec.setdefault("plan_history", []).append(old)
+        old = None
     if old and old.get("key") == key and old.get("plan"):
         if not quiet:
             print(f"[{name}] plan: reusing the stored plan ({old['wall_s']:.0f} s, {old['date']})", flush=True)
@@ -360,7 +374,7 @@ class Bench:
                            "base_lr": w.base_lr, "target": str(w.target), "optimizer": w.optimizer_family(),
                            "lr_rule": rule}
         plan = run_plan(name, spec, rec, plans_dir, a.plan_args, quick=a.quick, state_path=self.path, state=self.state,
-                        quiet=True)
+                        quiet=True, replan=a.replan)
         seeds = list(range(a.seeds))
         # the plan's exact configuration (world size > 1: the same global batch by accumulation on one process)
         plan_cfg = None
@@ -614,6 +628,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="seconds of interleaved timing per workload; more rounds when they fit (default 20)")
     ap.add_argument("--timing-warmup", type=int, default=2)
     ap.add_argument("--plan-args", default="", help='extra arguments for batchpilot plan, e.g. "--confirm"')
+    ap.add_argument("--replan", action="store_true",
+                    help="plan again even where a plan with the same arguments is stored (the planner changed); "
+                         "the stored sweep is reused, so only the new plan's trials run")
     ap.add_argument("--report-only", action="store_true", help="print the table of the results in --out; run nothing")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 batches, LR x1, 1 seed, <= 150 steps per trial")
     ap.add_argument("--out", default=None, help="results JSON (default runs/plan_accuracy/plan_accuracy.json, "
@@ -659,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         w = get_workload(spec)
         rec = bench.record(name, w)
         entry = rec.get("plan")
-        run_plan(name, spec, rec, plans_dir, args.plan_args, quick=args.quick, state_path=args.out, state=state)
+        run_plan(name, spec, rec, plans_dir, args.plan_args, quick=args.quick, state_path=args.out, state=state,
+                 replan=args.replan)
     for name in args.workloads:
         try:
             bench.run_workload(name, plans_dir)
