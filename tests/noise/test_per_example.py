@@ -514,7 +514,7 @@ def test_trainer_without_accumulation():
         mon = PerExampleNoiseScale()
         Trainer(w, TrainConfig(global_batch=32, steps=6, seed=0), noise=mon).run()
         est = mon.estimate()
-        assert est.n_updates == 5  # the first step installs the hooks
+        assert est.n_updates == 6  # the trainer binds the monitor to the model it builds: every step
         assert est.b_simple > 0 and est.b_simple_low <= est.b_simple <= est.b_simple_high
         assert est.covered_fraction == 1.0
     finally:
@@ -614,6 +614,25 @@ def test_cli_train_without_accumulation_reports_b_simple_with_its_interval(capsy
     finally:
         torch.set_default_dtype(torch.float64)
     noise = json.loads(capsys.readouterr().out)["noise_scale"]
-    assert noise["source"] == "per-example" and noise["unit"] == "samples" and noise["n_updates"] == 11
+    assert noise["source"] == "per-example" and noise["unit"] == "samples" and noise["n_updates"] == 12
     assert 0 < noise["b_simple_low"] <= noise["b_simple"] <= noise["b_simple_high"]
     assert noise["covered_fraction"] == 1.0 and noise["excluded"] == []
+
+
+def test_trainer_interrupted_and_resumed_gives_the_same_estimates(tmp_path):
+    from batchpilot import get_workload
+    from batchpilot.train import TrainConfig, Trainer
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        w = get_workload("mnist1d-mlp", num_train=600, num_val=200)
+        cfg = TrainConfig(global_batch=32, steps=8, seed=0)
+        full = Trainer(w, cfg, noise=PerExampleNoiseScale())
+        full.run()
+        first = Trainer(w, cfg, out_dir=tmp_path, noise=PerExampleNoiseScale())
+        assert first.run(stop_after=5).steps == 5
+        resumed = Trainer(w, cfg, out_dir=tmp_path, resume=True, noise=PerExampleNoiseScale())
+        assert resumed.run().steps == 8
+        assert resumed.noise.history == full.noise.history and len(full.noise.history) == 8
+    finally:
+        torch.set_default_dtype(torch.float64)

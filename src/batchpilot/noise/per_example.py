@@ -576,6 +576,11 @@ class PerExampleNoiseScale:
             raise BatchpilotError(f"PerExampleNoiseScale needs a module or a callable returning one, got {type(model).__name__}")
         return self
 
+    def bind_model(self, model: nn.Module) -> None:
+        """Hook ``model`` now, keeping an attached callable for later models (the trainer calls this when
+        it builds its model, so that the first step is observed too)."""
+        self._install(model)
+
     def _install(self, model: nn.Module) -> None:
         self.detach()
         self._model = model

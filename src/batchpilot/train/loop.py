@@ -325,6 +325,9 @@ class Trainer:
         sampler = EpochBatchSampler(w.num_train, seed=cfg.seed)
         self._counters = _Counters()
         self.model, self.ema = model, ema
+        bind = getattr(self.noise, "bind_model", None)  # a monitor with hooks needs them before the first forward
+        if bind is not None and self.dist is None:
+            bind(model)
         if self.batching is not None:
             self.batching.bind(lambda: self.model, w, self.dtype, w.optimizer_family())
         ckpt = self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
