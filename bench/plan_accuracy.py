@@ -7,8 +7,9 @@ For every workload (the built-ins ``mnist1d-cnn`` and ``mnist1d-mlp`` and the ge
    user runs it (plus ``--plan-args``); its wall clock is the planning cost.
 2. **Sweep, without planner code.** Global batches ``base/4 x 2^k`` up to ``min(16 x base, N/4)`` (no
    accumulation), each at the LR that :func:`batchpilot.scaling.lr_rules.scale_lr` gives for the
-   workload's optimizer family (linear for SGD, square root for Adam) times 0.5, 1 and 2, each with
-   2 seeds, trained by the reference :class:`~batchpilot.train.Trainer` until the target (evaluated
+   workload's optimizer family (linear for SGD, square root for Adam) times 0.5, 1 and 2 (and, where
+   the best of them is the largest or smallest, x2 or /2 further out, up to ``--lr-extensions``
+   times, so that the base LR's quality does not decide the sweep's best), each with 2 seeds, trained by the reference :class:`~batchpilot.train.Trainer` until the target (evaluated
    every 1/``--evals-per-epoch`` epoch). Steps to target of a (batch, LR) is the median over seeds;
    each batch keeps its best LR. Caps, so that hopeless trials end: every trial stops at
    ``--max-epochs``; the base batch runs first, and once it has reached the target in E0 epochs (best
@@ -401,7 +402,10 @@ class Bench:
             rule_lr = scale_lr(w.base_lr, w.base_batch, b, rule)
             full_cap = self.cap_steps(w, b, base_epochs=base_epochs, base_batch=w.base_batch)
             best = math.inf
-            for m in mults:
+            medians: dict[float, float] = {}
+            todo, extensions = list(mults), 0
+            while todo:
+                m = todo.pop(0)
                 lr = rule_lr * m
                 warmup = (max(1, round(a.grid_warmup_epochs * math.ceil(w.num_train / b)))
                           if a.grid_warmup_epochs > 0 and lr > w.base_lr else 0)
@@ -409,7 +413,16 @@ class Bench:
                 trials = [self.trial(name, w, rec, "grid", batch=b, micro=b, lr=lr, warmup=warmup, schedule="constant",
                                      seed=s, cap=cap, label=f"batch {b} lr x{m:g} ({lr:.4g})") for s in seeds]
                 grid.setdefault(b, {})[m] = trials
-                best = min(best, median_steps(trials))
+                medians[m] = median_steps(trials)
+                best = min(best, medians[m])
+                if not todo and extensions < a.lr_extensions and math.isfinite(best):
+                    # the best LR at the edge of the multipliers tried: try one step (x2 or /2) further out
+                    winner = min(medians, key=lambda k: (medians[k], abs(math.log(k))))
+                    if winner == max(medians):
+                        todo.append(winner * 2)
+                    elif winner == min(medians):
+                        todo.append(winner / 2)
+                    extensions += bool(todo)
             if b == w.base_batch and math.isfinite(best):
                 base_epochs = best * b / w.num_train
         grid = dict(sorted(grid.items()))
@@ -491,6 +504,7 @@ def summarize(rec: dict, grid: dict, step_s: dict, plan: dict | None, plan_cfg: 
         best_m = min(meds, key=lambda m: (meds[m], abs(math.log(m))))
         st = step_s[(b, b)]
         per_batch.append({"batch": b, "best_lr_multiplier": best_m, "lr": by_m[best_m][0]["lr"],
+                          "lr_at_edge": len(meds) > 1 and best_m in (min(meds), max(meds)),
                           "median_steps_by_multiplier": {f"{m:g}": meds[m] for m in sorted(meds)},
                           "steps_to_target": meds[best_m], "step_s": st, "time_to_target_s": meds[best_m] * st,
                           "samples_to_target": meds[best_m] * b})
@@ -550,7 +564,8 @@ def print_workload(name: str, s: dict) -> None:
     for r in s["per_batch"]:
         mark = " <- best" if s["best"] and r["batch"] == s["best"]["batch"] else ""
         meds = ", ".join(f"x{m} {_num(v)}" for m, v in r["median_steps_by_multiplier"].items())
-        print(f"    batch {r['batch']:>5}: steps {_num(r['steps_to_target']):>6} (lr x{r['best_lr_multiplier']:g}; {meds}), "
+        edge = " at the edge" if r.get("lr_at_edge") else ""
+        print(f"    batch {r['batch']:>5}: steps {_num(r['steps_to_target']):>6} (lr x{r['best_lr_multiplier']:g}{edge}; {meds}), "
               f"step {r['step_s'] * 1e3:7.2f} ms, time {_num(r['time_to_target_s'], '.2f'):>7} s{mark}", flush=True)
     pm = s.get("plan_measured")
     if pm:
@@ -617,6 +632,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          f"name ({', '.join(GENERATED)}) or a file.py:fn path")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--lr-multipliers", default="0.5,1,2", help="around the rule's LR; each batch keeps its best")
+    ap.add_argument("--lr-extensions", type=int, default=3,
+                    help="when a batch's best LR is the largest (smallest) multiplier tried, try x2 (/2) further, up "
+                         "to this many times (default 3: x16 .. x1/32 at most), so the sweep's best LR is interior")
     ap.add_argument("--batches", default=None, help="override the grid, e.g. 16,64,256")
     ap.add_argument("--max-epochs", type=float, default=30.0, help="cap of every trial (default 30)")
     ap.add_argument("--max-steps", type=int, default=None, help="also cap every trial at this many steps")
@@ -640,7 +658,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.lr_multipliers = tuple(float(x) for x in args.lr_multipliers.split(","))
     args.batches = [int(x) for x in args.batches.split(",")] if args.batches else None
     if args.quick:
-        args.seeds, args.lr_multipliers = 1, (1.0,)
+        args.seeds, args.lr_multipliers, args.lr_extensions = 1, (1.0,), 0
         args.max_steps = min(args.max_steps or 150, 150)
         args.timing_rounds, args.timing_warmup, args.timing_budget = 3, 1, 1.0
         args.workloads = args.workloads or "mnist1d-shuffled-ln-adamw"
