@@ -10,8 +10,8 @@ step (no skipping). On a shared machine step times swing, so two figures are pri
 the ratio of medians, and the median of the paired ratios (the monitor's step over its plain
 partner's step in the same round). Targets (issue 15): <= 1% on charlm, <= 3% on mnist1d-cnn.
 
-    .venv/bin/python bench/noise_overhead.py [--workloads mnist1d-cnn,charlm] [--rounds 80] [--threads 1]
-        [--subset 8] [--accumulation 4] [--every 1]
+    .venv/bin/python bench/noise_overhead.py [--workloads mnist1d-cnn,charlm,hf-tiny-gpt2] [--rounds 80]
+        [--threads 1] [--subset 8] [--accumulation 4] [--every 1]      (hf-tiny-gpt2 needs transformers)
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from batchpilot.train import accumulate_gradients
 from batchpilot.workloads import get_workload
 from batchpilot.workloads.data import fetch, split_micro
 
-DEFAULT_BATCH = {"mnist1d-cnn": 128, "mnist1d-mlp": 128, "charlm": 32, "digits-cnn-bn": 128}
+DEFAULT_BATCH = {"mnist1d-cnn": 128, "mnist1d-mlp": 128, "charlm": 32, "digits-cnn-bn": 128, "hf-tiny-gpt2": 32}
 
 
 def configurations(w, batch: int, accumulation: int, subset: int, every: int) -> list[dict]:

@@ -42,6 +42,7 @@ VARIANTS = {
                     "8 examples of each batch": {"max_examples": 8}},
     "mnist1d-cnn": {"cheap: the linear head": {"layers": "cheap"}, "8 examples of each batch": {"max_examples": 8}},
     "charlm": {"cheap: the 5 LayerNorms": {"layers": "cheap"}, "8 examples of each batch": {"max_examples": 8}},
+    "hf-tiny-gpt2": {"cheap: the 5 LayerNorms": {"layers": "cheap"}, "8 examples of each batch": {"max_examples": 8}},
 }
 
 
@@ -208,13 +209,13 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--window-steps", type=int, default=40)
     ap.add_argument("--frozen-batch", type=int, default=None,
-                    help="batch of the frozen-checkpoint windows (default: 128, charlm 32)")
+                    help="batch of the frozen-checkpoint windows (default: 128; charlm, hf-tiny-gpt2 32)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.workloads.split(","):
-        frozen = args.frozen_batch or (32 if name == "charlm" else 128)
+        frozen = args.frozen_batch or (32 if name in ("charlm", "hf-tiny-gpt2") else 128)
         run_workload(name, args.train_steps, args.windows, args.window_steps, frozen, args.seed)
 
 

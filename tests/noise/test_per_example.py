@@ -636,3 +636,24 @@ def test_trainer_interrupted_and_resumed_gives_the_same_estimates(tmp_path):
         assert resumed.noise.history == full.noise.history and len(full.noise.history) == 8
     finally:
         torch.set_default_dtype(torch.float64)
+
+
+@pytest.mark.parametrize("case", ["conv-product", "conv-gram", "linear-product", "linear-gram", "embedding"])
+def test_chunked_forms_give_the_same_norms(case, monkeypatch):
+    """Large layers are split into chunks of examples (bounded memory): same norms with tiny chunks."""
+    import batchpilot.noise.per_example as pe
+
+    monkeypatch.setattr(pe, "_CHUNK_ELEMS", 40)
+    torch.manual_seed(20)
+    if case.startswith("conv"):
+        make, shape = CONVS[0] if case == "conv-product" else CONVS[-1]
+        conv = make()
+        with torch.no_grad():
+            flat_dim = conv(torch.zeros(1, *shape)).numel()
+        check_layer_norms(ConvNet(conv, flat_dim), torch.randn(5, *shape), torch.randint(0, 3, (5,)))
+    elif case.startswith("linear"):
+        t, d_in, d_hidden = (6, 3, 4) if case == "linear-product" else (2, 16, 24)
+        model = SeqModel(d_in, d_hidden)
+        check_layer_norms(model, torch.randn(7, t, d_in), torch.randint(0, 5, (7, t)), units_per_example=t)
+    else:
+        check_layer_norms(TokModel(6, 5), torch.randint(0, 6, (6, 8)), torch.randint(0, 4, (6, 8)), units_per_example=8)

@@ -65,13 +65,13 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.noise.microbatch import GradientNoiseScale, NoiseEstimate, grad_sq_norm, two_batch_estimates
+from batchpilot.noise.microbatch import GradientNoiseScale, NoiseEstimate, two_batch_estimates
 
 NORM_TYPES: tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 LayerSelection = Union[None, str, Callable[[str, nn.Module], bool], Iterable[Union[str, type]]]
 
 _CHUNK_ELEMS = 1 << 22
-"""Largest per-example gradient block (elements) built at once by the materialising forms."""
+"""Largest block (elements) built at once: per-example gradients, or Gram matrices, of a chunk of examples."""
 
 
 class _Unsupported(Exception):
@@ -111,10 +111,11 @@ def _outer_sq(x3: torch.Tensor, d3: torch.Tensor) -> torch.Tensor:
     if t == 1:
         return torch.linalg.vecdot(x3[:, 0], x3[:, 0]) * torch.linalg.vecdot(d3[:, 0], d3[:, 0])
     if _gram_is_cheaper(t, a, b):  # Σ_{t,s} (x_t·x_s)(d_t·d_s)
-        return torch.linalg.vecdot(torch.bmm(x3, x3.transpose(1, 2)).flatten(1),
-                                   torch.bmm(d3, d3.transpose(1, 2)).flatten(1))
-    parts = [torch.linalg.vector_norm(torch.bmm(d3[c].transpose(1, 2), x3[c]), dim=(1, 2)).square()
-             for c in _chunks(n, a * b)]
+        parts = [torch.linalg.vecdot(torch.bmm(x3[c], x3[c].transpose(1, 2)).flatten(1),
+                                     torch.bmm(d3[c], d3[c].transpose(1, 2)).flatten(1)) for c in _chunks(n, t * t)]
+    else:
+        parts = [torch.linalg.vector_norm(torch.bmm(d3[c].transpose(1, 2), x3[c]), dim=(1, 2)).square()
+                 for c in _chunks(n, a * b)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -340,17 +341,22 @@ class _ConvRule(_Rule):
             d3 = d.to(dt).reshape(n * g, module.out_channels // g, -1)  # (N·g, O, L)
             length, c_in, c_out = d3.shape[-1], module.in_channels // g, d3.shape[1]
             kk = math.prod(module.kernel_size)
+            rows = _chunks(n * g, length * length if _gram_is_cheaper(length, c_in * kk, c_out) else c_in * c_out)
             if _gram_is_cheaper(length, c_in * kk, c_out):
-                gram = None
+                gram = [None] * len(rows)
                 for xs in self._offsets(module, xp, d.shape[2:]):
-                    a = torch.bmm(xs, xs.transpose(1, 2))
-                    gram = a if gram is None else gram.add_(a)
-                w = torch.linalg.vecdot(gram.flatten(1), torch.bmm(d3.transpose(1, 2), d3).flatten(1))
+                    for i, c in enumerate(rows):
+                        a = torch.bmm(xs[c], xs[c].transpose(1, 2))
+                        gram[i] = a if gram[i] is None else gram[i].add_(a)
+                parts = [torch.linalg.vecdot(gr.flatten(1), torch.bmm(d3[c].transpose(1, 2), d3[c]).flatten(1))
+                         for gr, c in zip(gram, rows)]
             else:
-                w = None
+                parts = [None] * len(rows)
                 for xs in self._offsets(module, xp, d.shape[2:]):
-                    part = torch.linalg.vector_norm(torch.bmm(d3, xs), dim=(1, 2)).square()
-                    w = part if w is None else w.add_(part)
+                    for i, c in enumerate(rows):
+                        part = torch.linalg.vector_norm(torch.bmm(d3[c], xs[c]), dim=(1, 2)).square()
+                        parts[i] = part if parts[i] is None else parts[i].add_(part)
+            w = parts[0] if len(parts) == 1 else torch.cat(parts)
             out = w.view(n, g).sum(1) if g > 1 else w
         if module.bias is not None and module.bias.requires_grad:
             sd = d.to(dt).reshape(n, module.out_channels, -1).sum(2)
@@ -461,13 +467,12 @@ class _Micro(NamedTuple):
 class _Layer:
     """Per-module state: its rule, its step's saved input, its norms and its check."""
 
-    __slots__ = ("name", "module", "rule", "params", "numel", "saved", "calls", "sq", "n", "reason", "checked",
+    __slots__ = ("name", "module", "rule", "params", "saved", "calls", "sq", "n", "reason", "checked",
                  "contrib", "leaf", "leaf_handles")
 
     def __init__(self, name: str, module: nn.Module, rule: _Rule) -> None:
         self.name, self.module, self.rule = name, module, rule
         self.params = _own_params(module)
-        self.numel = sum(p.numel() for _, p in self.params)
         self.reason: str | None = None  # why it falls back (permanent)
         self.checked = False
         self.contrib: dict[str, torch.Tensor] | None = None  # the check's reference (first backward only)
