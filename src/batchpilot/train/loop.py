@@ -405,7 +405,8 @@ class Trainer:
                     metrics.close()
             if status is None:
                 status = "target_reached" if self._target_stop() else "completed"
-            unchanged = c.step == start_step and not had_pending  # e.g. --resume of a finished run: keep its file
+            # a resumed run that took no step (e.g. --resume of a finished run): its checkpoint already holds this
+            unchanged = start_step > 0 and c.step == start_step and not had_pending
             if status != "diverged" and consistent and not unchanged and not (status == "interrupted" and self.dist is not None):
                 self._phase = "saving"  # Ctrl-C now waits for the checkpoint to be written
                 save()  # (an interrupted DDP run keeps its last periodic checkpoint: the peers may be gone)
