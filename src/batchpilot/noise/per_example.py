@@ -15,18 +15,20 @@ interval are :class:`~batchpilot.noise.microbatch.GradientNoiseScale`'s, fed thr
 
 The per-example norms come from hooks, with no extra backward and no per-sample gradient of the
 whole model (Goodfellow 2015; Li et al. 2022 "ghost clipping"; Gray et al. 2023/2024). A forward
-hook keeps each supported layer's input ``x``; a hook on its output receives ``δ = ∂loss/∂output``
-during the normal backward. Per example ``i`` (``t, s`` run over positions: tokens, conv outputs):
+hook keeps each supported layer's input ``x`` (which the layer's own backward keeps anyway); a
+pre-hook on the autograd node that produced its output receives ``δ = ∂loss/∂output`` during the
+normal backward. Per example ``i`` (``t, s`` run over positions: tokens, conv outputs):
 
 * ``nn.Linear`` (and transformers' ``Conv1D``), input ``(N, d_in)``: ``|x_i|²|δ_i|²`` (+ ``|δ_i|²`` for
   the bias). Input ``(N, T, d_in)``: ``Σ_{t,s} (x_t·x_s)(δ_t·δ_s)`` (the Gram form, ``T²(d_in+d_out)``
   per example) or ``|Σ_t δ_t x_tᵀ|²`` (the layer's per-example gradient, ``T d_in d_out``, built a chunk
   of examples at a time), whichever costs fewer operations; bias ``|Σ_t δ_t|²``.
-* ``nn.Conv1d/2d``: the same two forms on the unfolded input (im2col), per group.
+* ``nn.Conv1d/2d``: the same two forms on the input slice of each kernel offset (the columns of
+  im2col, without building im2col), per group.
 * ``nn.Embedding`` (index input ``(N, T)``): ``Σ_{t,s: id_t = id_s} δ_t·δ_s`` or a per-example
   scatter into ``(vocab, dim)``, whichever is cheaper; the padding index gets no gradient.
-* ``nn.LayerNorm``/``nn.RMSNorm``: ``|Σ_t δ_t ⊙ x̂_t|²`` (weight) and ``|Σ_t δ_t|²`` (bias), with ``x̂``
-  the normalised input recomputed from ``x``.
+* ``nn.LayerNorm``/``nn.RMSNorm``: ``|Σ_t δ_t ⊙ x̂_t|²`` (weight) and ``|Σ_t δ_t|²`` (bias), with the
+  normalised input ``x̂`` taken from the layer's output where that is exact (see :class:`_NormRule`).
 
 The hooks see the loss as the caller scaled it. batchpilot's trainer divides the summed loss by the
 step's total units ``U`` (times ``loss_scale``), so the hooks' per-example gradient is
@@ -43,9 +45,10 @@ BatchNorm, custom modules), *fall back*: under gradient accumulation they get th
 estimator (their |G|² and tr(Σ) add to the per-example ones, both being sums over parameters);
 without it they are left out. :class:`PerExampleEstimate` lists both.
 
-The cheap mode (``layers="norm"``, or any selection) estimates tr(Σ_S)/|G_S|² over the selected
-layers' parameters only: a different quantity from the full B_simple, whose agreement with it is a
-measurement (``docs/noise.md``), not an identity.
+The cheap modes: ``layers=`` (``"norm"``, ``"cheap"``, or any selection) estimates tr(Σ_S)/|G_S|² over
+the selected layers' parameters only, a different quantity from the full B_simple, whose agreement
+with it is a measurement (``docs/noise.md``), not an identity; ``max_examples=m`` takes the norms of m
+examples of each batch (both terms stay unbiased, the estimate gets noisier).
 
 BatchNorm in training mode couples the examples of a batch: per-example gradients (and the
 micro-batch estimator's independent micro-batches) are then approximations; the estimate says so.
