@@ -193,7 +193,7 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
                   lr_rule=rule, anchor=anchor, steps_per_epoch_base=math.ceil(workload.num_train / workload.base_batch))
     micro_choices = micro_batch_choices(throughput.batches, max_micro, workload.num_train)
 
-    # 5. optional: B_crit from short runs at larger batches corrects the noise scale
+    # 5. B_crit from short runs at larger batches replaces the noise scale (on by default; --no-confirm skips)
     t0 = time.perf_counter()
     if confirm:
         noise = _confirm(workload, probe, noise, common, max_micro=max_micro, world_size=world_size, seed=seed,
