@@ -582,7 +582,8 @@ def print_table(state: dict, names: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"batchpilot plan vs an independent sweep ({state['meta']['date']}, 1 thread)")
+    meta = state["meta"]
+    table = Table(title=f"batchpilot plan vs an independent sweep ({meta.get('finished') or meta['date']}, 1 thread)")
     for col in ("workload", "target", "plan batch\n(micro×acc)", "plan LR\n(/rule)", "best sweep\nbatch (LR×)",
                 "plan/best\ntime", "B_noise\n(plan)", "B_crit\n(fit, rms)", "B_noise/\nB_crit", "plan s",
                 "sweep s", "cost\nshare"):
@@ -705,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             print(f"[{name}] FAILED (above); its finished trials are kept in {args.out}", flush=True)
     state["meta"]["bench_wall_s_this_run"] = time.perf_counter() - t0
+    state["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     save_state(args.out, state)
     print()
     print_table(state, args.workloads)
