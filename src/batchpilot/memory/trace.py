@@ -68,6 +68,22 @@ class StepTrace:
     seconds: float = 0.0
 
 
+def step_input_shapes(workload, target: str, dtype: str, amp: bool) -> tuple:
+    """``(param_dtype, x_shape, x_dtype, y_shape, y_dtype)`` of one traced step (inputs take the parameters'
+    dtype unless autocast runs). Shared by the memory trace and the step-time prediction.
+
+    Raises:
+        BatchpilotError: a target other than ``cpu``/``cuda``.
+    """
+    if target not in ("cpu", "cuda"):
+        raise BatchpilotError(f"trace target must be 'cpu' or 'cuda', got {target!r}")
+    param_dtype = torch_dtype(dtype)
+    x_shape, x_dtype, y_shape, y_dtype = sample_shapes(workload)
+    if x_dtype.is_floating_point and not amp:
+        x_dtype = param_dtype
+    return param_dtype, x_shape, x_dtype, y_shape, y_dtype
+
+
 def _global_peak_tracker() -> Any:
     """``MemTracker`` that keeps only the global peak.
 
@@ -165,12 +181,7 @@ def trace_step(workload: Workload, batch: int, *, dtype: str = "float32", amp: b
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    if target not in ("cpu", "cuda"):
-        raise BatchpilotError(f"trace target must be 'cpu' or 'cuda', got {target!r}")
-    param_dtype = torch_dtype(dtype)
-    x_shape, x_dtype, y_shape, y_dtype = sample_shapes(workload)
-    if x_dtype.is_floating_point and not amp:
-        x_dtype = param_dtype
+    param_dtype, x_shape, x_dtype, y_shape, y_dtype = step_input_shapes(workload, target, dtype, amp)
     impl = optimizer_impl if optimizer_impl != "default" or target == "cpu" else "foreach"
     units = batch * max(1, math.prod(y_shape))
     start = time.perf_counter()

@@ -252,8 +252,8 @@ def trace_ops(workload: Workload, batch: int, *, target: str = "cuda", dtype: st
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from batchpilot.memory.options import autocast_context, build_step_objects, cuda_attention, torch_dtype
-    from batchpilot.memory.trace import sample_shapes
+    from batchpilot.memory.options import autocast_context, build_step_objects, cuda_attention
+    from batchpilot.memory.trace import step_input_shapes
     from batchpilot.workloads.common import preserved_host_rng
 
     flop_fns = _flop_functions()
@@ -296,12 +296,7 @@ def trace_ops(workload: Workload, batch: int, *, target: str = "cuda", dtype: st
             trace.phase.append(state["phase"])
             return out
 
-    if target not in ("cpu", "cuda"):
-        raise BatchpilotError(f"trace target must be 'cpu' or 'cuda', got {target!r}")
-    param_dtype = torch_dtype(dtype)
-    x_shape, x_dtype, y_shape, y_dtype = sample_shapes(workload)
-    if x_dtype.is_floating_point and not amp:
-        x_dtype = param_dtype
+    param_dtype, x_shape, x_dtype, y_shape, y_dtype = step_input_shapes(workload, target, dtype, amp)
     impl = "foreach" if target == "cuda" else "default"
     units = batch * max(1, math.prod(y_shape))
     start = time.perf_counter()
