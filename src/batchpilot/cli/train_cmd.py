@@ -72,13 +72,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="measure the gradient noise scale B_simple while training (from the DDP ranks, from the "
                         "micro-batches under accumulation, else from per-example gradient norms); in metrics.jsonl "
                         "at evaluations and in the summary")
-    ddp = p.add_argument_group("distributed (DDP; or launch with `torchrun --nproc-per-node N -m batchpilot train ...`)")
+    ddp = p.add_argument_group("distributed (DDP or FSDP; or launch with `torchrun --nproc-per-node N -m batchpilot train ...`)")
     ddp.add_argument("--nproc", type=int, default=None, metavar="N",
                      help="run on N local ranks through torchrun (torch.distributed.run; gloo on CPU); --batch stays "
                           "the global batch, split as micro-batch x accumulation x N")
     ddp.add_argument("--max-restarts", type=int, default=0, metavar="R",
                      help="with --nproc: restart after a lost rank up to R times, resuming from --out's latest checkpoint")
     ddp.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm: BatchNorm statistics over all ranks")
+    ddp.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                     help="ddp: replicated weights, all-reduced gradients; fsdp: FSDP2 fully_shard (parameters, "
+                          "gradients and optimizer state sharded over the ranks; needs >= 2 ranks) (default: ddp)")
+    ddp.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                     help="with --strategy fsdp: free each unit's gathered parameters after its forward and gather "
+                          "them again for the backward (default); --no-reshard-after-forward keeps them until then")
     p.add_argument("--plan", default=None, metavar="PLAN_JSON",
                    help="run a plan.json from `batchpilot plan` (workload, batch split, LR, warmup, threads; explicit "
                         "flags win; default: none)")
@@ -101,7 +107,8 @@ def config_from_args(args: argparse.Namespace, base_batch: int, regime: Finetune
         checkpoint_every=args.checkpoint_every, target=args.target, stop_at_target=args.stop_at_target,
         dtype=args.dtype, optimizer=args.optimizer, batch_schedule=args.batch_schedule, adaptive=args.adaptive,
         max_batch=args.max_batch, init_from=args.init_from, world_size=world_size,
-        sync_batchnorm=getattr(args, "sync_bn", False),
+        sync_batchnorm=getattr(args, "sync_bn", False), strategy=getattr(args, "strategy", "ddp"),
+        reshard_after_forward=getattr(args, "reshard_after_forward", True),
     )
 
 
@@ -215,6 +222,10 @@ def _run(args: argparse.Namespace, env) -> int:
     import torch
 
     summary["threads"] = torch.get_num_threads()
+    if config.world_size > 1:
+        summary["strategy"] = config.strategy
+        if config.strategy == "fsdp":
+            summary["reshard_after_forward"] = config.reshard_after_forward
     if plan is not None:
         summary["plan_check"] = plan_check(plan, result)
     unit = unit_name(workload)
@@ -251,7 +262,7 @@ def _run(args: argparse.Namespace, env) -> int:
 
             n = summary["noise_scale"]
             fmt = lambda v: "n/a" if v is None else f"{v:,.0f}"  # noqa: E731
-            source = {"ranks": "the DDP ranks", "per-example": "per-example gradient norms",
+            source = {"ranks": f"the {config_strategy(args).upper()} ranks", "per-example": "per-example gradient norms",
                       "per-example+micro-batches": "per-example gradient norms and the micro-batches"}.get(n["source"])
             left_out = (f"; leaves out {', '.join(n['excluded'])}: {100 * n['excluded_fraction']:.0f}% of the "
                         "parameters, see docs/noise.md") if n.get("excluded") else ""
@@ -269,6 +280,11 @@ def _run(args: argparse.Namespace, env) -> int:
         report_write_failure("train", failed)
         return code or 2
     return code
+
+
+def config_strategy(args: argparse.Namespace) -> str:
+    """``ddp`` or ``fsdp``: how the ranks share the model."""
+    return getattr(args, "strategy", "ddp")
 
 
 def plan_check(plan: dict, result: TrainResult) -> dict:
@@ -333,7 +349,7 @@ def doctor_warnings(config: TrainConfig, workload, *, plan: dict | None = None, 
             "lr": lr, "base_batch": w.base_batch, "base_lr": float(w.base_lr), "warmup_steps": config.warmup_steps,
             "optimizer": w.optimizer_family(), "scheduler_step": "per_optimizer_step", "zero_grad": "per_optimizer_step",
             "loss_scaled_by_accumulation": True, "normalization": list(norms), "sync_bn": config.sync_batchnorm,
-            "parallel": "ddp" if config.world_size > 1 else "none", "dataset_size": w.num_train, "finetune": finetune,
+            "parallel": config.strategy if config.world_size > 1 else "none", "dataset_size": w.num_train, "finetune": finetune,
         }
         if rule != "explicit":
             fields["lr_rule"] = rule

@@ -8,13 +8,13 @@ Parameters do not change during accumulation, so nothing is "stale" (seeds/READM
 error 4). Batch-coupled layers (BatchNorm) are the exception: they see micro-batch
 statistics.
 
-Under DDP, the non-final micro-batches run inside ``model.no_sync()``.
+Under DDP, the non-final micro-batches run inside ``model.no_sync()`` (under FSDP2, with gradient sync off).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ def accumulate_gradients(
     total_units: int | None = None,
     loss_scale: float = 1.0,
     after_micro: AfterMicro | None = None,
+    no_sync: Callable[[], ContextManager[None]] | None = None,
 ) -> float:
     """Run forward and backward over ``micro_batches``, adding into ``p.grad``.
 
@@ -46,6 +47,9 @@ def accumulate_gradients(
         loss_scale: multiplies every micro loss (a DDP caller passes the world size, since
             DDP averages gradients over ranks).
         after_micro: optional hook after each backward.
+        no_sync: a context without gradient synchronisation for the non-final micro-batches
+            (default: the model's ``no_sync``, as DDP has; an FSDP2 caller passes
+            :func:`batchpilot.train.fsdp.no_gradient_sync`).
 
     Returns:
         The global-batch mean loss as a float (this rank's share when ``total_units`` spans ranks).
@@ -56,7 +60,7 @@ def accumulate_gradients(
     total = total_units if total_units is not None else sum(units)
     if total <= 0:
         raise ValueError(f"the global batch has {total} loss units; nothing to train on")
-    no_sync = getattr(model, "no_sync", None)
+    no_sync = no_sync if no_sync is not None else getattr(model, "no_sync", None)
     loss_total = 0.0
     last = len(micro_batches) - 1
     for i, (x, y) in enumerate(micro_batches):

@@ -56,6 +56,10 @@ class TrainConfig:
         max_batch: the adaptive controller's largest batch (default ``min(16 x global_batch, N / 2)``).
         init_from: start from these weights (a batchpilot checkpoint or a ``state_dict`` file), e.g. to fine-tune.
         sync_batchnorm: convert BatchNorm to SyncBatchNorm, statistics over all ranks (:mod:`batchpilot.train.sync_bn`).
+        strategy: ``ddp`` (replicated weights; also the one-process default) or ``fsdp`` (FSDP2
+            ``fully_shard``, :mod:`batchpilot.train.fsdp`; needs two ranks or more).
+        reshard_after_forward: with ``fsdp``, free each unit's gathered parameters after its forward
+            (re-gathered for the backward); ``False`` keeps them until the backward.
     """
 
     global_batch: int
@@ -82,6 +86,8 @@ class TrainConfig:
     max_batch: int | None = None
     init_from: str | None = None
     sync_batchnorm: bool = False
+    strategy: str = "ddp"
+    reshard_after_forward: bool = True
 
     def __post_init__(self) -> None:
         _positive_int("batch", self.global_batch)
@@ -143,6 +149,20 @@ class TrainConfig:
                 raise BatchpilotError(f"max batch {self.max_batch} is below the starting batch {self.global_batch}")
         if (self.batch_schedule is not None or self.adaptive) and self.world_size != 1:
             raise BatchpilotError("batch schedules and adaptive batching run on one process for now (world size 1)")
+        self._check_strategy()
+
+    def _check_strategy(self) -> None:
+        from batchpilot.train.fsdp import STRATEGIES, check_fsdp_options
+
+        if self.strategy not in STRATEGIES:
+            raise BatchpilotError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if not isinstance(self.reshard_after_forward, bool):
+            raise BatchpilotError(f"reshard_after_forward must be True or False, got {self.reshard_after_forward!r}")
+        if self.strategy == "fsdp":
+            check_fsdp_options(world_size=self.world_size, ema=self.ema_decay is not None,
+                               sync_batchnorm=self.sync_batchnorm)
+        elif not self.reshard_after_forward:
+            raise BatchpilotError("--no-reshard-after-forward applies to --strategy fsdp only")
 
     @property
     def variable_batch(self) -> bool:

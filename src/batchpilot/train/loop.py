@@ -7,7 +7,9 @@ With a batch schedule or adaptive batching, a *batch driver* (:mod:`batchpilot.t
 sets each step's batch, micro-batch and LR; the run is then counted in samples.
 With ``world_size > 1`` (a ``torchrun`` launch) the model runs under DDP: each rank takes its exact
 share of every global batch, the loss is normalised by the all-reduced unit count, and rank 0 alone
-logs and writes checkpoints (:mod:`batchpilot.train.distributed`).
+logs and writes checkpoints (:mod:`batchpilot.train.distributed`). With ``strategy="fsdp"`` the model
+is sharded with FSDP2 instead (:mod:`batchpilot.train.fsdp`): the same shares and normalisation, the
+gradients reduce-scattered as sums, checkpoints gathered to rank 0.
 
 Interrupts: Ctrl-C (``KeyboardInterrupt``) at any point of a run leaves a checkpoint of a
 *completed* step, so ``--resume`` ends bit-identical to an uninterrupted run. Each step has three
@@ -143,6 +145,7 @@ class Trainer:
         batch_rule = config.lr_rule or default_lr_rule(workload.optimizer_family())
         self.batching = make_batch_driver(config, workload, batch_rule)
         self.dist = check_world_size(config.world_size)
+        self.fsdp = config.strategy == "fsdp" and self.dist is not None
         self.is_main = self.dist is None or self.dist.is_main
         self.noise, self.rank_noise, self._ddp = noise, None, None
         if noise is not None and self.dist is not None and not getattr(noise, "needs_accumulation", True):
@@ -190,7 +193,11 @@ class Trainer:
         else:
             loss = self._ddp_accumulate(micro)
         self._phase = "apply"
-        if cfg.grad_clip is not None:
+        if cfg.grad_clip is not None and self.fsdp:
+            from batchpilot.train.fsdp import clip_grad_norm
+
+            clip_grad_norm(model, cfg.grad_clip)  # the norm of the full gradient, from the shards
+        elif cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -203,14 +210,21 @@ class Trainer:
         return loss, {"lr": lr, "batch": len(idx), **info}
 
     def _ddp_accumulate(self, micro) -> float:
-        """This rank's share under DDP: loss x world / global units, so DDP's average is the global mean."""
+        """This rank's share under DDP: loss x world / global units, so DDP's average is the global mean.
+        Under FSDP: loss / global units, since the reduce-scatter sums (:mod:`batchpilot.train.fsdp`)."""
         w, d = self.workload, self.dist
         local_units = sum(w.count_units(y) for _, y in micro)
         total = round(d.all_reduce_sum([local_units])[0])
         if self.rank_noise is not None:
             self.rank_noise.begin_step(local_units)
+        no_sync = None
+        if self.fsdp:
+            from batchpilot.train.fsdp import no_gradient_sync
+
+            no_sync = lambda: no_gradient_sync(self._ddp)  # noqa: E731
         loss = accumulate_gradients(self._ddp, micro, w.loss_sum, w.count_units, total_units=total,
-                                    loss_scale=float(d.world_size), after_micro=self.after_micro)
+                                    loss_scale=1.0 if self.fsdp else float(d.world_size),
+                                    after_micro=self.after_micro, no_sync=no_sync)
         if self.rank_noise is not None:
             self.rank_noise.end_step()
         return d.all_reduce_sum([loss])[0]
@@ -234,11 +248,17 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
     def _state(self, model, optimizer, scheduler, ema, sampler) -> dict:
         c = self._counters
+        if self.fsdp:  # a collective: the full state gathered onto rank 0's CPU
+            from batchpilot.train.fsdp import full_state
+
+            model_state, optim_state = full_state(model, optimizer)
+        else:
+            model_state, optim_state = model.state_dict(), optimizer.state_dict()
         return {
             "config": self.config.to_dict(),
             "workload": self.workload.name,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": scheduler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "sampler": sampler.state_dict(),
@@ -266,9 +286,13 @@ class Trainer:
         if saved != current or state["workload"] != self.workload.name:
             diff = sorted(k for k in saved if saved[k] != current.get(k))
             raise BatchpilotError(f"checkpoint in {self.out_dir} was made with a different run (differs in: {', '.join(diff) or 'workload'})")
-        load_weights(model, state["model"], where)
+        if self.fsdp:
+            self._restore_fsdp(state, where, model, optimizer)
+        else:
+            load_weights(model, state["model"], where)
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            if not self.fsdp:
+                optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             if ema is not None and state.get("ema") is not None:
                 load_weights(ema, state["ema"], f"{where} (EMA)")
@@ -290,6 +314,19 @@ class Trainer:
             raise
         except Exception as exc:  # a hand-edited or foreign checkpoint: wrong types, keys, sizes
             raise BatchpilotError(f"{where} does not fit this run ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:200]}); move it away to start fresh") from None
+
+    def _restore_fsdp(self, state: dict, where: str, model, optimizer) -> None:
+        """The full model and optimizer state of an FSDP checkpoint into this rank's shards."""
+        from batchpilot.train.fsdp import load_full_state
+
+        weights = state["model"]
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise BatchpilotError(f"{where}: no model state_dict (expected tensors by parameter name)")
+        try:
+            load_full_state(model, optimizer, weights, state["optimizer"])
+        except Exception as exc:  # other keys or shapes: a checkpoint of another model
+            raise BatchpilotError(f"{where} does not fit this FSDP run ({type(exc).__name__}: "
                                   f"{' '.join(str(exc).split())[:200]}); move it away to start fresh") from None
 
     def _truncate_metrics(self, step: int) -> None:
@@ -318,6 +355,10 @@ class Trainer:
             from batchpilot.train.sync_bn import convert_sync_batchnorm
 
             convert_sync_batchnorm(model)
+        if self.fsdp:  # before the optimizer is built: it must hold the sharded parameters
+            from batchpilot.train.fsdp import FsdpConfig, shard_model
+
+            shard_model(model, FsdpConfig(reshard_after_forward=cfg.reshard_after_forward))
         model.train()
         optimizer = w.make_optimizer(model.parameters(), self.lr)
         scheduler = make_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=self.total_steps)
@@ -348,8 +389,12 @@ class Trainer:
                 ckpt.unlink()  # a restarted attempt of this run must not resume from an older run's checkpoint
         if self.dist is not None:
             self.dist.check_same(self._counters.step, "the step to resume from")
-            self._ddp = self.dist.wrap(model)
-            if self.noise is not None:
+            self._ddp = model if self.fsdp else self.dist.wrap(model)
+            if self.noise is not None and self.fsdp:
+                from batchpilot.noise.fsdp_ranks import FsdpRankNoiseScale
+
+                self.rank_noise = FsdpRankNoiseScale(model, self.noise)
+            elif self.noise is not None:
                 from batchpilot.noise.ranks import RankNoiseScale
 
                 self.rank_noise = RankNoiseScale(self._ddp, self.noise)
