@@ -85,8 +85,17 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
         params = list(module.parameters())
         if params and all(owners[id(p)] <= inside for p in params):
             units.append(module)
-    order = {id(m): i for i, m in enumerate(model.modules())}  # pre-order: a parent before its children
-    return sorted(units, key=lambda m: -order[id(m)])  # fully_shard goes bottom-up: nested units first
+    order = {id(m): i for i, m in enumerate(_post_order(model, set()))}  # children before their parent
+    return sorted(units, key=lambda m: order[id(m)])  # fully_shard goes bottom-up: nested units first
+
+
+def _post_order(module: nn.Module, seen: set[int]) -> Iterator[nn.Module]:
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    for child in module.children():
+        yield from _post_order(child, seen)
+    yield module
 
 
 def shard_model(model: nn.Module, config: FsdpConfig = FsdpConfig()) -> nn.Module:
