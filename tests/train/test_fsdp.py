@@ -7,7 +7,8 @@ sharded as units of their own, then the root with the tied embedding):
   weights and AdamW state equal one process's to ~1e-10, and the noise estimates equal, step by step,
   those of the micro-batch estimator of one process whose micro-batches are the ranks' shards;
 * no accumulation with ``reshard_after_forward=False``: the same weights;
-* stopped after step 3 with a checkpoint and resumed in a new trainer: bit-identical to run 1.
+* stopped after step 3 with a checkpoint and resumed in a new trainer: bit-identical to run 1;
+* mnist1d-mlp (the root as the only unit) at LR 1e4: every rank stops with status ``diverged``.
 """
 
 import json
@@ -43,13 +44,15 @@ WORKER = textwrap.dedent('''
     noise = GradientNoiseScale()
     Trainer(w, TrainConfig(**common, micro_batch_per_rank=8, world_size=2, strategy="fsdp"), out_dir=out / "acc",
             noise=noise).run()
-    Trainer(w, TrainConfig(**common, world_size=2, strategy="fsdp", reshard_after_forward=False),
+    Trainer(w, TrainConfig(**common, world_size=2, strategy="fsdp", reshard_after_forward=False, eval_every=2),
             out_dir=out / "keep").run()
     cfg = TrainConfig(**common, micro_batch_per_rank=8, world_size=2, strategy="fsdp")
     Trainer(w, cfg, out_dir=out / "resumed", noise=GradientNoiseScale()).run(stop_after=3)
     Trainer(w, cfg, out_dir=out / "resumed", resume=True, noise=GradientNoiseScale()).run()
+    mlp = get_workload("mnist1d-mlp", num_train=600, num_val=100)  # one unit: the root
+    diverged = Trainer(mlp, TrainConfig(global_batch=64, steps=10, lr=1e4, world_size=2, strategy="fsdp")).run()
     if env.rank == 0:
-        print(json.dumps({"history": noise.history}))
+        print(json.dumps({"history": noise.history, "diverged": [diverged.status, diverged.steps]}))
 ''')
 
 
@@ -99,6 +102,8 @@ def test_fsdp_without_resharding_after_forward_equals_one_process(fsdp_run):
     single.run()
     state = load_checkpoint(out / "keep" / "checkpoint.pt")
     assert state["config"]["reshard_after_forward"] is False
+    records = [json.loads(x) for x in (out / "keep" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4, 6]  # the sharded model evaluates
     assert _max_diff(state["model"], single.model.state_dict()) < 1e-10
     other = Trainer(get_workload("charlm", **OPTS), TrainConfig(**{**COMMON, "seed": 3}))
     other.run()  # the comparison can fail: another seed is far away
@@ -116,6 +121,12 @@ def test_fsdp_stopped_and_resumed_is_bit_identical(fsdp_run):
     assert all(torch.equal(x, y) for x, y in zip(a["rng_cpu_ranks"], b["rng_cpu_ranks"]))
     steps = [json.loads(x)["step"] for x in (out / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+
+
+def test_fsdp_divergence_stops_every_rank(fsdp_run):
+    _, printed = fsdp_run
+    status, steps = printed["diverged"]
+    assert status == "diverged" and steps < 10
 
 
 def test_shard_units_are_the_blocks_and_never_a_tied_parameter():
