@@ -9,8 +9,9 @@ when resharded after the forward), and its gradients are reduce-scattered after 
 batchpilot's trainer uses it exactly like DDP (:mod:`batchpilot.train.distributed`): the same shards
 of each global batch, the same unit count all-reduced before any backward. Only the scaling differs:
 the reduce-scatter here *sums* (``set_gradient_divide_factor(1)`` with sum-only collectives, which
-gloo and NCCL both run), so each rank scales its summed loss by ``1 / units`` of the global batch and
-the reduced gradient is the gradient of the global-batch mean loss. The reduce-scatter input is then
+gloo and NCCL both run; FSDP2's default, an average, runs on gloo too), so each rank scales its summed
+loss by ``1 / units`` of the global batch and the reduced gradient is the gradient of the global-batch
+mean loss. The reduce-scatter input is then
 the rank's own local gradient, unscaled, which is what the noise scale from ranks needs
 (:mod:`batchpilot.noise.fsdp_ranks`). Non-final micro-batches run with
 ``set_requires_gradient_sync(False)``: no communication, gradients accumulate unsharded.
@@ -123,7 +124,9 @@ def shard_model(model: nn.Module, config: FsdpConfig = FsdpConfig()) -> nn.Modul
     fully_shard(model, mesh=mesh, reshard_after_forward=config.reshard_after_forward)
     for module in fsdp_modules(model):
         module.set_gradient_divide_factor(1.0)  # sum: the loop divides by the global unit count itself
-        module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (no PREMUL_SUM / AVG on gloo)
+        # a divide factor alone makes FSDP use ReduceOp.PREMUL_SUM(1/factor): "Cannot use ReduceOp.PREMUL_SUM
+        # with Gloo"; forcing sum-only collectives gives a plain SUM (and a division by 1, skipped)
+        module.set_force_sum_reduction_for_comms(True)
     return model
 
 
