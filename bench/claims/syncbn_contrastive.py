@@ -117,19 +117,19 @@ def _worker(rank: int, args, init: str, results) -> None:
                     dist.all_reduce(p.grad)
                     p.grad /= WORLD
                 opt.step()
-            acc, acc_swapped, same = evaluate(model, held, n, rank, seed)
+            acc, acc_pooled, same = evaluate(model, held, n, rank, seed)
             probe = linear_probe(model, w) if rank == 0 else 0.0
             if rank == 0:
-                results.append((arm, seed, float(loss.detach()), acc, acc_swapped, same, probe))
+                results.append((arm, seed, float(loss.detach()), acc, acc_pooled, same, probe))
     dist.destroy_process_group()
 
 
 @torch.no_grad()
 def evaluate(model, held, n, rank, seed):
-    """Train-mode contrastive accuracy on held-out images, with own and with swapped per-rank statistics."""
+    """Train-mode contrastive accuracy on held-out images, with own and with pooled (both ranks') statistics."""
     model.train()
     g = torch.Generator().manual_seed(99 + seed)
-    accs, swapped, same = [], [], []
+    accs, pooled, same = [], [], []
     for start in range(0, len(held), WORLD * n):
         chunk = held[start:start + WORLD * n]
         v1, v2 = views(chunk, g), views(chunk, g)  # the same views on both ranks (same generator)
@@ -146,9 +146,9 @@ def evaluate(model, held, n, rank, seed):
         from torch.distributed.nn.functional import all_gather
 
         sim2, _, _ = nt_xent_parts(torch.cat(all_gather(zs)), n)
-        swapped.append(float((sim2.argmax(1) == pos).float().mean()))
+        pooled.append(float((sim2.argmax(1) == pos).float().mean()))
         model.load_state_dict(state)  # train-mode forwards moved the running statistics
-    return statistics.mean(accs), statistics.mean(swapped), statistics.mean(same)
+    return statistics.mean(accs), statistics.mean(pooled), statistics.mean(same)
 
 
 def pooled_embed(model, x, stats_from):
@@ -187,12 +187,12 @@ def main() -> None:
         results = mp.Manager().list()
         mp.spawn(worker, args=(args, init, results), nprocs=WORLD, join=True)
     print(f"tiny SimCLR on MNIST-1D over {WORLD} gloo ranks, {args.per_rank} images per rank, {args.steps} steps")
-    print("| BatchNorm | seed | final loss | contrastive acc, own stats | with the other rank's stats "
+    print("| BatchNorm | seed | final loss | contrastive acc, own stats | with pooled stats "
           "| hardest negative on own rank | linear probe (val acc) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for arm, seed, loss, acc, swapped, same, probe in sorted(results):
+    for arm, seed, loss, acc, pooled, same, probe in sorted(results):
         name = "per-rank" if arm == "bn" else "synchronized"
-        print(f"| {name} | {seed} | {loss:.3f} | {acc:.3f} | {swapped:.3f} | {same:.0%} | {probe:.3f} |")
+        print(f"| {name} | {seed} | {loss:.3f} | {acc:.3f} | {pooled:.3f} | {same:.0%} | {probe:.3f} |")
 
 
 if __name__ == "__main__":
