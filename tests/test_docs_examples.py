@@ -5,7 +5,8 @@ Every ```bash / ```sh / ```console block is split into commands (``\\`` continua
 
 - ``batchpilot ...`` runs in this process (``batchpilot.cli.main``); ``torchrun ...`` and other
   programs run as subprocesses. Each document gets its own working directory (with ``docs/`` linked in,
-  so ``docs/examples/...`` resolves), and its commands run in document order there: a command that
+  so ``docs/examples/...`` resolves, and ``bench/`` linked in, so ``python bench/claims/x.py`` runs
+  as from the repository root while its outputs land in the working directory), and its commands run in document order there: a command that
   reads an earlier command's ``--out`` directory runs that command first.
 - A python block whose first line is ``# name.py`` is a file the doc asks you to create: it is written
   into the working directory (and compiled as its own test); other python blocks are executed.
@@ -45,6 +46,7 @@ SLOW_RULES = (  # (regex on the command or the python source, why it is slow)
 SETUP = re.compile(r"^(python3? -m venv|pip install)\b|&& pytest\b")
 EXIT = re.compile(r"#.*\bexit(?: code)? (\d+)\b")
 FILE_BLOCK = re.compile(r"^# ([\w./-]+\.py)\b")
+SLOW_MARK = re.compile(r"#\s*slow:\s*(.+?)\s*$", re.M)  # "# slow: why" in a command's comment or a python block's first line
 
 
 @dataclass
@@ -98,8 +100,12 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
-def _slow(text: str) -> str:
-    return next((why for pattern, why in SLOW_RULES if re.search(pattern, text, flags=re.M)), "")
+def _slow(text: str, raw: str = "") -> str:
+    """Why the example is slow ("" if it is not): the SLOW_RULES on ``text``, then a ``# slow: why`` mark in ``raw``
+    (a command's comment, or a python block's first line)."""
+    why = next((why for pattern, why in SLOW_RULES if re.search(pattern, text, flags=re.M)), "")
+    mark = SLOW_MARK.search(raw.split("\n", 1)[0] if "\n" in raw else raw)
+    return why or (mark.group(1) if mark else "")
 
 
 def collect(doc: Path) -> list[Example]:
@@ -108,7 +114,7 @@ def collect(doc: Path) -> list[Example]:
         if lang in SHELL:
             for line, cmd in _commands(lang, body, first):
                 argv = shlex.split(cmd, comments=True)
-                ex = Example(doc, line, "command", cmd, slow=_slow(" ".join(argv)))
+                ex = Example(doc, line, "command", cmd, slow=_slow(" ".join(argv), cmd))
                 found = EXIT.search(cmd)
                 ex.expect = int(found.group(1)) if found else 0
                 if SETUP.search(cmd):
@@ -127,7 +133,7 @@ def collect(doc: Path) -> list[Example]:
                 out.append(Example(doc, first, "file", name.group(1), slow="", skip=""))
                 out[-1].out = body  # the file's content
             else:
-                out.append(Example(doc, first, "python", body, slow=_slow(body)))
+                out.append(Example(doc, first, "python", body, slow=_slow(body, body)))
     for ex in out:  # a command that needs a slow one's output is slow too
         for j in ex.deps:
             if out[j].slow and not ex.slow:
@@ -150,6 +156,7 @@ class Workdirs:
         if doc not in self.dirs:
             d = self.factory.mktemp(re.sub(r"\W", "_", doc.relative_to(ROOT).as_posix()))
             (d / "docs").symlink_to(ROOT / "docs", target_is_directory=True)
+            (d / "bench").symlink_to(ROOT / "bench", target_is_directory=True)
             for ex in EXAMPLES[doc]:
                 if ex.kind == "file":
                     (d / ex.text).write_text(ex.out, encoding="utf-8")
@@ -176,7 +183,8 @@ def _run_command(ex: Example, cwd: Path, capsys) -> tuple[int, str]:
         cap = capsys.readouterr()
         return code, cap.out + cap.err
     bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONDONTWRITEBYTECODE": "1"}  # bench/ is linked in: leave no __pycache__ in the repository
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     return done.returncode, done.stdout + done.stderr
 
@@ -251,3 +259,15 @@ def test_doctor_md_names_every_code_the_bad_example_reports(capsys):
     text = (ROOT / "docs/doctor.md").read_text(encoding="utf-8")
     described = re.search(r"`doctor-bad\.yaml`:(.*?)\n- ", text, flags=re.S).group(1)
     assert codes == set(re.findall(r"BP\d{3}", described))
+
+
+def test_claims_md_runs_its_commands_and_marks_the_long_ones_slow():
+    """docs/claims.md's commands are collected (tagged blocks); every experiment script is marked slow."""
+    exs = EXAMPLES[ROOT / "docs/claims.md"]
+    commands = [ex for ex in exs if ex.kind == "command"]
+    assert len(commands) >= 25
+    quick = {"python bench/claims/decision_tree.py"}  # prints the guide's tree, trains nothing
+    scripts = [ex for ex in commands if ex.text.startswith("python bench/") and ex.text not in quick]
+    assert scripts and all(ex.slow for ex in scripts)
+    assert _slow("python x.py", "python x.py  # slow: minutes") == "minutes"
+    assert _slow("python x.py", "python x.py  # slowly") == ""

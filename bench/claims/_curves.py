@@ -71,7 +71,8 @@ def constant(x: float) -> Schedule:
 def run_curve(workload, *, batch: Schedule | int, lr: Schedule | float, samples: int, eval_at: Sequence[int],
               seed: int = 0, micro_batch: int | None = None, make_optimizer=None,
               diverge_factor: float = 10.0, max_steps: int | None = None,
-              stop_at: tuple[str, str, float] | None = None) -> Curve:
+              stop_at: tuple[str, str, float] | None = None,
+              controller: Callable[[torch.nn.Module, int, int], tuple[float, float]] | None = None) -> Curve:
     """Train ``workload`` for ``samples`` samples; evaluate on the validation set after the first step
     that reaches each of ``eval_at`` (and at the end).
 
@@ -82,6 +83,8 @@ def run_curve(workload, *, batch: Schedule | int, lr: Schedule | float, samples:
         make_optimizer: ``(params, lr) -> optimizer``; defaults to the workload's.
         diverge_factor: stop, ``diverged``, when a step's loss is non-finite or above this multiple of the first.
         stop_at: ``(metric, op, value)`` as in :meth:`Curve.samples_to`: stop at the first evaluation that meets it.
+        controller: ``(model, samples seen, steps) -> (batch, lr)`` before every step, for schedules that read the
+            model (it replaces ``batch`` and ``lr``; it must leave the model's ``.grad`` as it found it: ``None``).
     The caller's global RNG is restored after the run.
     """
     batch_fn = batch if callable(batch) else constant(batch)
@@ -98,9 +101,10 @@ def run_curve(workload, *, batch: Schedule | int, lr: Schedule | float, samples:
         seen, since, first = 0, [], None
         t0 = time.perf_counter()
         while seen < samples and (max_steps is None or out.steps < max_steps):
-            b = max(1, min(int(round(batch_fn(seen))), w.num_train))
+            want_b, want_lr = controller(model, seen, out.steps) if controller else (batch_fn(seen), lr_fn(seen))
+            b = max(1, min(int(round(want_b)), w.num_train))
             for g in opt.param_groups:
-                g["lr"] = float(lr_fn(seen))
+                g["lr"] = float(want_lr)
             idx = sampler.next_batch(b)
             parts = split_micro(idx, micro_batch or len(idx))
             loss = accumulate_gradients(model, [fetch(w.train_data, p) for p in parts], w.loss_sum, w.count_units)

@@ -62,3 +62,19 @@ def test_divergence_stops_the_run(curves):
     w = get_workload("mnist1d-mlp")
     c = curves.run_curve(w, batch=64, lr=1e4, samples=64 * 50, eval_at=[])
     assert c.diverged and c.steps < 50
+
+
+def test_a_controller_reads_the_model_and_sets_batch_and_lr(curves):
+    """``controller`` (bench/claims/snr_schedule.py) replaces batch and LR; a constant one is the plain run."""
+    torch.set_num_threads(1)
+    w = get_workload("mnist1d-mlp")
+    calls = []
+
+    def ctl(model, samples, steps):
+        calls.append((samples, steps, isinstance(model, torch.nn.Module)))
+        return 64, 0.1
+
+    plain = curves.run_curve(w, batch=64, lr=0.1, samples=64 * 5, eval_at=[], seed=3)
+    c = curves.run_curve(w, batch=1, lr=9.0, samples=64 * 5, eval_at=[], seed=3, controller=ctl)
+    assert c.losses == plain.losses
+    assert calls == [(64 * i, i, True) for i in range(5)]

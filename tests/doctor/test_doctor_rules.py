@@ -243,3 +243,11 @@ def test_plan_keys_and_caveats():
     assert [f.message for f in got if f.code == "BP701"] == plan["caveats"]
     assert "BP001" not in {f.code for f in got}  # extra plan keys are not typos
     assert "BP102" not in {f.code for f in got}  # the planner chose the batch, not "max that fits"
+
+
+def test_the_contrastive_leak_is_worded_as_a_possibility():
+    """Seed 000's SyncBN leak is reported at scale but did not show as a shortcut in docs/claims.md #24: 'can', not 'does'."""
+    from batchpilot.doctor.catalog import RULES
+
+    reason = RULES["BP502"].reason
+    assert "can also leak" in reason and "claims.md #24" in reason

@@ -209,6 +209,7 @@ def test_caveats_flag_batchnorm_and_lr_beyond_the_critical_batch():
     accumulated = cands[64]  # micro 8 x 8
     text = " ".join(_caveats(accumulated, batchnorm=True))
     assert "BatchNorm under accumulation" in text and "small per-device batch" in text
+    assert "compare with SyncBatchNorm or GroupNorm in a sweep" in text  # a hypothesis to test (claims #27), not an order
     assert "beyond the measured critical batch" not in text
     text = " ".join(_caveats(cands[256], b_noise=90.0))
     assert "beyond the measured critical batch" in text and "BatchNorm" not in text

@@ -34,6 +34,15 @@ def test_regularization_hypotheses_only_with_a_gap():
     assert regularization_hypotheses(0.5, 0.9, higher_is_better=False, batch=64, base_batch=32)  # loss-type metric
 
 
+def test_regularization_hypotheses_word_the_heuristics_as_conditions():
+    """The seeds' regularization heuristics are reasons to test, never facts (seeds/README.md #9; docs/claims.md #17, #18)."""
+    hyps = regularization_hypotheses(0.99, 0.85, higher_is_better=True, batch=512, base_batch=32)
+    wd = hyps[0].rationale
+    assert "if small-batch noise regularizes implicitly" in wd and "heuristic" in wd
+    text = " ".join(f"{h.change} {h.rationale} {h.test}" for h in hyps)
+    assert "∝" not in text and "sqrt" not in text.lower()  # no scaling law offered as a rule
+
+
 def test_init_from_loads_the_pretrained_weights(mlp_workload, tmp_path):
     pre = Trainer(mlp_workload, TrainConfig(global_batch=32, steps=3), out_dir=tmp_path / "pre")
     pre.run()

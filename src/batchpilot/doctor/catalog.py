@@ -111,7 +111,7 @@ RULES: dict[str, Rule] = {r.code: r for r in (
          "BatchNorm normalizes with statistics of the per-device batch; below about 16 samples they are noisy and the error rises sharply.",
          "Wu & He 2018, Group Normalization (Fig. 1); seed 002 pattern 8"),
     Rule("BP502", "BatchNorm across ranks without SyncBatchNorm", "seed 002 pitfall 6; seed 000 (SyncBN)",
-         "Each rank normalizes with its own micro-batch statistics, not the global batch's; in contrastive setups the per-device statistics also leak information.",
+         "Each rank normalizes with its own micro-batch statistics, not the global batch's; in contrastive setups the per-device statistics can also leak information (reported at scale; a tiny 2-rank run saw rank-dependent features but no shortcut: docs/claims.md #24), so compare with SyncBatchNorm.",
          "seed 002 pitfall 6; seed 000; PyTorch SyncBatchNorm docs"),
     Rule("BP503", "BatchNorm under DataParallel", "seed 002 pitfall 6 (its DataParallel example)",
          "nn.DataParallel splits the batch over devices and each replica normalizes its own chunk; SyncBatchNorm only works under DistributedDataParallel.",

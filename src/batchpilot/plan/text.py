@@ -110,7 +110,8 @@ def caveats_for(*, workload: Workload, chosen: Candidate, probe: NoiseProbe, thr
                    "batch; consider GroupNorm/LayerNorm or a larger micro-batch.")
     if batchnorm and chosen.micro_batch_per_rank < BN_SMALL_BATCH:
         out.append(f"BatchNorm with a small per-device batch ({chosen.micro_batch_per_rank} < {BN_SMALL_BATCH}): its "
-                   "statistics are noisy (Wu & He 2018); use SyncBatchNorm or GroupNorm.")
+                   "statistics are noisy, which raised ImageNet ResNets' error (Wu & He 2018) but not every model's "
+                   "(docs/claims.md #27); compare with SyncBatchNorm or GroupNorm in a sweep.")
     if math.isfinite(b_noise_used) and chosen.global_batch > b_noise_used:
         out.append(f"LR beyond the measured critical batch: batch {chosen.global_batch} > B_noise ≈ "
                    f"{_fmt(b_noise_used)}, so the scaled LR {chosen.lr:.3g} is an extrapolation of the rule; confirm "

@@ -122,7 +122,8 @@ def regularization_hypotheses(train_metric: float, val_metric: float, *, higher_
     where = f"gap {gap:.3g} at batch {batch}"
     return [
         Hypothesis("weight decay x2 (and x0.5 as the control)",
-                   f"{where}: small-batch noise regularizes implicitly; at {ratio:g}x the base batch less of it is left",
+                   f"{where}: if small-batch noise regularizes implicitly (a heuristic: the best weight decay did "
+                   f"not move from batch 32 to 512 in docs/claims.md #17), at {ratio:g}x the base batch less of it is left",
                    f"train at batch {batch} with weight decay x{{0.5, 1, 2, 4}} (same seed and budget); keep the best val metric"),
         Hypothesis("dropout 0.1 before the head (if the model has none)",
                    f"{where}: the model fits the training set better than it generalizes",
