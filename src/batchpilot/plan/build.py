@@ -18,6 +18,8 @@ from batchpilot.errors import BatchpilotError
 from batchpilot.plan import goodput as gp
 from batchpilot.plan import worlds as wd
 from batchpilot.plan.confirm import Confirmation, confirm_critical_batch
+from batchpilot.plan.no_training import NoiseSource, skipped_stages
+from batchpilot.plan import no_training
 from batchpilot.plan.lr_check import LRCheck, check_base_lr, with_checked_lr
 from batchpilot.plan.noise_trend import fit_noise_trend, loss_at_target, samples_to_target
 from batchpilot.plan.probe import NoiseProbe, probe_micro_batch, probe_noise
@@ -26,6 +28,7 @@ from batchpilot.plan.worlds import CommModel
 from batchpilot.plan.text import caveats_for, lr_rule_note, noise_note, why_text
 from batchpilot.scaling.lr_rules import LR_RULES, default_lr_rule
 from batchpilot.throughput import predict
+from batchpilot.throughput.amp import AMP_DTYPES, amp_policy
 from batchpilot.throughput.measure import ThroughputCurve, choose_cpu_threads, default_batches, measure_throughput
 from batchpilot.workloads import Workload
 
@@ -71,6 +74,8 @@ def make_plan(
     world_sizes: Sequence[int] | None = None,
     allreduce_gbps: float | None = None,
     comm: CommModel | None = None,
+    amp: str | None = None,
+    noise_scale: float | None = None,
 ) -> Plan:
     """Measure the workload and choose the goodput-optimal configuration.
 
@@ -98,6 +103,11 @@ def make_plan(
             ``world_size`` is then the recommended one and ``worlds`` holds the table.
         allreduce_gbps: all-reduce bus bandwidth for world sizes > 1 (default: measured with gloo here).
         comm: a ready all-reduce model (overrides ``allreduce_gbps``).
+        amp: ``bfloat16``/``float16`` autocast (fp32 weights): memory traced, throughput measured or predicted
+            and MFU taken against the half-precision peak; ``train --plan`` trains with it. ``None``: fp32.
+        noise_scale: a GIVEN B_noise in samples: no noise probe or confirmation runs, goodput uses it
+            (:mod:`.no_training`). A memory-only workload (``hf:gpt2``) trains nothing here: it needs a GPU
+            that is present or tabled for prediction, and without ``noise_scale`` its goodput is throughput.
     """
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -108,6 +118,9 @@ def make_plan(
                         ("LR-check budget", lr_check_budget_s), ("confirm budget", confirm_budget_s)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise BatchpilotError(f"the {name} must be > 0 seconds, got {value!r}")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise BatchpilotError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {amp!r}")
+    NoiseSource(noise_scale, "given")  # validates the value
     before = torch.get_num_threads()
     try:
         return _make_plan(workload, device=device, memory=memory, world_size=world_size, lr_rule=lr_rule,
@@ -115,14 +128,14 @@ def make_plan(
                           lr_check=lr_check and probe is None, lr_check_budget_s=lr_check_budget_s, confirm=confirm,
                           confirm_budget_s=confirm_budget_s, seed=seed, progress=progress, probe=probe,
                           throughput=throughput, world_sizes=tuple(world_sizes) if world_sizes else None,
-                          allreduce_gbps=allreduce_gbps, comm=comm)
+                          allreduce_gbps=allreduce_gbps, comm=comm, amp=amp, noise_scale=noise_scale)
     finally:
         torch.set_num_threads(before)
 
 
 def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throughput_budget_s, noise_budget_s,
                lr_check, lr_check_budget_s, confirm, confirm_budget_s, seed, progress, probe, throughput,
-               world_sizes=None, allreduce_gbps=None, comm=None) -> Plan:
+               world_sizes=None, allreduce_gbps=None, comm=None, amp=None, noise_scale=None) -> Plan:
     from batchpilot.memory import memory_curve, resolve_device
 
     if world_sizes:
@@ -133,72 +146,106 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
     timings: dict[str, float] = {}
     spec = resolve_device(device, memory)
     measure_device = "cuda" if spec.kind == "cuda" and torch.cuda.is_available() else "cpu"
+    predicted_target = measure_device == "cpu" and spec.kind == "cuda" and predict.gpu_model(spec.name) is not None
+    memory_only = bool(workload.memory_only)
+    if memory_only and measure_device == "cpu" and not predicted_target:
+        raise BatchpilotError(f"workload {workload.name!r} is memory-only: plan trains nothing of it and cannot time it "
+                              f"on this CPU; plan it for a GPU (--device H100: memory traced, step time predicted; known: "
+                              f"{', '.join(predict.predictable_gpus())}) or on a CUDA machine (--device cuda)")
+    if amp is not None:  # fp16 on this CPU is refused unless the CPU only times the probe for a predicted GPU
+        amp_policy(amp, "cuda" if measure_device == "cuda" or predicted_target else "cpu")
 
     # 1. memory: M(B) and the largest micro-batch
     t0 = time.perf_counter()
     step = _staged(progress, "memory")
     if step:
         step(f"memory: tracing {workload.name}", 0.0)
-    curve = memory_curve(workload, device="cuda" if spec.kind == "cuda" else "cpu")
+    curve = memory_curve(workload, device="cuda" if spec.kind == "cuda" else "cpu", amp=amp is not None,
+                         dtype=amp or "float32")
     curve.check_budget(spec.usable_bytes, f"the usable memory of {spec.name}")
     max_micro = curve.max_micro_batch(spec.usable_bytes)
     timings["memory"] = time.perf_counter() - t0
-    per_rank_cap = workload.num_train // world_size
+    # the training set caps the batch; a memory-only workload's random tokens are not the user's data
+    max_global = (max_micro * max(world_sizes or (world_size,)) * gp.MAX_ACCUMULATION if memory_only
+                  else workload.num_train)
+    per_rank_cap = max_global // world_size
     if per_rank_cap < 1:
         raise BatchpilotError(f"world size {world_size} exceeds the training set ({workload.num_train} samples)")
     max_batch = min(max_micro, per_rank_cap)
 
-    # 2. throughput: CPU threads, then interleaved timing rounds
+    # 2. throughput: CPU threads, then interleaved timing rounds (a memory-only workload is never timed here)
     t0 = time.perf_counter()
-    thread_scores = _set_threads(workload, threads, measure_device, throughput, max_batch, seed, progress)
-    if throughput is None:
-        batches = set(default_batches(workload.base_batch, max_batch))
-        batches |= {b for b in (workload.base_batch, probe_micro_batch(workload.base_batch)) if b <= max_batch}
-        throughput = measure_throughput(workload, batch_sizes=sorted(batches), device=measure_device,
-                                        time_budget_s=max(5.0, throughput_budget_s - (time.perf_counter() - t0)),
-                                        seed=seed, progress=_staged(progress, "throughput"))
-    base_step_s = throughput.step_s(workload.base_batch)  # this machine's: it times the LR check and the probe
+    thread_scores: dict[int, float] = {}
+    base_step_s = 0.0
+    if throughput is None and memory_only and measure_device == "cpu":
+        step = _staged(progress, "throughput")
+        if step:
+            step(f"throughput: predicting {spec.name} from traced ops", 0.0)
+    else:
+        thread_scores = _set_threads(workload, threads, measure_device, throughput, max_batch, seed, progress)
+        if throughput is None:
+            batches = set(default_batches(workload.base_batch, max_batch))
+            batches |= {b for b in (workload.base_batch, probe_micro_batch(workload.base_batch)) if b <= max_batch}
+            measure_amp = None if (amp == "float16" and measure_device == "cpu") else amp
+            throughput = measure_throughput(workload, batch_sizes=sorted(batches), device=measure_device,
+                                            time_budget_s=max(5.0, throughput_budget_s - (time.perf_counter() - t0)),
+                                            seed=seed, progress=_staged(progress, "throughput"), amp=measure_amp)
+        base_step_s = throughput.step_s(workload.base_batch)  # this machine's: it times the LR check and the probe
     # a named GPU that is not here: goodput from its predicted step times, not this CPU's (throughput/predict.py)
-    throughput, measure_device = predict.for_plan(workload, spec, throughput, measure_device, max_batch=max_batch)
+    throughput, measure_device = predict.for_plan(workload, spec, throughput, measure_device, max_batch=max_batch,
+                                                  amp=amp)
     timings["throughput"] = time.perf_counter() - t0
 
-    # 3. the base LR, checked
-    t0 = time.perf_counter()
+    # 3-5: the statistics (LR check, noise probe, confirmation), or a given / unmeasured noise scale
+    rule = lr_rule or default_lr_rule(workload.optimizer_family())
+    steps_per_epoch = 1 if memory_only else math.ceil(workload.num_train / workload.base_batch)
+    common = dict(throughput=throughput, memory=curve, base_batch=workload.base_batch, base_lr=workload.base_lr,
+                  lr_rule=rule, anchor=None, steps_per_epoch_base=steps_per_epoch)
+    micro_choices = micro_batch_choices(throughput.batches, max_micro, max_global)
     checked: LRCheck | None = None
-    if lr_check:
+    source: NoiseSource | None = None
+    skipped: dict[str, str] = {}
+    extrapolation = None
+    if memory_only or noise_scale is not None:
+        why = ("the workload is memory-only (random tokens at full size): training it here would measure nothing of "
+               "the user's data and take hours on this CPU" if memory_only else "--noise-scale was given")
+        source = NoiseSource(noise_scale, why)
+        lr_check = lr_check and not memory_only
+        skipped = skipped_stages(why, lr_check=memory_only, probe=True)
+    for stage in ("lr_check", "noise", "confirm"):
+        timings[stage] = 0.0
+    if lr_check:  # 3. the base LR, checked
+        t0 = time.perf_counter()
         step = _staged(progress, "lr_check")
         if step:
             step("LR check: short runs at the base batch", 0.0)
         checked = check_base_lr(workload, steps=_lr_check_steps(workload, base_step_s, lr_check_budget_s),
                                 seed=seed, time_budget_s=lr_check_budget_s)
         workload = with_checked_lr(workload, checked)
-    timings["lr_check"] = time.perf_counter() - t0
-
-    # 4. the noise probe at the base batch
-    t0 = time.perf_counter()
-    if probe is None:
-        probe = probe_noise(workload, time_budget_s=noise_budget_s, seed=seed, progress=_staged(progress, "noise"),
-                            step_s=base_step_s)
-    timings["noise"] = time.perf_counter() - t0
-
-    rule = lr_rule or default_lr_rule(workload.optimizer_family())
-    noise = noise_from_probe(probe, workload)
-    if probe.samples_to_target:  # the probe met the target: measured
-        samples, extrapolation = float(probe.samples_to_target), 1.0
+        common["base_lr"] = workload.base_lr
+        timings["lr_check"] = time.perf_counter() - t0
+    if source is not None:
+        probe, noise = None, source.noise_dict()
     else:
-        samples, extrapolation = samples_to_target(
-            [(p.samples, p.metric) for p in probe.points if p.metric is not None], workload.target)
-    anchor = (probe.batch, float(samples)) if samples else None
-    common = dict(throughput=throughput, memory=curve, base_batch=workload.base_batch, base_lr=workload.base_lr,
-                  lr_rule=rule, anchor=anchor, steps_per_epoch_base=math.ceil(workload.num_train / workload.base_batch))
-    micro_choices = micro_batch_choices(throughput.batches, max_micro, workload.num_train)
-
-    # 5. B_crit from short runs at larger batches replaces the noise scale (on by default; --no-confirm skips)
-    t0 = time.perf_counter()
-    if confirm:
-        noise = _confirm(workload, probe, noise, common, max_micro=max_micro, world_size=world_size, seed=seed,
-                         budget_s=confirm_budget_s, progress=_staged(progress, "confirm"))
-    timings["confirm"] = time.perf_counter() - t0
+        t0 = time.perf_counter()  # 4. the noise probe at the base batch
+        if probe is None:
+            probe = probe_noise(workload, time_budget_s=noise_budget_s, seed=seed, progress=_staged(progress, "noise"),
+                                step_s=base_step_s)
+        timings["noise"] = time.perf_counter() - t0
+        noise = noise_from_probe(probe, workload)
+        if probe.samples_to_target:  # the probe met the target: measured
+            samples, extrapolation = float(probe.samples_to_target), 1.0
+        else:
+            samples, extrapolation = samples_to_target(
+                [(p.samples, p.metric) for p in probe.points if p.metric is not None], workload.target)
+        common["anchor"] = (probe.batch, float(samples)) if samples else None
+        # 5. B_crit from short runs at larger batches replaces the noise scale (on by default; --no-confirm skips)
+        t0 = time.perf_counter()
+        if confirm:
+            noise = _confirm(workload, probe, noise, common, max_micro=max_micro, world_size=world_size, seed=seed,
+                             budget_s=confirm_budget_s, progress=_staged(progress, "confirm"))
+        timings["confirm"] = time.perf_counter() - t0
+    anchor = common["anchor"]
     b_noise_used = noise["b_used"]
 
     # 6. the goodput search, at one world size or several
@@ -212,16 +259,16 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
         if world_sizes:
             def best_at(w: int) -> gp.Candidate:
                 return gp.choose(gp.search(micro_choices=micro_choices, world_size=w, max_micro_batch=max_micro,
-                                           max_global_batch=workload.num_train, b_noise=b_noise_used,
+                                           max_global_batch=max_global, b_noise=b_noise_used,
                                            **{**common, "throughput": with_comm(w)}), throughput)
             rows, world_size = wd.compare_world_sizes(world_sizes, best_at, comm)
             worlds_info = {"world_sizes": list(world_sizes), "recommended": world_size,
                            "recommend_margin": wd.RECOMMEND_MARGIN, "table": [asdict(r) for r in rows]}
-            max_batch = min(max_micro, workload.num_train // world_size)
+            max_batch = min(max_micro, max_global // world_size)
         common["throughput"] = with_comm(world_size)
         worlds_info["comm"] = comm.to_dict()
     candidates = gp.search(micro_choices=micro_choices, world_size=world_size, max_micro_batch=max_micro,
-                           max_global_batch=workload.num_train, b_noise=b_noise_used, **common)
+                           max_global_batch=max_global, b_noise=b_noise_used, **common)
     chosen = gp.choose(candidates, throughput)
     tied = tuple(c.global_batch for c in gp.ties(candidates, throughput))
     largest = gp.evaluate(max_batch, 1, world_size=world_size, b_noise=b_noise_used, **common)
@@ -229,9 +276,9 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
     alternatives = {"largest_that_fits": largest.to_dict()}
     if base is not None:
         alternatives["base_batch"] = base.to_dict()
-    for name, scale in (("noise_low", 0.5), ("noise_high", 2.0)):  # how the choice moves if B_noise is off by 2x
+    for name, scale in (("noise_low", 0.5), ("noise_high", 2.0)) if math.isfinite(b_noise_used) else ():
         alt = gp.choose(gp.search(micro_choices=micro_choices, world_size=world_size, max_micro_batch=max_micro,
-                                  max_global_batch=workload.num_train, b_noise=b_noise_used * scale, **common),
+                                  max_global_batch=max_global, b_noise=b_noise_used * scale, **common),
                         throughput)
         alternatives[f"best_if_{name}"] = alt.to_dict()
     if worlds_info:
@@ -245,39 +292,59 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
     caveats = caveats_for(workload=workload, chosen=chosen, probe=probe, throughput=throughput, curve=curve,
                           batchnorm=has_batchnorm(workload), measured_on=measure_device, spec=spec,
                           candidates=candidates, world_size=world_size, b_noise_used=b_noise_used,
-                          comm_note=worlds_info["comm"]["source"] if "comm" in worlds_info else None)
+                          comm_note=worlds_info["comm"]["source"] if "comm" in worlds_info else None,
+                          num_train=None if memory_only else workload.num_train)
     caveats += predict.plan_caveats(throughput)  # says so when the throughput is predicted
+    if source is not None:
+        caveats += no_training.caveats(source, lr_checked=checked is not None, memory_only=memory_only)
     if extrapolation and extrapolation > 1:
         caveats.append(f"the probe stopped before the target: the samples to {workload.target} at the base batch are "
                        f"extrapolated {extrapolation:.1f}x beyond the {probe.points[-1].samples} samples it trained, "
                        "so the predicted steps and time are estimates")
-    elif anchor is None and workload.target is not None:
+    elif anchor is None and workload.target is not None and probe is not None:
         caveats.append(f"the probe's learning curve does not yet point at {workload.target}: no prediction of the "
                        "steps to the target (give the probe a longer --probe-budget)")
     noise["samples_to_target_extrapolation"] = extrapolation
     timings["plan"] = sum(timings.values())
+    step_band = predict.band_of(throughput)  # a predicted step time's band, into every goodput (throughput/band.py)
+    if step_band is not None:
+        bands = [step_band.rate(c.goodput) for c in candidates]
+        chosen_band, band_source = step_band.rate(chosen.goodput), f"PREDICTED step time: {step_band.describe()}"
+    else:
+        bands = [gp.goodput_band(c, chosen, throughput) for c in candidates]
+        chosen_band, band_source = _band(candidates, chosen, throughput), "measured: timing rounds"
+    low_rel = _rel(probe.b_noise_low, probe.b_noise_effective) if probe is not None else 1.0
+    high_rel = _rel(probe.b_noise_high, probe.b_noise_effective) if probe is not None else 1.0
     return Plan(
         workload=workload.name, micro_batch_per_rank=chosen.micro_batch_per_rank,
         accumulation_steps=chosen.accumulation_steps, world_size=world_size, global_batch=chosen.global_batch,
         lr=chosen.lr, lr_rule=rule, warmup_steps=chosen.warmup_steps, schedule="constant",
-        noise_scale=b_noise_used, noise_scale_low=b_noise_used * _rel(probe.b_noise_low, probe.b_noise_effective),
-        noise_scale_high=b_noise_used * _rel(probe.b_noise_high, probe.b_noise_effective),
+        noise_scale=b_noise_used, noise_scale_low=b_noise_used * low_rel, noise_scale_high=b_noise_used * high_rel,
         samples_per_s=chosen.samples_per_s, efficiency=chosen.efficiency, goodput=chosen.goodput,
         peak_bytes=chosen.peak_bytes, max_micro_batch=max_micro, caveats=tuple(caveats),
         base_batch=workload.base_batch, base_lr=workload.base_lr, device=spec.name, usable_bytes=spec.usable_bytes,
         target=str(workload.target) if workload.target else None,
         predicted_steps_to_target=chosen.steps_to_target, predicted_time_to_target_s=chosen.time_to_target_s,
         lr_rule_note=lr_rule_note(rule, b_noise_used, chosen.global_batch),
-        noise_note=noise_note(probe, noise), why=why_text(chosen, base, largest, throughput, b_noise_used, workload),
+        noise_note=noise_note(probe, noise) if probe is not None else source.note(),
+        why=why_text(chosen, base, largest, throughput, b_noise_used, workload, tokens_per_sample=tokens_per_sample(workload)),
         threads=torch.get_num_threads(), thread_choice={str(k): v for k, v in thread_scores.items()},
         alternatives=alternatives,
-        candidates=tuple({**c.to_dict(), "goodput_band": gp.goodput_band(c, chosen, throughput)} for c in candidates),
-        throughput=throughput.to_dict(), memory=curve.to_dict(), noise_probe=probe.to_dict(), timings_s=timings,
-        worlds=worlds_info, noise=noise, lr_check=checked.to_dict() if checked else {},
-        goodput_band=_band(candidates, chosen, throughput),
+        candidates=tuple({**c.to_dict(), "goodput_band": band} for c, band in zip(candidates, bands)),
+        throughput=throughput.to_dict(), memory=curve.to_dict(), noise_probe=probe.to_dict() if probe else {},
+        timings_s=timings, worlds=worlds_info, noise=noise, lr_check=checked.to_dict() if checked else {},
+        goodput_band=chosen_band, goodput_band_source=band_source,
         tied_batches=tied,
         probe_cost_s=timings["lr_check"] + timings["noise"] + timings["confirm"],
+        amp=amp, tokens_per_sample=tokens_per_sample(workload), memory_only=memory_only, skipped=skipped,
     )
+
+
+def tokens_per_sample(workload: Workload) -> int | None:
+    """Tokens per sample when the workload's loss unit is the token (a language-model head), else ``None``."""
+    from batchpilot.workloads.spec import count_tokens
+
+    return workload.seq_len if workload.count_units is count_tokens and workload.seq_len else None
 
 
 def micro_batch_choices(measured: Sequence[int], max_micro: int, num_train: int) -> list[int]:

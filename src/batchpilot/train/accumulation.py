@@ -33,6 +33,8 @@ def accumulate_gradients(
     total_units: int | None = None,
     loss_scale: float = 1.0,
     after_micro: AfterMicro | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    scaler: object | None = None,
 ) -> float:
     """Run forward and backward over ``micro_batches``, adding into ``p.grad``.
 
@@ -46,6 +48,10 @@ def accumulate_gradients(
         loss_scale: multiplies every micro loss (a DDP caller passes the world size, since
             DDP averages gradients over ranks).
         after_micro: optional hook after each backward.
+        autocast: a factory of the autocast region the forward and the loss run in (mixed precision,
+            :mod:`batchpilot.throughput.amp`); the backward runs outside it, as PyTorch's AMP recipe does.
+        scaler: a ``torch.amp.GradScaler`` (fp16): each backward runs on the scaled loss; the caller
+            unscales before clipping and steps through the scaler.
 
     Returns:
         The global-batch mean loss as a float (this rank's share when ``total_units`` spans ranks).
@@ -62,8 +68,9 @@ def accumulate_gradients(
     for i, (x, y) in enumerate(micro_batches):
         ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
         with ctx:
-            loss = loss_sum(model(x), y) * (loss_scale / total)
-            loss.backward()
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                loss = loss_sum(model(x), y) * (loss_scale / total)
+            (scaler.scale(loss) if scaler is not None else loss).backward()  # type: ignore[attr-defined]
         loss_total += float(loss.detach()) / loss_scale
         if after_micro is not None:
             after_micro(i, units[i])

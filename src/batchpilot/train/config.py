@@ -56,6 +56,8 @@ class TrainConfig:
         max_batch: the adaptive controller's largest batch (default ``min(16 x global_batch, N / 2)``).
         init_from: start from these weights (a batchpilot checkpoint or a ``state_dict`` file), e.g. to fine-tune.
         sync_batchnorm: convert BatchNorm to SyncBatchNorm, statistics over all ranks (:mod:`batchpilot.train.sync_bn`).
+        amp: ``bfloat16`` autocast for the forward and the loss, fp32 weights (:mod:`batchpilot.throughput.amp`);
+            ``float16`` needs CUDA and a GradScaler, and the trainer runs on the CPU, so it is refused. ``None``: off.
     """
 
     global_batch: int
@@ -82,6 +84,7 @@ class TrainConfig:
     max_batch: int | None = None
     init_from: str | None = None
     sync_batchnorm: bool = False
+    amp: str | None = None
 
     def __post_init__(self) -> None:
         _positive_int("batch", self.global_batch)
@@ -122,6 +125,15 @@ class TrainConfig:
             Target.parse(self.target)
         if self.dtype not in DTYPES:
             raise BatchpilotError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.amp is not None:
+            from batchpilot.throughput.amp import amp_policy
+
+            if self.amp not in ("bfloat16", "float16"):
+                raise BatchpilotError(f"amp must be bfloat16, float16 or None, got {self.amp!r}")
+            if self.dtype != "float32":
+                raise BatchpilotError(f"--amp keeps fp32 weights and autocasts the forward: it needs dtype float32, "
+                                      f"got {self.dtype!r}")
+            amp_policy(self.amp, "cpu")  # the trainer runs on the CPU: fp16 is refused with the way out
         if not self.diverge_factor > 1:
             raise BatchpilotError(f"diverge factor must be > 1, got {self.diverge_factor!r}")
         self._check_batching()
