@@ -296,7 +296,8 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
                           num_train=None if memory_only else workload.num_train)
     caveats += predict.plan_caveats(throughput)  # says so when the throughput is predicted
     if source is not None:
-        caveats += no_training.caveats(source, lr_checked=checked is not None, memory_only=memory_only)
+        caveats += no_training.caveats(source, lr_checked=checked is not None, memory_only=memory_only,
+                                       batch_ratio=chosen.global_batch / workload.base_batch)
     if extrapolation and extrapolation > 1:
         caveats.append(f"the probe stopped before the target: the samples to {workload.target} at the base batch are "
                        f"extrapolated {extrapolation:.1f}x beyond the {probe.points[-1].samples} samples it trained, "

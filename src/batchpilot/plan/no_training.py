@@ -94,13 +94,18 @@ def skipped_stages(why: str, *, lr_check: bool, probe: bool) -> dict[str, str]:
     return out
 
 
-def caveats(source: NoiseSource, *, lr_checked: bool, memory_only: bool) -> list[str]:
-    """What a reader must know about a plan without the statistical measurements."""
+def caveats(source: NoiseSource, *, lr_checked: bool, memory_only: bool, batch_ratio: float = 1.0) -> list[str]:
+    """What a reader must know about a plan without the statistical measurements (``batch_ratio``: the chosen
+    global batch over the base batch)."""
     out = []
     if source.b_noise is None:
         out.append("Statistical efficiency was NOT MEASURED (no noise probe): goodput = throughput, and the choice "
                    "rests on throughput alone; past the (unknown) critical batch it needs more samples to the same "
                    "loss. Give --noise-scale N to plan with a noise scale.")
+        if batch_ratio > 1:
+            out.append(f"The chosen batch is {batch_ratio:,.3g}x the base batch and its LR is scaled by the rule over "
+                       "that whole range with no critical batch to bound it: treat both as an upper end to sweep down "
+                       "from, not a recipe.")
     else:
         out.append(f"The noise scale {source.b_noise:,.0f} is GIVEN (--noise-scale), not measured; "
                    "the alternatives best_if_noise_low/high show how the choice moves if it is off by 2x.")
