@@ -142,3 +142,26 @@ def test_plan_hf_gpt2_for_an_h100_is_predicted_and_quick(tmp_path, capsys):
     assert plan["throughput"]["device"] == "H100 (predicted, not measured)" and plan["tokens_per_sample"] == 1024
     assert plan["noise"]["method"] == "not_measured" and plan["goodput_band"][0] < plan["goodput"] < plan["goodput_band"][1]
     assert 1 <= plan["micro_batch_per_rank"] <= plan["max_micro_batch"]
+
+
+def test_a_given_noise_scale_on_a_trainable_workload_skips_only_the_probe(mlp_workload):
+    from plan_fakes import fake_curve
+
+    plan = make_plan(mlp_workload, noise_scale=100.0, throughput=fake_curve(), lr_check=False, threads=1)
+    assert plan.noise["method"] == "given" and plan.noise_scale == 100.0 and not plan.memory_only
+    assert set(plan.skipped) == {"noise_probe", "confirm"} and plan.goodput_band_source == "measured: timing rounds"
+    assert plan.predicted_steps_to_target is None and plan.noise_probe == {}
+
+
+def test_train_plan_trains_with_the_plans_amp(monkeypatch, tmp_path, capsys):
+    import batchpilot.plan as plan_pkg
+    from plan_fakes import fake_curve, fake_probe
+
+    real = plan_pkg.make_plan
+    monkeypatch.setattr(plan_pkg, "make_plan", lambda w, **kw: real(w, probe=fake_probe(), throughput=fake_curve(),
+                                                                      threads=1, lr_check=False, amp=kw["amp"]))
+    assert main(["plan", "--workload", "mnist1d-mlp", "--workload-opt", "num_train=600", "--amp", "bf16",
+                 "--out", str(tmp_path), "--no-report", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["amp"] == "bfloat16"
+    assert main(["train", "--plan", str(tmp_path / "plan.json"), "--steps", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["amp"] == "bfloat16"
