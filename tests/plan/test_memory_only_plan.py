@@ -42,6 +42,7 @@ def test_a_memory_only_plan_is_throughput_alone_and_says_so(memory_only, tmp_pat
     assert set(plan.skipped) == {"lr_check", "noise_probe", "confirm"} and plan.probe_cost_s == 0
     assert plan.lr_check == {} and plan.noise_probe == {} and plan.predicted_steps_to_target is None
     assert "choice rests on throughput alone" in plan.why and "NOT MEASURED" in plan.noise_note
+    assert "did not measure" in plan.lr_rule_note
     assert any("PREDICTED for H100" in c for c in plan.caveats)
     assert any("NOT MEASURED" in c for c in plan.caveats) and any("train --plan` refuses" in c for c in plan.caveats)
     # the batch is not capped by the random items, and memory caps the micro-batch

@@ -32,6 +32,10 @@ def lr_rule_note(rule: str, b_noise: float, batch: int) -> str:
     tail = (f"It holds while the batch is below about {crit}; beyond it larger batches stop cutting the steps "
             "proportionally (McCandlish et al. 2018; Shallue et al. 2019) and the scaled LR is an extrapolation "
             "that a sweep must confirm.")
+    if math.isinf(b_noise):  # a plan that measured no noise scale (plan/no_training.py)
+        return (f"{head}. It holds while the batch is below the critical batch (McCandlish et al. 2018; Shallue et "
+                "al. 2019), which this plan did not measure: the scaled LR is unbounded by it and a sweep must "
+                "confirm it.")
     where = "The chosen batch is beyond it." if math.isfinite(b_noise) and batch > b_noise else (
         "The chosen batch is within it.")
     return f"{head}. {tail} {where}"
