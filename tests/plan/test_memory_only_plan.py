@@ -166,3 +166,24 @@ def test_train_plan_trains_with_the_plans_amp(monkeypatch, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["amp"] == "bfloat16"
     assert main(["train", "--plan", str(tmp_path / "plan.json"), "--steps", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["amp"] == "bfloat16"
+
+
+def test_a_calibration_scales_the_prediction_and_sets_the_band(memory_only, tmp_path):
+    cal = band.calibrate([2.0, 4.4, 7.6], [1.0, 2.0, 4.0], "NVIDIA H100 80GB HBM3")
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps({"calibration": [{"precision": "fp32", **cal.to_dict()}]}))
+    loaded = band.load_calibration(str(path), amp=False)
+    assert loaded.factor == pytest.approx(cal.factor) and loaded.band == cal.band
+    with pytest.raises(BatchpilotError, match="no bf16 autocast calibration"):
+        band.load_calibration(str(path), amp=True)
+    with pytest.raises(BatchpilotError, match="not readable JSON"):
+        band.load_calibration(str(tmp_path / "missing.json"), amp=False)
+    plain = make_plan(memory_only, device="H100", **_fast())
+    calibrated = make_plan(memory_only, device="H100", calibration=loaded, **_fast())
+    by_batch = {p["batch"]: p["step_s"] for p in plain.throughput["points"]}
+    for p in calibrated.throughput["points"]:
+        assert p["step_s"] == pytest.approx(by_batch[p["batch"]] * cal.factor)
+    assert cal.band.describe() in calibrated.goodput_band_source
+    lo, hi = calibrated.goodput_band
+    assert lo == pytest.approx(calibrated.goodput / cal.band.high_factor)
+    assert any("measured on NVIDIA H100" in c for c in calibrated.caveats)

@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-scale", "--b-noise", dest="noise_scale", type=float, default=None, metavar="SAMPLES",
                    help="a GIVEN gradient noise scale: no noise probe or confirmation runs (marked given in the plan); "
                         "a memory-only workload (hf:gpt2) without it plans on throughput alone")
+    p.add_argument("--calibration", default=None, metavar="GPU_CHECK_JSON",
+                   help="scale predicted step times by the efficiency factor bench/gpu_check.py measured on a GPU, "
+                        "and use its band (default: the documented x1.5 band)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the measurements' models and data order")
     p.add_argument("--out", default=".", metavar="DIR", help="directory for plan.json and report.html (default: .)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
@@ -86,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     from batchpilot.throughput.amp import parse_amp
 
     amp = parse_amp(args.amp)
+    from batchpilot.throughput.band import load_calibration
+
+    calibration = load_calibration(args.calibration, amp=amp is not None) if args.calibration else None
     resolve_device(args.device, args.memory)  # an unknown device or size fails before any measurement
     workload = load_workload(args, None if plans_without_training(args.device, args.memory) else "plan")
     import dataclasses
@@ -101,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                          throughput_budget_s=args.throughput_budget, lr_check=args.lr_check,
                          lr_check_budget_s=args.lr_check_budget, confirm=args.confirm,
                          confirm_budget_s=args.confirm_budget, threads=args.threads, seed=args.seed,
-                         progress=progress, amp=amp, noise_scale=args.noise_scale)
+                         progress=progress, amp=amp, noise_scale=args.noise_scale, calibration=calibration)
         plan = dataclasses.replace(plan, workload_spec=spec)
         failed = _write_outputs(plan, out, report=not args.no_report, progress=progress)
     plan_json = out / "plan.json"

@@ -30,6 +30,7 @@ from batchpilot.plan.text import caveats_for, lr_rule_note, noise_note, why_text
 from batchpilot.scaling.lr_rules import LR_RULES, default_lr_rule
 from batchpilot.throughput import predict
 from batchpilot.throughput.amp import AMP_DTYPES, amp_policy
+from batchpilot.throughput.band import Calibration
 from batchpilot.throughput.measure import ThroughputCurve, choose_cpu_threads, default_batches, measure_throughput
 from batchpilot.workloads import Workload
 
@@ -82,6 +83,7 @@ def make_plan(
     comm: CommModel | None = None,
     amp: str | None = None,
     noise_scale: float | None = None,
+    calibration: Calibration | None = None,
 ) -> Plan:
     """Measure the workload and choose the goodput-optimal configuration.
 
@@ -114,6 +116,8 @@ def make_plan(
         noise_scale: a GIVEN B_noise in samples: no noise probe or confirmation runs, goodput uses it
             (:mod:`.no_training`). A memory-only workload (``hf:gpt2``) trains nothing here: it needs a GPU
             that is present or tabled for prediction, and without ``noise_scale`` its goodput is throughput.
+        calibration: measured/predicted step times on a GPU (:func:`batchpilot.throughput.band.load_calibration`):
+            a predicted step time is multiplied by its factor and carries its band instead of the documented one.
     """
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -134,14 +138,15 @@ def make_plan(
                           lr_check=lr_check and probe is None, lr_check_budget_s=lr_check_budget_s, confirm=confirm,
                           confirm_budget_s=confirm_budget_s, seed=seed, progress=progress, probe=probe,
                           throughput=throughput, world_sizes=tuple(world_sizes) if world_sizes else None,
-                          allreduce_gbps=allreduce_gbps, comm=comm, amp=amp, noise_scale=noise_scale)
+                          allreduce_gbps=allreduce_gbps, comm=comm, amp=amp, noise_scale=noise_scale,
+                          calibration=calibration)
     finally:
         torch.set_num_threads(before)
 
 
 def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throughput_budget_s, noise_budget_s,
                lr_check, lr_check_budget_s, confirm, confirm_budget_s, seed, progress, probe, throughput,
-               world_sizes=None, allreduce_gbps=None, comm=None, amp=None, noise_scale=None) -> Plan:
+               world_sizes=None, allreduce_gbps=None, comm=None, amp=None, noise_scale=None, calibration=None) -> Plan:
     from batchpilot.memory import memory_curve, resolve_device
 
     if world_sizes:
@@ -199,7 +204,7 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
         base_step_s = throughput.step_s(workload.base_batch)  # this machine's: it times the LR check and the probe
     # a named GPU that is not here: goodput from its predicted step times, not this CPU's (throughput/predict.py)
     throughput, measure_device = predict.for_plan(workload, spec, throughput, measure_device, max_batch=max_batch,
-                                                  amp=amp)
+                                                  amp=amp, calibration=calibration)
     timings["throughput"] = time.perf_counter() - t0
 
     # 3-5: the statistics (LR check, noise probe, confirmation), or a given / unmeasured noise scale
@@ -300,7 +305,7 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
                           candidates=candidates, world_size=world_size, b_noise_used=b_noise_used,
                           comm_note=worlds_info["comm"]["source"] if "comm" in worlds_info else None,
                           num_train=None if memory_only else workload.num_train)
-    caveats += predict.plan_caveats(throughput)  # says so when the throughput is predicted
+    caveats += predict.plan_caveats(throughput, calibration)  # says so when the throughput is predicted
     if source is not None:
         caveats += no_training.caveats(source, lr_checked=checked is not None, memory_only=memory_only,
                                        batch_ratio=chosen.global_batch / workload.base_batch)
@@ -313,7 +318,7 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
                        "steps to the target (give the probe a longer --probe-budget)")
     noise["samples_to_target_extrapolation"] = extrapolation
     timings["plan"] = sum(timings.values())
-    step_band = predict.band_of(throughput)  # a predicted step time's band, into every goodput (throughput/band.py)
+    step_band = predict.band_of(throughput, calibration)  # a predicted step's band, into every goodput (band.py)
     if step_band is not None:
         bands = [step_band.rate(c.goodput) for c in candidates]
         chosen_band, band_source = step_band.rate(chosen.goodput), f"PREDICTED step time: {step_band.describe()}"

@@ -108,6 +108,49 @@ class Calibration:
         """Plain data."""
         return {"device": self.device, "factor": self.factor, "ratios": list(self.ratios), "band": self.band.to_dict()}
 
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "calibration") -> "Calibration":
+        """The inverse of :meth:`to_dict` (one entry of ``gpu_check.json``'s ``calibration`` list).
+
+        Raises:
+            BatchpilotError: a missing or malformed field, named.
+        """
+        try:
+            b = data["band"]
+            return cls(device=str(data["device"]), factor=float(data["factor"]),
+                       ratios=tuple(float(r) for r in data.get("ratios", ())),
+                       band=StepTimeBand(low_factor=float(b["low_factor"]), high_factor=float(b["high_factor"]),
+                                         relative=float(b["relative"]), source=str(b["source"])))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BatchpilotError(f"{source}: expected device, factor and band (low_factor, high_factor, relative, "
+                                  f"source), as bench/gpu_check.py writes them; {type(exc).__name__}: {exc}") from None
+
+
+def load_calibration(path: str, *, amp: bool) -> Calibration:
+    """The calibration for fp32 (``amp=False``) or bf16 autocast from ``bench/gpu_check.py``'s ``gpu_check.json``
+    (its ``calibration`` list), or from a file holding one calibration.
+
+    Raises:
+        BatchpilotError: an unreadable file, or no calibration of that precision in it.
+    """
+    import json
+    from pathlib import Path
+
+    where = f"calibration file {path!r}"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BatchpilotError(f"{where} is not readable JSON: {exc}") from None
+    if isinstance(data, dict) and "factor" in data:
+        return Calibration.from_dict(data, where)
+    entries = data.get("calibration") if isinstance(data, dict) else None
+    want = "bf16 autocast" if amp else "fp32"
+    hit = [e for e in entries or [] if isinstance(e, dict) and e.get("precision") == want and "factor" in e]
+    if not hit:
+        raise BatchpilotError(f"{where} holds no {want} calibration; expected gpu_check.json from bench/gpu_check.py "
+                              "(its step section) or one calibration object")
+    return Calibration.from_dict(hit[0], where)
+
 
 def calibrate(measured_s: Sequence[float], predicted_s: Sequence[float], device: str) -> Calibration:
     """The efficiency factor and the band from step times measured and predicted at the same batches.
@@ -138,4 +181,5 @@ def calibrate(measured_s: Sequence[float], predicted_s: Sequence[float], device:
     return Calibration(device=device, factor=math.exp(center), ratios=tuple(math.exp(x) for x in logs), band=band)
 
 
-__all__ = ["Calibration", "DOCUMENTED", "PREDICTED_RELATIVE", "StepTimeBand", "UNCERTAINTY", "calibrate"]
+__all__ = ["Calibration", "DOCUMENTED", "PREDICTED_RELATIVE", "StepTimeBand", "UNCERTAINTY", "calibrate",
+           "load_calibration"]
