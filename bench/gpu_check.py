@@ -19,6 +19,13 @@ tables, ready for docs/gpu-validation.md) to ``--out``, and prints the tables. S
 5. ``plan``: ``batchpilot plan`` of a small ``hf:gpt2`` on stdlib text with ``--device cuda`` in a fresh process,
    its wall time and the measured throughput against the prediction. (The plan's LR check and noise probe train on
    the host CPU: batchpilot's trainer has no CUDA path yet.)
+6. ``plan_gpt2``: ``batchpilot plan --workload hf:gpt2 --device <this GPU's name> --amp bf16``, the memory-only
+   GPT-2 small (1024 tokens) that a machine without the GPU plans from predicted step times: here its throughput is
+   measured on the GPU, against the bf16 prediction for the same batches, with its wall time.
+
+The ``step`` section also calibrates the prediction (:func:`batchpilot.throughput.band.calibrate`): per precision,
+the efficiency factor measured/predicted and the band left around it, which replaces the documented x1.5 band
+of docs/gpu.md once it is committed to docs/gpu-validation.md.
 
 The CPU-side predictions (fake-tensor traces) run in a pool of processes while the GPU measures. ``--budget-s``
 (default 420) skips the sections that would not fit. In ``--dry-run`` everything runs on this CPU at tiny sizes:
@@ -48,7 +55,7 @@ import torch
 
 TARGETS = {"memory_median": 0.03, "memory_worst": 0.08, "max_batch_low": 0.9, "probe_trials": 3, "probe_ooms": 1,
            "step_time": 0.25, "noise_overhead": 0.01}
-SECTIONS = ("memory", "probe", "step", "noise", "plan")
+SECTIONS = ("memory", "probe", "step", "noise", "plan_gpt2", "plan")
 
 # (workload, options, batches) per size; "amp" runs each in fp32 and bf16 autocast
 GPU_MEMORY = [("mnist1d-cnn", {}, [256, 4096, 32768]), ("charlm", {}, [32, 256, 1024]),
@@ -59,6 +66,10 @@ GPU_STEP = [("mnist1d-cnn", {}, [256, 4096]), ("charlm", {}, [32, 256]), ("hf:gp
             ("hf:bert-base", {"seq_len": 512}, [8, 32])]
 GPU_PROBE = [("hf:gpt2", {"seq_len": 1024}), ("hf:bert-base", {"seq_len": 512})]
 GPU_NOISE = ("hf:gpt2", {"seq_len": 512}, 16, 4)  # workload, options, global batch, accumulation
+GPT2_PLAN = ["--workload", "hf:gpt2", "--amp", "bf16", "--no-report"]
+"""``plan_gpt2``: the memory-only GPT-2 small; ``--device`` is this GPU's table name (measured here, predicted elsewhere)."""
+DRY_GPT2_CONFIG = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64, "vocab_size": 128}
+"""--dry-run: a tiny GPT-2 config file stands in for GPT-2 small (memory-only, planned for a predicted H100)."""
 GPU_PLAN = ["--workload", "hf:gpt2", "--workload-opt", "data=stdlib", "--workload-opt", "n_layer=4",
             "--workload-opt", "n_embd=256", "--workload-opt", "n_head=4", "--workload-opt", "seq_len=256",
             "--device", "cuda"]
@@ -403,10 +414,38 @@ def section_noise(case, dev, rounds: int) -> dict:
             "overhead_median_paired": paired, "b_simple": est.b_simple}
 
 
+def calibration(rows: list[dict], device_name: str) -> list[dict]:
+    """Per precision, the step-time efficiency factor (measured / predicted) and the band left around it."""
+    from batchpilot.throughput.band import calibrate
+
+    out = []
+    for precision in sorted({r["precision"] for r in rows}):
+        pairs = [(r["measured_median_s"], r["predicted_s"]) for r in rows
+                 if r["precision"] == precision and "predicted_s" in r and "measured_median_s" in r]
+        try:
+            cal = calibrate([m for m, _ in pairs], [p for _, p in pairs], device_name)
+            out.append({"precision": precision, **cal.to_dict()})
+        except Exception as exc:  # noqa: BLE001 - too few rows: say so
+            out.append({"precision": precision, "error": f"{type(exc).__name__}: {exc}"})
+    return out
+
+
+def gpt2_plan_args(out: Path, device_name: str, dry_run: bool) -> list[str]:
+    """``plan_gpt2``'s arguments: GPT-2 small for this GPU's table name, or a tiny config for a predicted H100."""
+    if dry_run:
+        config = out / "tiny-gpt2-config.json"
+        config.write_text(json.dumps(DRY_GPT2_CONFIG))
+        return ["--workload", f"hf:{config}", "--workload-opt", "seq_len=16", "--device", "H100", "--amp", "bf16",
+                "--threads", "1", "--no-report"]
+    from batchpilot.throughput.predict import _table_key
+
+    return [*GPT2_PLAN, "--device", _table_key(device_name) or "cuda"]
+
+
 def section_plan(args_list: list[str], out: Path, timeout_s: float, device_name: str, *, in_process: bool = False,
-                 ) -> dict:
+                 subdir: str = "plan") -> dict:
     """``batchpilot plan`` in a fresh process, with its wall time; its measured throughput against the prediction."""
-    plan_dir = out / "plan"
+    plan_dir = out / subdir
     cmd = [sys.executable, "-m", "batchpilot", "plan", *args_list, "--json", "--out", str(plan_dir)]
     t0 = time.perf_counter()
     if in_process:  # --dry-run: no second interpreter to start (transformers alone takes seconds to import)
@@ -426,7 +465,7 @@ def section_plan(args_list: list[str], out: Path, timeout_s: float, device_name:
             return {"command": " ".join(cmd[2:]), "error": f"timed out after {timeout_s:.0f} s"}
     wall = time.perf_counter() - t0
     row: dict[str, Any] = {"command": " ".join(cmd[2:]), "wall_s": wall, "exit_code": proc.returncode,
-                           "in_process": in_process}
+                           "in_process": in_process, "amp": "--amp" in args_list}
     if proc.returncode != 0:
         row["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "no output"
         return row
@@ -435,14 +474,21 @@ def section_plan(args_list: list[str], out: Path, timeout_s: float, device_name:
     row.update({"global_batch": plan["global_batch"], "micro_batch": plan["micro_batch_per_rank"],
                 "accumulation": plan["accumulation_steps"], "lr": plan["lr"], "samples_per_s": plan["samples_per_s"],
                 "max_micro_batch": plan["max_micro_batch"], "throughput_device": th["device"],
-                "timings_s": plan["timings_s"], "caveats": plan["caveats"]})
+                "timings_s": plan["timings_s"], "caveats": plan["caveats"], "memory_only": plan.get("memory_only"),
+                "tokens_per_sample": plan.get("tokens_per_sample"), "goodput_band": plan.get("goodput_band"),
+                "goodput_band_source": plan.get("goodput_band_source"), "noise_method": plan["noise"].get("method")})
+    if str(th.get("peak_source", "")).startswith("predicted"):  # --dry-run without the GPU: nothing measured to compare
+        row["throughput_predicted"] = True
+        return row
     try:  # the plan's measured points against the prediction for this device
         from batchpilot.cli.common import workload_options
 
         opts = workload_options(argparse.Namespace(workload_opt=[a for i, a in enumerate(args_list)
                                                                  if i and args_list[i - 1] == "--workload-opt"]))
         name = args_list[args_list.index("--workload") + 1]
-        pred = predict_steps(name, opts, [p["batch"] for p in th["points"]], False, device_name)
+        if "--workload-opt" not in args_list and name.startswith("hf:"):
+            opts = {"seq_len": 1024}  # the memory-only default, as the plan traced it
+        pred = predict_steps(name, opts, [p["batch"] for p in th["points"]], "--amp" in args_list, device_name)
         row["points"] = [{"batch": p["batch"], "measured_s": p["step_s"], "mfu": p["mfu"],
                           "predicted_s": pred["points"][str(p["batch"])]["step_s"],
                           "error_frac": pred["points"][str(p["batch"])]["step_s"] / p["step_s"] - 1} for p in th["points"]]
@@ -484,6 +530,9 @@ def summarize(result: dict) -> dict:
         s["step_within_25pct"] = sum(e <= TARGETS["step_time"] for e in steps)
         s["step_rows"] = len(steps)
         s["step_target_met"] = all(e <= TARGETS["step_time"] for e in steps)
+    for cal in result.get("calibration") or []:
+        if "factor" in cal:
+            s[f"step_factor_{cal['precision'].split()[0]}"] = cal["factor"]
     noise = result.get("noise") or {}
     if "overhead_median_paired" in noise:
         s["noise_overhead"] = noise["overhead_median_paired"]
@@ -570,6 +619,25 @@ def markdown(result: dict) -> str:
             for p in plan.get("points", []):
                 lines.append(f"- batch {p['batch']}: measured {p['measured_s'] * 1e3:.2f} ms, predicted "
                              f"{p['predicted_s'] * 1e3:.2f} ms ({_pct(p['error_frac'])})")
+    cals = [c for c in result.get("calibration") or [] if "factor" in c]
+    if cals:
+        lines += ["", "## Step-time calibration (measured / predicted)", ""]
+        for c in cals:
+            lines.append(f"- {c['precision']}: factor x{c['factor']:.3g}; band after it x{c['band']['low_factor']:.3g}"
+                         f"-x{c['band']['high_factor']:.3g}, {c['band']['relative']:.0%} between batches")
+    g = result.get("plan_gpt2")
+    if g:
+        lines += ["", "## batchpilot plan of GPT-2 small (memory-only, bf16)", "", f"`{g.get('command', '')}`", ""]
+        if "error" in g:
+            lines.append(f"error: {g['error']}")
+        else:
+            tps = g.get("tokens_per_sample") or 1
+            lines.append(f"{g['wall_s']:.0f} s; global batch {g['global_batch']} = {g['micro_batch']} x "
+                         f"{g['accumulation']}, {g['samples_per_s']:.1f} samples/s ({g['samples_per_s'] * tps:,.0f} "
+                         f"tokens/s) on {g['throughput_device']}; noise scale {g.get('noise_method')}.")
+            for p in g.get("points", []):
+                lines.append(f"- batch {p['batch']}: measured {p['measured_s'] * 1e3:.2f} ms, predicted "
+                             f"{p['predicted_s'] * 1e3:.2f} ms ({_pct(p['error_frac'])})")
     skipped = result.get("skipped") or []
     if skipped:
         lines += ["", "Skipped (time budget): " + ", ".join(skipped)]
@@ -614,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                               is not None else sys.argv[1:])]), "environment": environment(dev), "targets": TARGETS,
                               "skipped": []}
     # expected share of the budget per section on an H100, to skip what cannot finish
-    need = {"memory": 0.0, "step": 60.0, "probe": 60.0, "noise": 20.0, "plan": 150.0}
+    need = {"memory": 0.0, "step": 60.0, "probe": 60.0, "noise": 20.0, "plan": 150.0, "plan_gpt2": 90.0}
     preds = Predictions(workers)
     mem_cases, step_cases = (DRY_MEMORY, DRY_STEP) if args.dry_run else (GPU_MEMORY, GPU_STEP)
     probe_cases = DRY_PROBE if args.dry_run else GPU_PROBE
@@ -637,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
                     result["memory"] = section_memory(mem_cases, amps, dev, futures["memory"])
                 elif name == "step":
                     result["step"] = section_step(step_cases, amps, dev, futures["step"])
+                    result["calibration"] = calibration(result["step"], device_name)
                 elif name == "probe":
                     result["probe"] = section_probe(probe_cases, dev, futures["probe"], args.dry_run)
                 elif name == "noise":
@@ -646,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
                     left = max(60.0, args.budget_s - (time.perf_counter() - start) + 60)
                     result["plan"] = section_plan(DRY_PLAN if args.dry_run else GPU_PLAN, out, left, device_name,
                                                   in_process=args.dry_run)
+                elif name == "plan_gpt2":
+                    left = max(60.0, args.budget_s - (time.perf_counter() - start) + 60)
+                    result["plan_gpt2"] = section_plan(gpt2_plan_args(out, device_name, args.dry_run), out, left,
+                                                       device_name, in_process=args.dry_run, subdir="plan_gpt2")
             except Exception as exc:  # noqa: BLE001 - one section's failure must not lose the others
                 result[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             result.setdefault("section_s", {})[name] = time.perf_counter() - start - elapsed

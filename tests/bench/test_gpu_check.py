@@ -53,6 +53,12 @@ def test_dry_run_end_to_end(tmp_path):
     plan = result["plan"]
     assert plan["exit_code"] == 0 and plan["points"] and plan["global_batch"] >= 1
     assert set(result["summary"]) >= {"memory_target_met", "step_target_met", "noise_target_met", "plan_ok"}
+    gpt2 = result["plan_gpt2"]  # the memory-only plan of item 1, predicted for an H100 here, with bf16 autocast
+    assert gpt2["exit_code"] == 0 and gpt2["memory_only"] and gpt2["amp"] and gpt2["throughput_predicted"]
+    assert gpt2["noise_method"] == "not_measured" and gpt2["goodput_band_source"].startswith("PREDICTED")
+    cal = {c["precision"]: c for c in result["calibration"]}
+    assert set(cal) == {"fp32", "bf16 autocast"} and all(c["factor"] > 0 for c in cal.values())
     md = (tmp_path / "gpu_check.md").read_text()
     assert "DRY RUN on CPU" in md and "## Peak memory" in md and "## batchpilot plan" in md
+    assert "## Step-time calibration" in md and "## batchpilot plan of GPT-2 small" in md
     assert (tmp_path / "plan" / "plan.json").exists()

@@ -97,8 +97,10 @@ def load_workload(args: argparse.Namespace, verb: str | None = None) -> Workload
     workload = get_workload(name, **workload_options(args))
     if verb in MEMORY_ONLY_VERBS and workload.memory_only:
         why = f" ({workload.description})" if workload.description else ""
+        also = (f"; or plan it for a GPU without training it: batchpilot plan --workload {name} --device H100"
+                if verb == "plan" else "")
         raise BatchpilotError(f"workload {name!r} is memory-only{why}: {verb} cannot use it; predict its memory "
-                              f"with: batchpilot memory --workload {name}")
+                              f"with: batchpilot memory --workload {name}{also}")
     return workload
 
 

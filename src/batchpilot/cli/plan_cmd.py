@@ -47,6 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "reached halfway, and plan with it; --no-confirm plans from the noise scale B_simple alone")
     p.add_argument("--confirm-budget", type=float, default=40.0, metavar="SECONDS",
                    help="time for the --confirm runs (default 40)")
+    p.add_argument("--amp", default=None, metavar="bf16|fp16",
+                   help="plan for autocast mixed precision: memory traced, throughput and MFU at the half-precision "
+                        "peak; train --plan trains with it (fp16 only on CUDA; default: fp32)")
+    p.add_argument("--noise-scale", "--b-noise", dest="noise_scale", type=float, default=None, metavar="SAMPLES",
+                   help="a GIVEN gradient noise scale: no noise probe or confirmation runs (marked given in the plan); "
+                        "a memory-only workload (hf:gpt2) without it plans on throughput alone")
+    p.add_argument("--calibration", default=None, metavar="GPU_CHECK_JSON",
+                   help="scale predicted step times by the efficiency factor bench/gpu_check.py measured on a GPU, "
+                        "and use its band (default: the documented x1.5 band)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the measurements' models and data order")
     p.add_argument("--out", default=".", metavar="DIR", help="directory for plan.json and report.html (default: .)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
@@ -76,8 +85,15 @@ def run(args: argparse.Namespace) -> int:
         raise BatchpilotError(f"--allreduce-gbps must be > 0, got {args.allreduce_gbps!r}")
     from batchpilot.memory import resolve_device
 
+    from batchpilot.plan.no_training import plans_without_training
+    from batchpilot.throughput.amp import parse_amp
+
+    amp = parse_amp(args.amp)
+    from batchpilot.throughput.band import load_calibration
+
+    calibration = load_calibration(args.calibration, amp=amp is not None) if args.calibration else None
     resolve_device(args.device, args.memory)  # an unknown device or size fails before any measurement
-    workload = load_workload(args, "plan")
+    workload = load_workload(args, None if plans_without_training(args.device, args.memory) else "plan")
     import dataclasses
 
     from batchpilot.plan.workload_spec import describe, run_command
@@ -91,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                          throughput_budget_s=args.throughput_budget, lr_check=args.lr_check,
                          lr_check_budget_s=args.lr_check_budget, confirm=args.confirm,
                          confirm_budget_s=args.confirm_budget, threads=args.threads, seed=args.seed,
-                         progress=progress)
+                         progress=progress, amp=amp, noise_scale=args.noise_scale, calibration=calibration)
         plan = dataclasses.replace(plan, workload_spec=spec)
         failed = _write_outputs(plan, out, report=not args.no_report, progress=progress)
     plan_json = out / "plan.json"
@@ -105,7 +121,10 @@ def run(args: argparse.Namespace) -> int:
 
         report_write_failure("plan", failed)
         return 2
-    if args.json:
+    if plan.memory_only:  # train --plan refuses it: say so instead of printing a command that fails
+        command = f"not runnable: {plan.workload} is memory-only; train it on data (--workload-opt data=PATH) and plan that"
+        print(command, file=sys.stderr if args.json else sys.stdout)
+    elif args.json:
         print(f"run it with: {command}", file=sys.stderr)
     else:
         print(f"run it with: {command}")
@@ -200,7 +219,9 @@ def evidence_rows(plan: dict) -> list[tuple[str, str]]:
         how = {"trend_vs_loss": f"B_simple's trend against the loss, at the target's loss {_fmt(noise.get('loss_at_target'), '.3g')}"
                                 f" ({noise.get('loss_at_target_source') or 'source unknown'})",
                "probe_effective": "the probe's phase-weighted B_simple (no trend to fit)",
-               "base_batch_fallback": "no usable estimate: the base batch"}.get(
+               "base_batch_fallback": "no usable estimate: the base batch",
+               "given": "GIVEN (--noise-scale), not measured",
+               "not_measured": "NOT MEASURED: efficiency 1, goodput = throughput"}.get(
             noise.get("method", "").replace("+confirmed", ""), noise.get("method", ""))
         if noise.get("method", "").endswith("+confirmed"):
             conf = noise.get("confirmation") or {}
@@ -214,8 +235,12 @@ def evidence_rows(plan: dict) -> list[tuple[str, str]]:
     band = plan.get("goodput_band") or ()
     if len(band) == 2 and band[1]:
         tied = plan.get("tied_batches") or []
-        rows.append(("goodput band (timing)", f"{band[0]:,.0f}–{band[1]:,.0f} useful samples/s"
+        predicted = str(plan.get("goodput_band_source", "")).startswith("PREDICTED")
+        rows.append((f"goodput band ({'PREDICTED step time' if predicted else 'timing'})",
+                     f"{band[0]:,.0f}–{band[1]:,.0f} useful samples/s"
                      + (f"; tied batches {', '.join(str(b) for b in tied)}" if len(tied) > 1 else "")))
+    for stage, why in (plan.get("skipped") or {}).items():
+        rows.append((f"{stage.replace('_', ' ')} skipped", why))
     if plan.get("probe_cost_s"):
         rows.append(("training spent measuring", f"{plan['probe_cost_s']:.1f} s (LR check, noise probe, confirmation)"))
     return rows
@@ -285,6 +310,12 @@ def apply_plan_to_train_args(args: argparse.Namespace) -> dict:
     world = getattr(args, "nproc", None) or torchrun_env().world_size
     if plan["world_size"] != world:  # the same global batch at another world size: only the split changes
         plan = {**plan, **_split_for(plan, world, args.plan)}
+    if plan.get("memory_only"):
+        raise BatchpilotError(f"plan {args.plan!r} is for the memory-only workload {plan.get('workload')!r}: it was made "
+                              "from traced memory and a predicted step time, with no training data; train the model "
+                              "on data (--workload-opt data=PATH), and plan that workload to run it")
+    if getattr(args, "amp", None) is None and plan.get("amp"):
+        args.amp = plan["amp"]
     name, options = workload_for_run(plan, args.plan, args.workload, workload_options(args),
                                      trust=getattr(args, "trust_plan_workload", False), default=DEFAULT_WORKLOAD)
     refuse_memory_only(name, "train")

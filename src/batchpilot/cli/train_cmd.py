@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="record steps/time to e.g. 'val_acc>=0.85' (default: the workload's)")
     p.add_argument("--stop-at-target", action="store_true", help="stop once the target is reached")
     add_dtype_arg(p, DTYPES, "dtype of the weights and inputs")
+    p.add_argument("--amp", default=None, metavar="bf16|fp16",
+                   help="autocast mixed precision for the forward and the loss, fp32 weights (default: off, or the "
+                        "plan's with --plan); fp16 needs CUDA and a GradScaler, so this CPU trainer takes bf16 only")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="default",
                    help="default: the workload's; lars/lamb: You et al. 2017/2019 (untuned starting LR unless --lr)")
     batching = p.add_mutually_exclusive_group()
@@ -97,6 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace, base_batch: int, regime: FinetuneRegime | None = None,
                      world_size: int = 1) -> TrainConfig:
     """The :class:`TrainConfig` the flags describe (a fine-tuning regime fills in batch and LR not given)."""
+    from batchpilot.throughput.amp import parse_amp
+
     batch = args.batch if args.batch is not None else (regime.batch if regime else base_batch)
     lr = args.lr if args.lr is not None or regime is None or args.lr_rule is not None else regime.lr
     return TrainConfig(
@@ -109,6 +114,7 @@ def config_from_args(args: argparse.Namespace, base_batch: int, regime: Finetune
         max_batch=args.max_batch, init_from=args.init_from, world_size=world_size,
         sync_batchnorm=getattr(args, "sync_bn", False), strategy=getattr(args, "strategy", "ddp"),
         reshard_after_forward=getattr(args, "reshard_after_forward", True),
+        amp=parse_amp(getattr(args, "amp", None)),
     )
 
 

@@ -17,15 +17,20 @@ from torch import nn
 from batchpilot.errors import BatchpilotError
 from batchpilot.plan import goodput as gp
 from batchpilot.plan import worlds as wd
-from batchpilot.plan.confirm import Confirmation, confirm_critical_batch
+from batchpilot.plan.measured_noise import confirm as _confirm
+from batchpilot.plan.measured_noise import noise_from_probe
+from batchpilot.plan.no_training import NoiseSource, skipped_stages
+from batchpilot.plan import no_training
 from batchpilot.plan.lr_check import LRCheck, check_base_lr, with_checked_lr
-from batchpilot.plan.noise_trend import fit_noise_trend, loss_at_target, samples_to_target
+from batchpilot.plan.noise_trend import samples_to_target
 from batchpilot.plan.probe import NoiseProbe, probe_micro_batch, probe_noise
 from batchpilot.plan.result import Plan
 from batchpilot.plan.worlds import CommModel
 from batchpilot.plan.text import caveats_for, lr_rule_note, noise_note, why_text
 from batchpilot.scaling.lr_rules import LR_RULES, default_lr_rule
 from batchpilot.throughput import predict
+from batchpilot.throughput.amp import AMP_DTYPES, amp_policy
+from batchpilot.throughput.band import Calibration
 from batchpilot.throughput.measure import ThroughputCurve, choose_cpu_threads, default_batches, measure_throughput
 from batchpilot.workloads import Workload
 
@@ -44,9 +49,14 @@ def _staged(progress: Progress | None, stage: str) -> Progress | None:
 
 
 def has_batchnorm(workload: Workload) -> bool:
-    """Whether the workload's model has BatchNorm layers (built under a forked RNG)."""
+    """Whether the workload's model has BatchNorm layers (built under a forked RNG, on the meta device when it
+    can be: a 124M-parameter model then costs no memory and no initialisation)."""
     with torch.random.fork_rng(devices=[]):
-        model = workload.make_model()
+        try:
+            with torch.device("meta"):
+                model = workload.make_model()
+        except Exception:  # noqa: BLE001 - a factory that needs real tensors (loads weights ...): build it for real
+            model = workload.make_model()
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
@@ -71,6 +81,9 @@ def make_plan(
     world_sizes: Sequence[int] | None = None,
     allreduce_gbps: float | None = None,
     comm: CommModel | None = None,
+    amp: str | None = None,
+    noise_scale: float | None = None,
+    calibration: Calibration | None = None,
 ) -> Plan:
     """Measure the workload and choose the goodput-optimal configuration.
 
@@ -98,6 +111,13 @@ def make_plan(
             ``world_size`` is then the recommended one and ``worlds`` holds the table.
         allreduce_gbps: all-reduce bus bandwidth for world sizes > 1 (default: measured with gloo here).
         comm: a ready all-reduce model (overrides ``allreduce_gbps``).
+        amp: ``bfloat16``/``float16`` autocast (fp32 weights): memory traced, throughput measured or predicted
+            and MFU taken against the half-precision peak; ``train --plan`` trains with it. ``None``: fp32.
+        noise_scale: a GIVEN B_noise in samples: no noise probe or confirmation runs, goodput uses it
+            (:mod:`.no_training`). A memory-only workload (``hf:gpt2``) trains nothing here: it needs a GPU
+            that is present or tabled for prediction, and without ``noise_scale`` its goodput is throughput.
+        calibration: measured/predicted step times on a GPU (:func:`batchpilot.throughput.band.load_calibration`):
+            a predicted step time is multiplied by its factor and carries its band instead of the documented one.
     """
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -108,6 +128,9 @@ def make_plan(
                         ("LR-check budget", lr_check_budget_s), ("confirm budget", confirm_budget_s)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise BatchpilotError(f"the {name} must be > 0 seconds, got {value!r}")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise BatchpilotError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {amp!r}")
+    NoiseSource(noise_scale, "given")  # validates the value
     before = torch.get_num_threads()
     try:
         return _make_plan(workload, device=device, memory=memory, world_size=world_size, lr_rule=lr_rule,
@@ -115,14 +138,15 @@ def make_plan(
                           lr_check=lr_check and probe is None, lr_check_budget_s=lr_check_budget_s, confirm=confirm,
                           confirm_budget_s=confirm_budget_s, seed=seed, progress=progress, probe=probe,
                           throughput=throughput, world_sizes=tuple(world_sizes) if world_sizes else None,
-                          allreduce_gbps=allreduce_gbps, comm=comm)
+                          allreduce_gbps=allreduce_gbps, comm=comm, amp=amp, noise_scale=noise_scale,
+                          calibration=calibration)
     finally:
         torch.set_num_threads(before)
 
 
 def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throughput_budget_s, noise_budget_s,
                lr_check, lr_check_budget_s, confirm, confirm_budget_s, seed, progress, probe, throughput,
-               world_sizes=None, allreduce_gbps=None, comm=None) -> Plan:
+               world_sizes=None, allreduce_gbps=None, comm=None, amp=None, noise_scale=None, calibration=None) -> Plan:
     from batchpilot.memory import memory_curve, resolve_device
 
     if world_sizes:
@@ -133,72 +157,106 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
     timings: dict[str, float] = {}
     spec = resolve_device(device, memory)
     measure_device = "cuda" if spec.kind == "cuda" and torch.cuda.is_available() else "cpu"
+    predicted_target = measure_device == "cpu" and spec.kind == "cuda" and predict.gpu_model(spec.name) is not None
+    memory_only = bool(workload.memory_only)
+    if memory_only and measure_device == "cpu" and not predicted_target:
+        raise BatchpilotError(f"workload {workload.name!r} is memory-only: plan trains nothing of it and cannot time it "
+                              f"on this CPU; plan it for a GPU (--device H100: memory traced, step time predicted; known: "
+                              f"{', '.join(predict.predictable_gpus())}) or on a CUDA machine (--device cuda)")
+    if amp is not None:  # fp16 on this CPU is refused unless the CPU only times the probe for a predicted GPU
+        amp_policy(amp, "cuda" if measure_device == "cuda" or predicted_target else "cpu")
 
     # 1. memory: M(B) and the largest micro-batch
     t0 = time.perf_counter()
     step = _staged(progress, "memory")
     if step:
         step(f"memory: tracing {workload.name}", 0.0)
-    curve = memory_curve(workload, device="cuda" if spec.kind == "cuda" else "cpu")
+    curve = memory_curve(workload, device="cuda" if spec.kind == "cuda" else "cpu", amp=amp is not None,
+                         dtype=amp or "float32")
     curve.check_budget(spec.usable_bytes, f"the usable memory of {spec.name}")
     max_micro = curve.max_micro_batch(spec.usable_bytes)
     timings["memory"] = time.perf_counter() - t0
-    per_rank_cap = workload.num_train // world_size
+    # the training set caps the batch; a memory-only workload's random tokens are not the user's data
+    max_global = (max_micro * max(world_sizes or (world_size,)) * gp.MAX_ACCUMULATION if memory_only
+                  else workload.num_train)
+    per_rank_cap = max_global // world_size
     if per_rank_cap < 1:
         raise BatchpilotError(f"world size {world_size} exceeds the training set ({workload.num_train} samples)")
     max_batch = min(max_micro, per_rank_cap)
 
-    # 2. throughput: CPU threads, then interleaved timing rounds
+    # 2. throughput: CPU threads, then interleaved timing rounds (a memory-only workload is never timed here)
     t0 = time.perf_counter()
-    thread_scores = _set_threads(workload, threads, measure_device, throughput, max_batch, seed, progress)
-    if throughput is None:
-        batches = set(default_batches(workload.base_batch, max_batch))
-        batches |= {b for b in (workload.base_batch, probe_micro_batch(workload.base_batch)) if b <= max_batch}
-        throughput = measure_throughput(workload, batch_sizes=sorted(batches), device=measure_device,
-                                        time_budget_s=max(5.0, throughput_budget_s - (time.perf_counter() - t0)),
-                                        seed=seed, progress=_staged(progress, "throughput"))
-    base_step_s = throughput.step_s(workload.base_batch)  # this machine's: it times the LR check and the probe
+    thread_scores: dict[int, float] = {}
+    base_step_s = 0.0
+    if throughput is None and memory_only and measure_device == "cpu":
+        step = _staged(progress, "throughput")
+        if step:
+            step(f"throughput: predicting {spec.name} from traced ops", 0.0)
+    else:
+        thread_scores = _set_threads(workload, threads, measure_device, throughput, max_batch, seed, progress)
+        if throughput is None:
+            batches = set(default_batches(workload.base_batch, max_batch))
+            batches |= {b for b in (workload.base_batch, probe_micro_batch(workload.base_batch)) if b <= max_batch}
+            measure_amp = None if (amp == "float16" and measure_device == "cpu") else amp
+            throughput = measure_throughput(workload, batch_sizes=sorted(batches), device=measure_device,
+                                            time_budget_s=max(5.0, throughput_budget_s - (time.perf_counter() - t0)),
+                                            seed=seed, progress=_staged(progress, "throughput"), amp=measure_amp)
+        base_step_s = throughput.step_s(workload.base_batch)  # this machine's: it times the LR check and the probe
     # a named GPU that is not here: goodput from its predicted step times, not this CPU's (throughput/predict.py)
-    throughput, measure_device = predict.for_plan(workload, spec, throughput, measure_device, max_batch=max_batch)
+    throughput, measure_device = predict.for_plan(workload, spec, throughput, measure_device, max_batch=max_batch,
+                                                  amp=amp, calibration=calibration)
     timings["throughput"] = time.perf_counter() - t0
 
-    # 3. the base LR, checked
-    t0 = time.perf_counter()
+    # 3-5: the statistics (LR check, noise probe, confirmation), or a given / unmeasured noise scale
+    rule = lr_rule or default_lr_rule(workload.optimizer_family())
+    steps_per_epoch = 1 if memory_only else math.ceil(workload.num_train / workload.base_batch)
+    common = dict(throughput=throughput, memory=curve, base_batch=workload.base_batch, base_lr=workload.base_lr,
+                  lr_rule=rule, anchor=None, steps_per_epoch_base=steps_per_epoch)
+    micro_choices = micro_batch_choices(throughput.batches, max_micro, max_global)
     checked: LRCheck | None = None
-    if lr_check:
+    source: NoiseSource | None = None
+    skipped: dict[str, str] = {}
+    extrapolation = None
+    if memory_only or noise_scale is not None:
+        why = ("the workload is memory-only (random tokens at full size): training it here would measure nothing of "
+               "the user's data and take hours on this CPU" if memory_only else "--noise-scale was given")
+        source = NoiseSource(noise_scale, why)
+        lr_check = lr_check and not memory_only
+        skipped = skipped_stages(why, lr_check=memory_only, probe=True)
+    for stage in ("lr_check", "noise", "confirm"):
+        timings[stage] = 0.0
+    if lr_check:  # 3. the base LR, checked
+        t0 = time.perf_counter()
         step = _staged(progress, "lr_check")
         if step:
             step("LR check: short runs at the base batch", 0.0)
         checked = check_base_lr(workload, steps=_lr_check_steps(workload, base_step_s, lr_check_budget_s),
                                 seed=seed, time_budget_s=lr_check_budget_s)
         workload = with_checked_lr(workload, checked)
-    timings["lr_check"] = time.perf_counter() - t0
-
-    # 4. the noise probe at the base batch
-    t0 = time.perf_counter()
-    if probe is None:
-        probe = probe_noise(workload, time_budget_s=noise_budget_s, seed=seed, progress=_staged(progress, "noise"),
-                            step_s=base_step_s)
-    timings["noise"] = time.perf_counter() - t0
-
-    rule = lr_rule or default_lr_rule(workload.optimizer_family())
-    noise = noise_from_probe(probe, workload)
-    if probe.samples_to_target:  # the probe met the target: measured
-        samples, extrapolation = float(probe.samples_to_target), 1.0
+        common["base_lr"] = workload.base_lr
+        timings["lr_check"] = time.perf_counter() - t0
+    if source is not None:
+        probe, noise = None, source.noise_dict()
     else:
-        samples, extrapolation = samples_to_target(
-            [(p.samples, p.metric) for p in probe.points if p.metric is not None], workload.target)
-    anchor = (probe.batch, float(samples)) if samples else None
-    common = dict(throughput=throughput, memory=curve, base_batch=workload.base_batch, base_lr=workload.base_lr,
-                  lr_rule=rule, anchor=anchor, steps_per_epoch_base=math.ceil(workload.num_train / workload.base_batch))
-    micro_choices = micro_batch_choices(throughput.batches, max_micro, workload.num_train)
-
-    # 5. B_crit from short runs at larger batches replaces the noise scale (on by default; --no-confirm skips)
-    t0 = time.perf_counter()
-    if confirm:
-        noise = _confirm(workload, probe, noise, common, max_micro=max_micro, world_size=world_size, seed=seed,
-                         budget_s=confirm_budget_s, progress=_staged(progress, "confirm"))
-    timings["confirm"] = time.perf_counter() - t0
+        t0 = time.perf_counter()  # 4. the noise probe at the base batch
+        if probe is None:
+            probe = probe_noise(workload, time_budget_s=noise_budget_s, seed=seed, progress=_staged(progress, "noise"),
+                                step_s=base_step_s)
+        timings["noise"] = time.perf_counter() - t0
+        noise = noise_from_probe(probe, workload)
+        if probe.samples_to_target:  # the probe met the target: measured
+            samples, extrapolation = float(probe.samples_to_target), 1.0
+        else:
+            samples, extrapolation = samples_to_target(
+                [(p.samples, p.metric) for p in probe.points if p.metric is not None], workload.target)
+        common["anchor"] = (probe.batch, float(samples)) if samples else None
+        # 5. B_crit from short runs at larger batches replaces the noise scale (on by default; --no-confirm skips)
+        t0 = time.perf_counter()
+        if confirm:
+            noise = _confirm(workload, probe, noise, common, max_micro=max_micro, world_size=world_size, seed=seed,
+                             budget_s=confirm_budget_s, progress=_staged(progress, "confirm"))
+        timings["confirm"] = time.perf_counter() - t0
+    anchor = common["anchor"]
     b_noise_used = noise["b_used"]
 
     # 6. the goodput search, at one world size or several
@@ -212,16 +270,16 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
         if world_sizes:
             def best_at(w: int) -> gp.Candidate:
                 return gp.choose(gp.search(micro_choices=micro_choices, world_size=w, max_micro_batch=max_micro,
-                                           max_global_batch=workload.num_train, b_noise=b_noise_used,
+                                           max_global_batch=max_global, b_noise=b_noise_used,
                                            **{**common, "throughput": with_comm(w)}), throughput)
             rows, world_size = wd.compare_world_sizes(world_sizes, best_at, comm)
             worlds_info = {"world_sizes": list(world_sizes), "recommended": world_size,
                            "recommend_margin": wd.RECOMMEND_MARGIN, "table": [asdict(r) for r in rows]}
-            max_batch = min(max_micro, workload.num_train // world_size)
+            max_batch = min(max_micro, max_global // world_size)
         common["throughput"] = with_comm(world_size)
         worlds_info["comm"] = comm.to_dict()
     candidates = gp.search(micro_choices=micro_choices, world_size=world_size, max_micro_batch=max_micro,
-                           max_global_batch=workload.num_train, b_noise=b_noise_used, **common)
+                           max_global_batch=max_global, b_noise=b_noise_used, **common)
     chosen = gp.choose(candidates, throughput)
     tied = tuple(c.global_batch for c in gp.ties(candidates, throughput))
     largest = gp.evaluate(max_batch, 1, world_size=world_size, b_noise=b_noise_used, **common)
@@ -229,9 +287,9 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
     alternatives = {"largest_that_fits": largest.to_dict()}
     if base is not None:
         alternatives["base_batch"] = base.to_dict()
-    for name, scale in (("noise_low", 0.5), ("noise_high", 2.0)):  # how the choice moves if B_noise is off by 2x
+    for name, scale in (("noise_low", 0.5), ("noise_high", 2.0)) if math.isfinite(b_noise_used) else ():
         alt = gp.choose(gp.search(micro_choices=micro_choices, world_size=world_size, max_micro_batch=max_micro,
-                                  max_global_batch=workload.num_train, b_noise=b_noise_used * scale, **common),
+                                  max_global_batch=max_global, b_noise=b_noise_used * scale, **common),
                         throughput)
         alternatives[f"best_if_{name}"] = alt.to_dict()
     if worlds_info:
@@ -245,39 +303,60 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
     caveats = caveats_for(workload=workload, chosen=chosen, probe=probe, throughput=throughput, curve=curve,
                           batchnorm=has_batchnorm(workload), measured_on=measure_device, spec=spec,
                           candidates=candidates, world_size=world_size, b_noise_used=b_noise_used,
-                          comm_note=worlds_info["comm"]["source"] if "comm" in worlds_info else None)
-    caveats += predict.plan_caveats(throughput)  # says so when the throughput is predicted
+                          comm_note=worlds_info["comm"]["source"] if "comm" in worlds_info else None,
+                          num_train=None if memory_only else workload.num_train)
+    caveats += predict.plan_caveats(throughput, calibration)  # says so when the throughput is predicted
+    if source is not None:
+        caveats += no_training.caveats(source, lr_checked=checked is not None, memory_only=memory_only,
+                                       batch_ratio=chosen.global_batch / workload.base_batch)
     if extrapolation and extrapolation > 1:
         caveats.append(f"the probe stopped before the target: the samples to {workload.target} at the base batch are "
                        f"extrapolated {extrapolation:.1f}x beyond the {probe.points[-1].samples} samples it trained, "
                        "so the predicted steps and time are estimates")
-    elif anchor is None and workload.target is not None:
+    elif anchor is None and workload.target is not None and probe is not None:
         caveats.append(f"the probe's learning curve does not yet point at {workload.target}: no prediction of the "
                        "steps to the target (give the probe a longer --probe-budget)")
     noise["samples_to_target_extrapolation"] = extrapolation
     timings["plan"] = sum(timings.values())
+    step_band = predict.band_of(throughput, calibration)  # a predicted step's band, into every goodput (band.py)
+    if step_band is not None:
+        bands = [step_band.rate(c.goodput) for c in candidates]
+        chosen_band, band_source = step_band.rate(chosen.goodput), f"PREDICTED step time: {step_band.describe()}"
+    else:
+        bands = [gp.goodput_band(c, chosen, throughput) for c in candidates]
+        chosen_band, band_source = _band(candidates, chosen, throughput), "measured: timing rounds"
+    low_rel = _rel(probe.b_noise_low, probe.b_noise_effective) if probe is not None else 1.0
+    high_rel = _rel(probe.b_noise_high, probe.b_noise_effective) if probe is not None else 1.0
     return Plan(
         workload=workload.name, micro_batch_per_rank=chosen.micro_batch_per_rank,
         accumulation_steps=chosen.accumulation_steps, world_size=world_size, global_batch=chosen.global_batch,
         lr=chosen.lr, lr_rule=rule, warmup_steps=chosen.warmup_steps, schedule="constant",
-        noise_scale=b_noise_used, noise_scale_low=b_noise_used * _rel(probe.b_noise_low, probe.b_noise_effective),
-        noise_scale_high=b_noise_used * _rel(probe.b_noise_high, probe.b_noise_effective),
+        noise_scale=b_noise_used, noise_scale_low=b_noise_used * low_rel, noise_scale_high=b_noise_used * high_rel,
         samples_per_s=chosen.samples_per_s, efficiency=chosen.efficiency, goodput=chosen.goodput,
         peak_bytes=chosen.peak_bytes, max_micro_batch=max_micro, caveats=tuple(caveats),
         base_batch=workload.base_batch, base_lr=workload.base_lr, device=spec.name, usable_bytes=spec.usable_bytes,
         target=str(workload.target) if workload.target else None,
         predicted_steps_to_target=chosen.steps_to_target, predicted_time_to_target_s=chosen.time_to_target_s,
         lr_rule_note=lr_rule_note(rule, b_noise_used, chosen.global_batch),
-        noise_note=noise_note(probe, noise), why=why_text(chosen, base, largest, throughput, b_noise_used, workload),
+        noise_note=noise_note(probe, noise) if probe is not None else source.note(),
+        why=why_text(chosen, base, largest, throughput, b_noise_used, workload, tokens_per_sample=tokens_per_sample(workload)),
         threads=torch.get_num_threads(), thread_choice={str(k): v for k, v in thread_scores.items()},
         alternatives=alternatives,
-        candidates=tuple({**c.to_dict(), "goodput_band": gp.goodput_band(c, chosen, throughput)} for c in candidates),
-        throughput=throughput.to_dict(), memory=curve.to_dict(), noise_probe=probe.to_dict(), timings_s=timings,
-        worlds=worlds_info, noise=noise, lr_check=checked.to_dict() if checked else {},
-        goodput_band=_band(candidates, chosen, throughput),
+        candidates=tuple({**c.to_dict(), "goodput_band": band} for c, band in zip(candidates, bands)),
+        throughput=throughput.to_dict(), memory=curve.to_dict(), noise_probe=probe.to_dict() if probe else {},
+        timings_s=timings, worlds=worlds_info, noise=noise, lr_check=checked.to_dict() if checked else {},
+        goodput_band=chosen_band, goodput_band_source=band_source,
         tied_batches=tied,
         probe_cost_s=timings["lr_check"] + timings["noise"] + timings["confirm"],
+        amp=amp, tokens_per_sample=tokens_per_sample(workload), memory_only=memory_only, skipped=skipped,
     )
+
+
+def tokens_per_sample(workload: Workload) -> int | None:
+    """Tokens per sample when the workload's loss unit is the token (a language-model head), else ``None``."""
+    from batchpilot.workloads.spec import count_tokens
+
+    return workload.seq_len if workload.count_units is count_tokens and workload.seq_len else None
 
 
 def micro_batch_choices(measured: Sequence[int], max_micro: int, num_train: int) -> list[int]:
@@ -326,82 +405,6 @@ def _lr_check_steps(workload: Workload, base_step_s: float, budget_s: float, run
     epoch = math.ceil(workload.num_train / workload.base_batch)
     fits = int(budget_s / (runs * max(base_step_s, 1e-6) * 1.5))  # 1.5: the trainer's own overhead
     return max(30, min(epoch, 100, fits))
-
-
-def noise_from_probe(probe: NoiseProbe, workload: Workload) -> dict:
-    """The noise scale the plan uses, from the probe: its trend against the loss, read at the target.
-
-    Falls back to the probe's effective (phase-weighted harmonic mean) B_simple when there is no
-    trend to fit. Returns plain data for ``plan.noise``.
-    """
-    trend = fit_noise_trend(probe.loss_phases)
-    evals = [(p.val_loss, p.metric) for p in probe.points if p.val_loss is not None and p.metric is not None]
-    target_loss = loss_at_target(evals, workload.target)
-    out: dict = {"b_simple_effective": probe.b_noise_effective, "b_simple_last": probe.b_noise_last,
-                 "trend": trend.to_dict() if trend else None, "loss_at_target": target_loss.loss,
-                 "loss_at_target_source": target_loss.source, "loss_extrapolation": target_loss.extrapolation,
-                 "confirmation": None}
-    if trend is not None and len(trend.points) >= 2 and math.isfinite(target_loss.loss):
-        out["b_trend_at_target"] = trend.at(target_loss.loss)
-        out["method"] = "trend_vs_loss"
-        out["b_used"] = out["b_trend_at_target"]
-    elif probe.b_noise_effective > 0:
-        out["method"] = "probe_effective"
-        out["b_used"] = probe.b_noise_effective
-    else:  # no usable estimate: plan as if the base batch were critical
-        out["method"] = "base_batch_fallback"
-        out["b_used"] = float(workload.base_batch)
-    return out
-
-
-def _confirm(workload, probe: NoiseProbe, noise: dict, common: dict, *, max_micro: int, world_size: int, seed: int,
-             budget_s: float, progress) -> dict:
-    """Short runs at 4x and 16x the base batch to the loss the probe had reached halfway; the fitted B_crit
-    replaces the noise scale. (Carrying it to the target's loss along the B_simple trend was worse on the
-    bench: 6.5x too high on a character GRU, 2.8x on a GroupNorm CNN, against 0.7-2.2x without.)
-
-    Halfway, not at the probe's best loss: a probe that ran to its target may end near the lowest loss the
-    data allows, which large batches reach late or never (on the bench's digits workload a batch of 512
-    did not reach it within 16x the samples); the trend carries the correction to the target's loss."""
-    losses = [(p.samples, p.val_loss) for p in probe.points if p.val_loss]
-    if not losses:
-        return noise
-    half = max(losses[-1][0] / 2, losses[0][0])
-    threshold = min(l for s, l in losses if s <= half) * 1.02  # with a 2% margin against eval noise
-    base_samples = next(s for s, l in losses if l <= threshold)
-    b0 = workload.base_batch
-    cap = workload.num_train // 4
-    batches = [b for b in (4 * b0, 16 * b0) if b <= cap * world_size] or [min(2 * b0, workload.num_train)]
-    if progress:
-        progress(f"confirm: batches {batches} to loss {threshold:.3g}", 0.0)
-
-    def micro_for(b: int) -> int | None:
-        per_rank = b // world_size
-        return None if per_rank <= max_micro else max(m for m in range(1, max_micro + 1) if per_rank % m == 0)
-
-    def warmup_for(b: int) -> int:
-        return gp.warmup_steps_for(b, b0, max(1, math.ceil(base_samples / b)))
-
-    def lr_for(b: int) -> float:
-        return gp.scale_lr(workload.base_lr, b0, b, common["lr_rule"])
-
-    conf: Confirmation = confirm_critical_batch(workload, base_samples=base_samples, loss_threshold=threshold,
-                                                batches=batches, lr_for=lr_for, warmup_for=warmup_for,
-                                                micro_for=micro_for, seed=seed, time_budget_s=budget_s)
-    out = {**noise, "confirmation": conf.to_dict()}
-    if math.isnan(conf.b_crit) or not conf.b_crit > 0:  # fewer than two batches reached L*: keep the trend
-        return out
-    trend = fit_noise_trend(probe.loss_phases)
-    at_threshold = trend.at(threshold) if trend is not None else noise["b_used"]
-    # what the trend would add between L* and the target: reported, not applied (see docs/planning.md)
-    out["trend_factor_to_target"] = noise["b_used"] / at_threshold if at_threshold > 0 else 1.0
-    if math.isinf(conf.b_crit):  # the samples did not grow up to the largest batch tried: B_crit is beyond it
-        out["b_used"] = max(noise["b_used"], float(max(conf.batches)))
-    else:
-        out["b_used"] = conf.b_crit
-    out["confirm_factor"] = out["b_used"] / noise["b_used"]
-    out["method"] = noise.get("method", "probe_effective") + "+confirmed"
-    return out
 
 
 __all__ = ["make_plan", "has_batchnorm", "noise_from_probe"]

@@ -80,10 +80,29 @@ class Plan:
     """Global batches whose goodput was within the measured uncertainty of the best (the tie the choice broke)."""
     probe_cost_s: float = 0.0
     """Wall-clock seconds of all the training the plan ran (LR check, noise probe, confirmation)."""
+    goodput_band_source: str = ""
+    """What ``goodput_band`` (and each candidate's) covers: ``measured: timing rounds``, or ``PREDICTED step time:
+    ...`` (the step-time band of :mod:`batchpilot.throughput.band` for a GPU that is not here)."""
+    amp: str | None = None
+    """Autocast type (``bfloat16``/``float16``) the plan was made for and ``train --plan`` trains with; ``None``: fp32."""
+    tokens_per_sample: int | None = None
+    """Tokens per sample when the loss unit is the token (``tokens/s = samples/s x tokens_per_sample``)."""
+    memory_only: bool = False
+    """Planned from traced memory and a predicted or measured step time alone (``hf:gpt2`` at full size):
+    ``train --plan`` refuses it."""
+    skipped: dict = field(default_factory=dict)
+    """Stages not run (``lr_check``, ``noise_probe``, ``confirm``) and why."""
 
     def __post_init__(self) -> None:
         if self.global_batch != self.micro_batch_per_rank * self.accumulation_steps * self.world_size:
             raise BatchpilotError("plan: global_batch must equal micro_batch_per_rank x accumulation_steps x world_size")
+        if self.amp is not None and self.amp not in ("bfloat16", "float16"):
+            raise BatchpilotError(f"plan: amp must be bfloat16, float16 or None, got {self.amp!r}")
+        if self.tokens_per_sample is not None and (isinstance(self.tokens_per_sample, bool)
+                                                   or not isinstance(self.tokens_per_sample, int)
+                                                   or self.tokens_per_sample < 1):
+            raise BatchpilotError(f"plan: tokens_per_sample must be a positive integer or None, got "
+                                  f"{self.tokens_per_sample!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (non-finite floats become ``None``)."""

@@ -88,6 +88,13 @@ def texts(value: Any) -> str | None:
     return None
 
 
+def flag(value: Any) -> str | None:
+    """``true`` or ``false``."""
+    if not isinstance(value, bool):
+        return "true or false"
+    return None
+
+
 def mapping(value: Any) -> str | None:
     """A JSON object."""
     if not isinstance(value, dict):
@@ -139,6 +146,9 @@ def fields() -> dict[str, Callable[[Any], str | None]]:
         "caveats": texts,
         "workload_spec": mapping,
         "worlds": mapping,
+        "amp": choice(("bfloat16", "float16")),
+        "tokens_per_sample": count(1),
+        "memory_only": flag,
     }
 
 

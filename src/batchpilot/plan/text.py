@@ -32,6 +32,10 @@ def lr_rule_note(rule: str, b_noise: float, batch: int) -> str:
     tail = (f"It holds while the batch is below about {crit}; beyond it larger batches stop cutting the steps "
             "proportionally (McCandlish et al. 2018; Shallue et al. 2019) and the scaled LR is an extrapolation "
             "that a sweep must confirm.")
+    if math.isinf(b_noise):  # a plan that measured no noise scale (plan/no_training.py)
+        return (f"{head}. It holds while the batch is below the critical batch (McCandlish et al. 2018; Shallue et "
+                "al. 2019), which this plan did not measure: the scaled LR is unbounded by it and a sweep must "
+                "confirm it.")
     where = "The chosen batch is beyond it." if math.isfinite(b_noise) and batch > b_noise else (
         "The chosen batch is within it.")
     return f"{head}. {tail} {where}"
@@ -73,15 +77,34 @@ def noise_note(probe: NoiseProbe, noise: dict | None = None) -> str:
     return f"{head}{body} The plan uses B_noise = {_fmt(noise.get('b_used', probe.b_noise_effective))} samples."
 
 
+def rate_text(samples_per_s: float, tokens_per_sample: int | None) -> str:
+    """``"1,234 samples/s"``, with the tokens/s when the loss unit is the token."""
+    out = f"{_fmt(samples_per_s)} samples/s"
+    return out + (f" ({_fmt(samples_per_s * tokens_per_sample)} tokens/s)" if tokens_per_sample else "")
+
+
 def why_text(chosen: Candidate, base: Candidate | None, largest: Candidate, throughput: ThroughputCurve,
-             b_noise: float, workload: Workload) -> str:
-    """One paragraph: why this batch, with the numbers."""
+             b_noise: float, workload: Workload, *, tokens_per_sample: int | None = None) -> str:
+    """One paragraph: why this batch, with the numbers (tokens/s too where the loss unit is the token)."""
     split = (f"micro-batch {chosen.micro_batch_per_rank} x {chosen.accumulation_steps} accumulation"
              f" x {chosen.world_size} rank{'s' if chosen.world_size > 1 else ''}")
-    parts = [f"Batch {chosen.global_batch} ({split}) has the highest goodput, {_fmt(chosen.goodput)} useful samples/s: "
-             f"it runs {_fmt(chosen.samples_per_s)} samples/s at a statistical efficiency of {chosen.efficiency:.2f} "
-             f"(B_noise ≈ {_fmt(b_noise)} samples, so it needs {1 / chosen.efficiency:.2f}x the samples of the "
-             f"base batch {workload.base_batch} to reach the same loss)."]
+    predicted = " PREDICTED" if str(throughput.peak_source).startswith("predicted") else ""
+    if math.isinf(b_noise):
+        parts = [f"Batch {chosen.global_batch} ({split}) has the highest{predicted} throughput, "
+                 f"{rate_text(chosen.samples_per_s, tokens_per_sample)}. The noise scale was not measured, so "
+                 "statistical efficiency is taken as 1 and goodput is throughput: the choice rests on throughput alone."]
+    else:
+        parts = [f"Batch {chosen.global_batch} ({split}) has the highest{predicted} goodput, {_fmt(chosen.goodput)} useful "
+                 f"samples/s: it runs {rate_text(chosen.samples_per_s, tokens_per_sample)} at a statistical efficiency "
+                 f"of {chosen.efficiency:.2f} (B_noise ≈ {_fmt(b_noise)} samples, so it needs "
+                 f"{1 / chosen.efficiency:.2f}x the samples of the base batch {workload.base_batch} to reach the same "
+                 "loss)."]
+    if math.isinf(b_noise):
+        if largest.global_batch != chosen.global_batch:
+            parts.append(f"The largest batch that fits, {largest.global_batch}, runs "
+                         f"{rate_text(largest.samples_per_s, tokens_per_sample)} (goodputs within the timing band tie; a tie "
+                         "goes to no accumulation, then to the larger batch).")
+        return " ".join(parts)
     if base is not None and base.global_batch != chosen.global_batch:
         parts.append(f"The base batch {base.global_batch} runs {_fmt(base.samples_per_s)} samples/s at efficiency "
                      f"1.00: goodput {_fmt(base.goodput)}, {chosen.goodput / base.goodput:.2f}x less than the choice.")
@@ -99,10 +122,13 @@ def why_text(chosen: Candidate, base: Candidate | None, largest: Candidate, thro
     return " ".join(parts)
 
 
-def caveats_for(*, workload: Workload, chosen: Candidate, probe: NoiseProbe, throughput: ThroughputCurve, curve,
+def caveats_for(*, workload: Workload, chosen: Candidate, probe: NoiseProbe | None, throughput: ThroughputCurve, curve,
                 batchnorm: bool, measured_on: str, spec, candidates: Sequence[Candidate], world_size: int,
-                b_noise_used: float, comm_note: str | None = None) -> list[str]:
-    """Everything a reader should know before trusting the plan."""
+                b_noise_used: float, comm_note: str | None = None, num_train: int | None = -1) -> list[str]:
+    """Everything a reader should know before trusting the plan.
+
+    ``probe`` is ``None`` when no noise probe ran (:mod:`.no_training` adds its own caveats); ``num_train`` is the
+    training set's size (``-1``: the workload's; ``None``: unknown, a memory-only workload's random tokens)."""
     out: list[str] = []
     if batchnorm and chosen.accumulation_steps > 1:
         out.append(f"BatchNorm under accumulation: each of the {chosen.accumulation_steps} micro-batches normalises "
@@ -116,19 +142,22 @@ def caveats_for(*, workload: Workload, chosen: Candidate, probe: NoiseProbe, thr
         out.append(f"LR beyond the measured critical batch: batch {chosen.global_batch} > B_noise ≈ "
                    f"{_fmt(b_noise_used)}, so the scaled LR {chosen.lr:.3g} is an extrapolation of the rule; confirm "
                    "with `batchpilot sweep`.")
-    if not probe.b_noise_effective > 0:
+    if probe is None:
+        pass
+    elif not probe.b_noise_effective > 0:
         out.append("The noise probe gave no usable B_noise; the plan assumed B_noise = the base batch.")
     elif probe.b_noise_high > 3 * probe.b_noise_low or not math.isfinite(probe.b_noise_high):
         out.append(f"The noise scale is uncertain (80% interval {_fmt(probe.b_noise_low)}–{_fmt(probe.b_noise_high)}); "
                    "the alternatives 'best_if_noise_low/high' show how the choice moves if it is off by 2x.")
-    if workload.target is None:  # (a probe that stopped short of a target: the planner's extrapolation caveat)
+    if workload.target is None and probe is not None:  # (a probe that stopped short of a target: the planner's extrapolation caveat)
         out.append("The workload has no target; steps and time to a target are not predicted.")
     if chosen.global_batch == max(c.global_batch for c in candidates):
         out.append(f"The choice is the largest batch searched ({chosen.global_batch}): goodput may keep rising past "
                    "the dataset or memory limit.")
-    if chosen.global_batch > workload.num_train // 8:
-        out.append(f"Batch {chosen.global_batch} gives only {workload.num_train // chosen.global_batch} steps per "
-                   f"epoch over {workload.num_train} samples.")
+    n = workload.num_train if num_train == -1 else num_train
+    if n is not None and chosen.global_batch > n // 8:
+        out.append(f"Batch {chosen.global_batch} gives only {n // chosen.global_batch} steps per "
+                   f"epoch over {n} samples.")
     spread = max((p.step_s_spread for p in throughput.points), default=0.0)
     if spread > 0.5:
         out.append(f"Step times were noisy (spread up to {spread:.0%} of the median; a busy machine?): samples/s "

@@ -87,11 +87,21 @@ def throughput_figure(plan: dict):
     predicted = str(th.get("peak_source", "")).startswith("predicted")  # an absent GPU (throughput/predict.py)
     ax.plot(bs, [p["samples_per_s"] for p in pts], "o-",
             label="PREDICTED, not measured" if predicted else "measured (median step)")
+    cands = plan.get("candidates") or []
+    one = {c["global_batch"]: c for c in cands if c.get("accumulation_steps") == 1 and c.get("world_size", 1) == 1}
+    if predicted and one and all(_pair(c.get("goodput_band")) for c in one.values()):  # efficiency-free band: x rate
+        xs = sorted(one)
+        ratio = [(_pair(one[b]["goodput_band"])[0] / one[b]["goodput"], _pair(one[b]["goodput_band"])[1] / one[b]["goodput"])
+                 if one[b]["goodput"] > 0 else (1.0, 1.0) for b in xs]
+        ax.fill_between(xs, [one[b]["samples_per_s"] * r[0] for b, r in zip(xs, ratio)],
+                        [one[b]["samples_per_s"] * r[1] for b, r in zip(xs, ratio)], alpha=0.18,
+                        label="PREDICTED step-time band")
     ax.plot(bs, [b / (th["overhead_s"] + th["per_sample_s"] * b) for b in bs], "--", color="gray",
             label="fit: B / (overhead + per_sample·B)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (no accumulation)")
-    ax.set_ylabel("samples/s")
+    tps = plan.get("tokens_per_sample")
+    ax.set_ylabel(f"samples/s (× {tps} = tokens/s)" if tps else "samples/s")
     ax.legend(fontsize=8)
     ax.set_title(f"Throughput on {th['device']}" if predicted else
                  f"Throughput on {th['device']} ({th['threads']} thread{'' if th['threads'] == 1 else 's'})")
@@ -206,7 +216,8 @@ def goodput_figure(plan: dict):
     fig, ax = plt.subplots(figsize=(6.4, 3.9))
     band = goodput_band(plan)
     if band is not None:
-        ax.fill_between(band[0], band[1], band[2], color="tab:blue", alpha=0.18, label="goodput uncertainty band")
+        ax.fill_between(band[0], band[1], band[2], color="tab:blue", alpha=0.18,
+                        label="PREDICTED step-time band" if is_predicted(plan) else "goodput uncertainty band")
     ax.plot(bs, [c["goodput"] for c in cands], "o-", label="goodput = samples/s × efficiency")
     ax.plot(bs, [c["samples_per_s"] for c in cands], ":", color="gray", label="samples/s")
     alts = plan.get("alternatives", {})
@@ -249,8 +260,30 @@ def efficiency_note(plan: dict) -> str:
             f"slower to process. Goodput weighs the two.")
 
 
+def is_predicted(plan: dict) -> bool:
+    """Whether the plan's throughput is a prediction for a GPU that is not here (throughput/predict.py)."""
+    return str((plan.get("throughput") or {}).get("peak_source", "")).startswith("predicted")
+
+
+def rate_text(plan: dict, samples_per_s: float) -> str:
+    """``"1234"`` samples/s, with tokens/s where the plan's loss unit is the token."""
+    tps = plan.get("tokens_per_sample")
+    return f"{samples_per_s:.0f}" + (f" ({samples_per_s * tps:,.0f} tokens/s)" if tps else "")
+
+
+def noise_scale_text(plan: dict) -> str:
+    """B_noise with how it was obtained: measured, GIVEN, or NOT MEASURED."""
+    method = (plan.get("noise") or {}).get("method", "")
+    ns = plan.get("noise_scale")
+    if method == "not_measured":
+        return "NOT MEASURED (efficiency 1: goodput = throughput)"
+    value = f"{ns:.0f} samples" if isinstance(ns, (int, float)) and ns else "n/a"
+    return value + (" (GIVEN, not measured)" if method == "given" else "")
+
+
 def _summary_rows(plan: dict) -> list[list[Any]]:
     t = plan.get("predicted_time_to_target_s")
+    predicted = is_predicted(plan)
     warm = plan["warmup_steps"]
     cb = chosen_band(plan)
     rows = [["setting", "value"],
@@ -258,12 +291,15 @@ def _summary_rows(plan: dict) -> list[list[Any]]:
                              f"{plan['accumulation_steps']} accumulation × {plan['world_size']} rank(s)"],
             ["learning rate", f"{plan['lr']:.4g} ({plan['lr_rule']} rule from {plan['base_lr']:g} at batch {plan['base_batch']})"],
             ["warmup", f"{warm} step{'' if warm == 1 else 's'}"],
-            ["noise scale B_noise", f"{plan['noise_scale']:.0f} samples" if plan["noise_scale"] else "n/a"],
-            ["samples/s", f"{plan['samples_per_s']:.0f}"],
+            ["noise scale B_noise", noise_scale_text(plan)],
+            ["samples/s" + (" (PREDICTED)" if predicted else ""), rate_text(plan, plan["samples_per_s"])],
             ["efficiency (vs the base batch)", f"{plan['efficiency']:.3f}"],
-            ["goodput", f"{plan['goodput']:.0f}" + (f" (timing band {cb[0]:.0f}–{cb[1]:.0f})" if cb else "")],
+            ["goodput" + (" (PREDICTED)" if predicted else ""), f"{plan['goodput']:.0f}" + (
+                f" ({'predicted step-time' if predicted else 'timing'} band {cb[0]:.0f}–{cb[1]:.0f})" if cb else "")],
             ["peak memory per device", f"{_fmt_bytes(plan['peak_bytes'])} of {_fmt_bytes(plan['usable_bytes'])} usable"],
             ["largest micro-batch that fits in memory", plan["max_micro_batch"]]]
+    if plan.get("amp"):
+        rows.insert(4, ["precision", f"autocast {plan['amp']} (fp32 weights)"])
     largest = largest_alternative(plan)
     if largest is not None and largest[1] == "dataset":
         rows.append(["largest batch the training set allows (no accumulation)", largest[0]["global_batch"]])
@@ -273,13 +309,17 @@ def _summary_rows(plan: dict) -> list[list[Any]]:
 
 
 def _candidate_rows(plan: dict) -> list[list[Any]]:
-    rows = [["global batch", "micro × accum", "samples/s", "efficiency", "goodput", "LR", "warmup",
-             "pred. steps", "pred. time (s)"]]
+    tps = plan.get("tokens_per_sample")
+    rows = [["global batch", "micro × accum", "samples/s", *(["tokens/s"] if tps else []), "efficiency", "goodput",
+             "goodput band", "LR", "warmup", "pred. steps", "pred. time (s)"]]
     for c in plan["candidates"]:
         mark = " ★" if (c["global_batch"], c["micro_batch_per_rank"]) == (plan["global_batch"], plan["micro_batch_per_rank"]) else ""
         mark += " (base)" if c["global_batch"] == plan["base_batch"] else ""
         rows.append([f"{c['global_batch']}{mark}", f"{c['micro_batch_per_rank']} × {c['accumulation_steps']}",
-                     f"{c['samples_per_s']:.0f}", f"{c['efficiency']:.3f}", f"{c['goodput']:.0f}", f"{c['lr']:.3g}",
+                     f"{c['samples_per_s']:.0f}", *([f"{c['samples_per_s'] * tps:,.0f}"] if tps else []),
+                     f"{c['efficiency']:.3f}", f"{c['goodput']:.0f}",
+                     "{:.0f}–{:.0f}".format(*_pair(c.get("goodput_band"))) if _pair(c.get("goodput_band")) else "n/a",
+                     f"{c['lr']:.3g}",
                      c["warmup_steps"], c["steps_to_target"] if c["steps_to_target"] is not None else "n/a",
                      f"{c['time_to_target_s']:.2f}" if c["time_to_target_s"] is not None else "n/a"])
     return rows
@@ -347,6 +387,12 @@ def worlds_section(plan: dict) -> Section | None:
     return Section("World size", paragraphs=paragraphs, table=table, figures=figures)
 
 
+def skipped_text(plan: dict) -> list[str]:
+    """One paragraph per stage the plan did not run, with the reason."""
+    names = {"lr_check": "LR check", "noise_probe": "Noise probe", "confirm": "Confirmation runs"}
+    return [f"{names.get(k, k)}: {v}." for k, v in (plan.get("skipped") or {}).items()]
+
+
 def plan_sections(plan: dict) -> list[Section]:
     """The report's sections."""
     th = plan["throughput"]
@@ -369,8 +415,12 @@ def plan_sections(plan: dict) -> list[Section]:
             f"Median full step (fetch, forward, backward, optimizer) on a fresh model, fitted as step_s(B) = "
             f"{th['overhead_s'] * 1e3:.3g} ms + {th['per_sample_s'] * 1e6:.3g} µs × B; the fixed cost is a tenth of "
             f"the step near batch {th['saturation_batch']:.0f}. MFU uses FlopCounterMode FLOPs over a peak of "
-            f"{th['peak_flops'] / 1e9:.1f} GFLOP/s ({th['peak_source']})."], figures=[throughput_figure(plan)]),
-        Section("Gradient noise scale", paragraphs=[plan["noise_note"]], figures=[noise_figure(plan)]),
+            f"{th['peak_flops'] / 1e9:.1f} GFLOP/s ({th['peak_source']})." +
+            (f" Goodput bands: {plan['goodput_band_source']}." if plan.get("goodput_band_source") else "") +
+            (f" Tokens/s = samples/s × {plan['tokens_per_sample']} tokens per sample." if plan.get("tokens_per_sample")
+             else "")], figures=[throughput_figure(plan)]),
+        Section("Gradient noise scale", paragraphs=[plan["noise_note"], *skipped_text(plan)],
+                figures=[noise_figure(plan)] if (plan.get("noise_probe") or {}).get("points") else []),
         Section("Goodput and the alternatives", paragraphs=[efficiency_note(plan), plan["lr_rule_note"]],
                 table=_candidate_rows(plan), figures=[goodput_figure(plan)]),
     ]

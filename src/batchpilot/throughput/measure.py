@@ -13,6 +13,7 @@ microbenchmark on CPU, and from the vendors' datasheets for GPUs (:mod:`batchpil
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -24,6 +25,7 @@ import torch
 
 from batchpilot.workloads.data import fetch
 from batchpilot.errors import BatchpilotError
+from batchpilot.throughput.amp import amp_policy, autocast_or_null, peak_dtype
 from batchpilot.throughput.peak_flops import GPU_PEAK_TFLOPS, PeakFlops, cpu_peak_flops, gpu_peak_flops
 from batchpilot.workloads import Workload
 
@@ -227,12 +229,14 @@ def _batch(workload: Workload, batch: int, device: torch.device, dtype: torch.dt
     return x, y.to(device)
 
 
-def _count_flops(model, loss_fn, x, y, units: int) -> float:
+def _count_flops(model, loss_fn, x, y, units: int, policy=None) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        (loss_fn(model(x), y) / units).backward()
+        with autocast_or_null(policy):
+            loss = loss_fn(model(x), y) / units
+        loss.backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
@@ -251,6 +255,7 @@ def measure_throughput(
     peak: PeakFlops | None = None,
     progress: Progress | None = None,
     rounds: int = 4,
+    amp: str | None = None,
 ) -> ThroughputCurve:
     """Time full training steps of a fresh copy of the workload's model at several batch sizes.
 
@@ -270,9 +275,11 @@ def measure_throughput(
             ``timed_steps`` more steps of every batch, round robin, while the budget lasts. A load
             change on a shared machine then hits all batches alike instead of the ones timed last,
             and the per-round medians give the uncertainty of each step-time ratio.
+        amp: ``bf16``/``fp16`` autocast around the forward and the loss (:mod:`batchpilot.throughput.amp`;
+            fp16 only on CUDA); MFU is then against the half-precision peak.
 
     Raises:
-        BatchpilotError: bad arguments, or an unknown GPU without ``peak``.
+        BatchpilotError: bad arguments (fp16 AMP on a CPU), or an unknown GPU without ``peak``.
     """
     if warmup_steps < 0 or timed_steps < 1:
         raise BatchpilotError(f"need warmup_steps >= 0 and timed_steps >= 1, got {warmup_steps}, {timed_steps}")
@@ -286,8 +293,12 @@ def measure_throughput(
     batches = sorted(set(batch_sizes)) if batch_sizes is not None else default_batches(workload.base_batch, cap)
     if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
         raise BatchpilotError(f"batch sizes must be positive integers, got {batches}")
+    policy = amp_policy(amp, dev)
+    if policy is not None and tdtype != torch.float32:
+        raise BatchpilotError(f"--amp keeps fp32 weights: dtype must be float32 with amp, got {dtype!r}")
     if peak is None:
-        peak = cpu_peak_flops(dtype) if dev.type == "cpu" else gpu_peak_flops(torch.cuda.get_device_name(dev), dtype)
+        pd = peak_dtype(amp, dtype)
+        peak = cpu_peak_flops(pd) if dev.type == "cpu" else gpu_peak_flops(torch.cuda.get_device_name(dev), pd)
         if peak is None:
             raise BatchpilotError(f"GPU {torch.cuda.get_device_name(dev)!r} is not in the peak-FLOP/s table; pass peak=")
     start = time.perf_counter()
@@ -298,7 +309,8 @@ def measure_throughput(
         model = workload.make_model().to(device=dev, dtype=tdtype)
         model.train()
         optimizer = workload.make_optimizer(model.parameters(), workload.base_lr)
-        _time_steps(workload, model, optimizer, batches[0], dev, tdtype, 1, 0.0)  # one-time init
+        time_steps = functools.partial(_time_steps, policy=policy)
+        time_steps(workload, model, optimizer, batches[0], dev, tdtype, 1, 0.0)  # one-time init
         for i, batch in enumerate(batches):  # round 1: warm up and time each batch
             if time_budget_s is not None and timings:
                 # the next batch's cost, projected from the last one (step time grows at most linearly)
@@ -310,9 +322,9 @@ def measure_throughput(
             if progress is not None:
                 progress(f"throughput: batch {batch}", 0.6 * i / len(batches))
             x, y = _batch(workload, batch, dev, tdtype)
-            timing = _Timings(flops=_count_flops(model, workload.loss_sum, x, y, max(1, workload.count_units(y))))
-            _time_steps(workload, model, optimizer, batch, dev, tdtype, warmup_steps, 0.0)
-            timing.add_round(*_time_steps(workload, model, optimizer, batch, dev, tdtype, timed_steps, 0.2))
+            timing = _Timings(flops=_count_flops(model, workload.loss_sum, x, y, max(1, workload.count_units(y)), policy))
+            time_steps(workload, model, optimizer, batch, dev, tdtype, warmup_steps, 0.0)
+            timing.add_round(*time_steps(workload, model, optimizer, batch, dev, tdtype, timed_steps, 0.2))
             timings[batch] = timing
         measured = list(timings)
         round_cost = sum(t.median * timed_steps for t in timings.values())
@@ -322,8 +334,7 @@ def measure_throughput(
             if progress is not None:
                 progress(f"throughput: round {r + 1} of {rounds}", 0.6 + 0.4 * r / rounds)
             for batch in measured:
-                timings[batch].add_round(*_time_steps(workload, model, optimizer, batch, dev, tdtype, timed_steps,
-                                                      0.05))
+                timings[batch].add_round(*time_steps(workload, model, optimizer, batch, dev, tdtype, timed_steps, 0.05))
     points = [timings[b].point(b, peak.flops_per_s) for b in measured]
     overhead, per_sample = fit_step_time([p.batch for p in points], [p.step_s for p in points])
     residual = math.sqrt(statistics.fmean(((overhead + per_sample * p.batch) / p.step_s - 1) ** 2 for p in points))
@@ -338,7 +349,7 @@ def measure_throughput(
 
 
 def _time_steps(workload, model, optimizer, batch, dev, tdtype, n_steps, min_time_s: float,
-                max_step_s: float = 1.0) -> tuple[list[float], list[float], list[float]]:
+                max_step_s: float = 1.0, policy=None) -> tuple[list[float], list[float], list[float]]:
     """Time ``n_steps`` full steps (more, up to 8x, until ``min_time_s`` is timed: medians of tiny steps
     on a busy machine need many samples; slow steps stop after three). Returns full, micro, optimizer times."""
     steps: list[float] = []
@@ -350,7 +361,9 @@ def _time_steps(workload, model, optimizer, batch, dev, tdtype, n_steps, min_tim
         _sync(dev)
         t0 = time.perf_counter()
         xb, yb = _batch(workload, batch, dev, tdtype)
-        (workload.loss_sum(model(xb), yb) / max(1, workload.count_units(yb))).backward()
+        with autocast_or_null(policy):
+            loss = workload.loss_sum(model(xb), yb) / max(1, workload.count_units(yb))
+        loss.backward()
         _sync(dev)
         t1 = time.perf_counter()
         optimizer.step()

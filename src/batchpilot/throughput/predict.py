@@ -26,9 +26,10 @@ half the work of the full score matrix that the FLOP formulas count. Ops with no
 
 **Uncertainty.** The efficiencies are assumptions, not calibrations: what one GPU reaches depends on
 shapes, kernels and the host. Until ``bench/gpu_check.py`` has measured them, treat a predicted step
-time as good to a factor of :data:`UNCERTAINTY` either way. Between two batches of the same model
-most of that error is shared (the same kernels at other sizes), which is what the plan's choice
-depends on; the absolute samples/s and time to the target carry the whole band.
+time as good to a factor of :data:`UNCERTAINTY` either way (:mod:`batchpilot.throughput.band`, which also
+calibrates the factor from measured steps). Between two batches of the same model most of that error is
+shared (the same kernels at other sizes): the plan's ties use the smaller relative band, and the absolute
+band goes into every candidate's goodput band.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.throughput.band import DOCUMENTED, UNCERTAINTY, Calibration, StepTimeBand
 from batchpilot.throughput.measure import ThroughputCurve, ThroughputPoint, default_batches, fit_step_time
 from batchpilot.throughput.peak_flops import GPU_PEAK_TFLOPS, gpu_peak_flops
 from batchpilot.workloads import Workload
@@ -54,11 +56,9 @@ BANDWIDTH_EFFICIENCY = 0.7
 """Share of the datasheet memory bandwidth that elementwise, normalisation and optimizer kernels reach."""
 LAUNCH_S = 8e-6
 """Host time per kernel of an eager PyTorch step (dispatch plus CUDA launch): the floor of a small model's step."""
-UNCERTAINTY = 1.5
-"""Predicted step times are good to this factor either way until measured on the device."""
-PREDICTED_SPREAD = 0.05
-"""``step_s_spread`` given to predicted points: the relative error between two batches of one model (the
-planner's ties), small because both share the same kernels and the same assumptions."""
+PREDICTED_SPREAD = DOCUMENTED.relative
+"""``step_s_spread`` given to predicted points: the relative error between two batches of one model, which the
+planner's ties read (:mod:`batchpilot.throughput.band`)."""
 SOURCE_BANDWIDTH = "NVIDIA datasheets (H200, H100 SXM5/PCIe, A100 40/80GB SXM, V100 SXM2, T4, L4, RTX 4090/3090)"
 
 # Peak memory bandwidth, bytes/s, by the device-table name (batchpilot.memory.devices).
@@ -411,12 +411,18 @@ def step_time_model(workload: Workload, device: str | GpuModel, *, dtype: str = 
 
 def predicted_curve(workload: Workload, device: str | GpuModel, batches: Sequence[int], *, dtype: str = "float32",
                     amp: bool = False, checkpointing: bool = False, model: StepTimeModel | None = None,
-                    ) -> ThroughputCurve:
+                    band: StepTimeBand = DOCUMENTED, calibration: Calibration | None = None) -> ThroughputCurve:
     """A :class:`ThroughputCurve` of predicted (not measured) points for an absent GPU.
 
     ``device`` says ``"<name> (predicted, not measured)"`` and ``peak_source`` starts with ``predicted``, so a
-    plan, its table and its report show which numbers are predictions.
+    plan, its table and its report show which numbers are predictions. Each point's ``step_s_spread`` is the
+    band's relative uncertainty (what the planner's ties read); MFU is against the peak of the precision the
+    matmuls run in (the bf16/fp16 tensor-core peak with ``amp``, else fp32; Chowdhery et al. 2022, App. B).
+    A ``calibration`` (:func:`batchpilot.throughput.band.calibrate`) multiplies every step by its efficiency factor
+    and replaces ``band`` with its own.
     """
+    factor = calibration.factor if calibration is not None else 1.0
+    band = calibration.band if calibration is not None else band
     start = time.perf_counter()
     stm = model or step_time_model(workload, device, dtype=dtype, amp=amp, checkpointing=checkpointing)
     bs = sorted({int(b) for b in batches})
@@ -426,16 +432,18 @@ def predicted_curve(workload: Workload, device: str | GpuModel, batches: Sequenc
     points = []
     for b in bs:
         p = stm.predict(b)
-        points.append(ThroughputPoint(batch=b, step_s=p.step_s, micro_s=p.micro_s, optimizer_s=p.optimizer_s,
-                                      step_s_spread=PREDICTED_SPREAD, flops=p.flops, samples_per_s=b / p.step_s,
-                                      mfu=p.flops / p.step_s / peak))
+        step = p.step_s * factor
+        points.append(ThroughputPoint(batch=b, step_s=step, micro_s=p.micro_s * factor,
+                                      optimizer_s=p.optimizer_s * factor, step_s_spread=band.relative, flops=p.flops,
+                                      samples_per_s=b / step, mfu=p.flops / step / peak))
     overhead, per_sample = fit_step_time([p.batch for p in points], [p.step_s for p in points])
     residual = math.sqrt(float(np.mean([((overhead + per_sample * p.batch) / p.step_s - 1) ** 2 for p in points])))
     d = stm.device
     return ThroughputCurve(
         points=tuple(points), overhead_s=overhead, per_sample_s=per_sample, saturation_batch=9 * overhead / per_sample,
-        peak_flops=peak, peak_source=f"predicted, not measured: {d.describe()}; good to x{UNCERTAINTY:g} either way "
-                                     f"until checked on the device",
+        peak_flops=peak, peak_source=f"predicted, not measured: {d.describe()}"
+                                     + (f", x{factor:.3g} as calibrated on {calibration.device}" if calibration else "")
+                                     + f"; {band.describe()}",
         device=f"{d.name} (predicted, not measured)", threads=torch.get_num_threads(), truncated_at=None,
         wall_s=time.perf_counter() - start, step_model="fit" if len(points) >= 3 and residual <= 0.15 else "points",
         fit_residual=residual)
@@ -450,39 +458,68 @@ def is_predicted(curve: ThroughputCurve | dict) -> bool:
 # ---------------------------------------------------------------- the plan's hook
 
 
-def for_plan(workload: Workload, spec: Any, throughput: ThroughputCurve, measured_on: str, *, max_batch: int,
+def for_plan(workload: Workload, spec: Any, throughput: ThroughputCurve | None, measured_on: str, *, max_batch: int,
+             amp: str | None = None, batches: Sequence[int] = (), calibration: Calibration | None = None,
              ) -> tuple[ThroughputCurve, str]:
     """The throughput a plan should use: for a named GPU target that is not here, its predicted curve.
 
     Called by :func:`batchpilot.plan.build.make_plan` after this machine's curve is measured (the LR check and
-    the noise probe still need this machine's step time). Returns ``(curve, measured_on)``: the predicted
-    curve and ``"predicted"`` when ``spec`` names a GPU of the cost model's tables and no CUDA device is
-    measuring; otherwise the inputs unchanged (a CUDA device here is measured; an unnamed or untabled GPU
-    keeps this CPU's curve and the plan's caveat says so).
+    the noise probe still need this machine's step time), or with ``throughput=None`` for a memory-only
+    workload, which is never timed here. Returns ``(curve, measured_on)``: the predicted curve and
+    ``"predicted"`` when ``spec`` names a GPU of the cost model's tables and no CUDA device is measuring;
+    otherwise the inputs unchanged (a CUDA device here is measured; an unnamed or untabled GPU keeps this
+    CPU's curve and the plan's caveat says so). ``amp`` (``bfloat16``/``float16``) predicts autocast steps;
+    ``batches`` are added to the predicted points; a ``calibration`` scales the prediction and sets its band.
+
+    Raises:
+        BatchpilotError: ``throughput`` is ``None`` and there is nothing to predict for (no tabled GPU).
     """
     if getattr(spec, "kind", None) != "cuda" or measured_on != "cpu" or gpu_model(spec.name) is None:
+        if throughput is None:
+            raise BatchpilotError(f"no step-time prediction for device {getattr(spec, 'name', spec)!r}: name a GPU of "
+                                  f"the tables ({', '.join(predictable_gpus())})")
         return throughput, measured_on
-    batches = set(default_batches(workload.base_batch, max_batch)) | {b for b in throughput.batches if b <= max_batch}
-    batches |= {b for b in (workload.base_batch,) if b <= max_batch}
+    known = throughput.batches if throughput is not None else []
+    pts = set(default_batches(workload.base_batch, max_batch)) | {b for b in (*known, *batches) if b <= max_batch}
+    pts |= {b for b in (workload.base_batch,) if b <= max_batch}
     try:
-        curve = predicted_curve(workload, spec.name, sorted(batches))
+        curve = predicted_curve(workload, spec.name, sorted(pts), amp=amp is not None, dtype=amp or "float32",
+                                calibration=calibration)
     except BatchpilotError:
         raise
     except Exception:  # noqa: BLE001 - a model the trace cannot run: keep this CPU's curve (the caveat says so)
+        if throughput is None:
+            raise
         return throughput, measured_on
     return curve, "predicted"
 
 
-def plan_caveats(throughput: ThroughputCurve) -> list[str]:
+def band_of(curve: ThroughputCurve | dict, calibration: Calibration | None = None) -> StepTimeBand | None:
+    """The step-time band of a predicted curve (the calibration's, else the documented one), ``None`` for a
+    measured one."""
+    if not is_predicted(curve):
+        return None
+    return calibration.band if calibration is not None else DOCUMENTED
+
+
+def plan_caveats(throughput: ThroughputCurve, calibration: Calibration | None = None) -> list[str]:
     """The caveat a plan carries when its throughput is predicted."""
-    if not is_predicted(throughput):
+    band = band_of(throughput, calibration)
+    if band is None:
         return []
+    if calibration is not None:
+        name = throughput.device.split(" (")[0]
+        return [f"Throughput is PREDICTED for {name}, which is not here: step times come from the traced FLOPs and "
+                f"bytes of one step against its datasheet peak and bandwidth, times the efficiency factor "
+                f"x{calibration.factor:.3g} measured on {calibration.device} (--calibration). Samples/s, goodput and "
+                f"wall times carry that calibration's band ({band.describe()})."]
     name = throughput.device.split(" (")[0]
     return [f"Throughput is PREDICTED for {name}, which is not here: step times come from the traced FLOPs and bytes "
             f"of one step against its datasheet peak and bandwidth ({MATMUL_EFFICIENCY:.0%} of peak for matmuls, "
             f"{BANDWIDTH_EFFICIENCY:.0%} of bandwidth, {LAUNCH_S * 1e6:.0f} us per kernel; never yet checked on a GPU). "
-            f"Samples/s, goodput and wall times are good to x{UNCERTAINTY:g} either way; memory, the LR check and the "
-            "noise scale are measured or traced as usual."]
+            f"Samples/s, goodput and wall times are good to x{band.high_factor:g} either way (each candidate's "
+            f"goodput_band), and batches whose predicted goodput is within {band.relative:.0%} of the best tie; "
+            "memory is traced as usual."]
 
 
 def curve_dict(stm: StepTimeModel, batches: Sequence[int]) -> list[dict]:
@@ -491,5 +528,5 @@ def curve_dict(stm: StepTimeModel, batches: Sequence[int]) -> list[dict]:
 
 
 __all__ = ["BANDWIDTH_EFFICIENCY", "GPU_BANDWIDTH", "GPU_PEAK_TFLOPS", "GpuModel", "LAUNCH_S", "MATMUL_EFFICIENCY",
-           "OpTrace", "StepPrediction", "StepTimeModel", "UNCERTAINTY", "cpu_model", "for_plan", "gpu_model",
+           "OpTrace", "StepPrediction", "StepTimeModel", "UNCERTAINTY", "band_of", "cpu_model", "for_plan", "gpu_model",
            "is_predicted", "plan_caveats", "predictable_gpus", "predicted_curve", "step_time_model", "trace_ops"]

@@ -34,6 +34,8 @@ def accumulate_gradients(
     loss_scale: float = 1.0,
     after_micro: AfterMicro | None = None,
     no_sync: Callable[[], ContextManager[None]] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    scaler: object | None = None,
 ) -> float:
     """Run forward and backward over ``micro_batches``, adding into ``p.grad``.
 
@@ -50,6 +52,10 @@ def accumulate_gradients(
         no_sync: a context without gradient synchronisation for the non-final micro-batches
             (default: the model's ``no_sync``, as DDP has; an FSDP2 caller passes
             :func:`batchpilot.train.fsdp.no_gradient_sync`).
+        autocast: a factory of the autocast region the forward and the loss run in (mixed precision,
+            :mod:`batchpilot.throughput.amp`); the backward runs outside it, as PyTorch's AMP recipe does.
+        scaler: a ``torch.amp.GradScaler`` (fp16): each backward runs on the scaled loss; the caller
+            unscales before clipping and steps through the scaler.
 
     Returns:
         The global-batch mean loss as a float (this rank's share when ``total_units`` spans ranks).
@@ -66,8 +72,9 @@ def accumulate_gradients(
     for i, (x, y) in enumerate(micro_batches):
         ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
         with ctx:
-            loss = loss_sum(model(x), y) * (loss_scale / total)
-            loss.backward()
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                loss = loss_sum(model(x), y) * (loss_scale / total)
+            (scaler.scale(loss) if scaler is not None else loss).backward()  # type: ignore[attr-defined]
         loss_total += float(loss.detach()) / loss_scale
         if after_micro is not None:
             after_micro(i, units[i])

@@ -60,6 +60,8 @@ class TrainConfig:
             ``fully_shard``, :mod:`batchpilot.train.fsdp`; needs two ranks or more).
         reshard_after_forward: with ``fsdp``, free each unit's gathered parameters after its forward
             (re-gathered for the backward); ``False`` keeps them until the backward.
+        amp: ``bfloat16`` autocast for the forward and the loss, fp32 weights (:mod:`batchpilot.throughput.amp`);
+            ``float16`` needs CUDA and a GradScaler, and the trainer runs on the CPU, so it is refused. ``None``: off.
     """
 
     global_batch: int
@@ -88,6 +90,7 @@ class TrainConfig:
     sync_batchnorm: bool = False
     strategy: str = "ddp"
     reshard_after_forward: bool = True
+    amp: str | None = None
 
     def __post_init__(self) -> None:
         _positive_int("batch", self.global_batch)
@@ -128,6 +131,15 @@ class TrainConfig:
             Target.parse(self.target)
         if self.dtype not in DTYPES:
             raise BatchpilotError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.amp is not None:
+            from batchpilot.throughput.amp import amp_policy
+
+            if self.amp not in ("bfloat16", "float16"):
+                raise BatchpilotError(f"amp must be bfloat16, float16 or None, got {self.amp!r}")
+            if self.dtype != "float32":
+                raise BatchpilotError(f"--amp keeps fp32 weights and autocasts the forward: it needs dtype float32, "
+                                      f"got {self.dtype!r}")
+            amp_policy(self.amp, "cpu")  # the trainer runs on the CPU: fp16 is refused with the way out
         if not self.diverge_factor > 1:
             raise BatchpilotError(f"diverge factor must be > 1, got {self.diverge_factor!r}")
         self._check_batching()

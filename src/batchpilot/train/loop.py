@@ -41,6 +41,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from batchpilot.train.drivers import make_batch_driver
 from batchpilot.workloads.data import EpochBatchSampler, fetch, split_micro
 from batchpilot.errors import BatchpilotError
+from batchpilot.throughput.amp import amp_policy
 from batchpilot.files import atomic_write_text
 from batchpilot.optim import with_optimizer
 from batchpilot.train.regime import load_pretrained
@@ -138,6 +139,9 @@ class Trainer:
             raise BatchpilotError(f"checkpoint every {config.checkpoint_every} steps needs an output directory "
                                   "(--out DIR) to write checkpoint.pt to")
         self.dtype = getattr(torch, config.dtype)
+        self._amp = amp_policy(config.amp, "cpu")  # mixed precision (throughput/amp.py); the trainer runs on the CPU
+        self._autocast = self._amp.autocast if self._amp is not None else None
+        self._scaler = self._amp.make_scaler() if self._amp is not None else None
         self.lr, self.lr_rule = config.resolve_lr(workload)
         self.target = config.resolve_target(workload)
         check_target_metric(self.target, workload)
@@ -189,17 +193,24 @@ class Trainer:
             x, y = fetch(w.train_data, part)
             micro.append((_to_dtype(x, self.dtype), y))
         if self.dist is None:
-            loss = accumulate_gradients(model, micro, w.loss_sum, w.count_units, after_micro=self.after_micro)
+            loss = accumulate_gradients(model, micro, w.loss_sum, w.count_units, after_micro=self.after_micro,
+                                        autocast=self._autocast, scaler=self._scaler)
         else:
             loss = self._ddp_accumulate(micro)
         self._phase = "apply"
+        if self._scaler is not None:  # fp16: gradients back to their true scale before clipping (AMP recipe)
+            self._scaler.unscale_(optimizer)
         if cfg.grad_clip is not None and self.fsdp:
             from batchpilot.train.fsdp import clip_grad_norm
 
             clip_grad_norm(model, cfg.grad_clip)  # the norm of the full gradient, from the shards
         elif cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        if self._scaler is not None:  # skips the step when a gradient overflowed, then adapts the scale
+            self._scaler.step(optimizer)
+            self._scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
@@ -224,7 +235,8 @@ class Trainer:
             no_sync = lambda: no_gradient_sync(self._ddp)  # noqa: E731
         loss = accumulate_gradients(self._ddp, micro, w.loss_sum, w.count_units, total_units=total,
                                     loss_scale=1.0 if self.fsdp else float(d.world_size),
-                                    after_micro=self.after_micro, no_sync=no_sync)
+                                    after_micro=self.after_micro, no_sync=no_sync,
+                                    autocast=self._autocast, scaler=self._scaler)
         if self.rank_noise is not None:
             self.rank_noise.end_step()
         return d.all_reduce_sum([loss])[0]
@@ -567,7 +579,7 @@ class Trainer:
             time_to_target_s=c.time_to_target_s, out_dir=str(self.out_dir) if self.out_dir else None,
             optimizer=cfg.optimizer, batch_mode=_batch_mode(cfg),
             batch_sizes=tuple((s, b) for s, b in self.batching.changes) if self.batching is not None
-            else ((1, cfg.global_batch),),
+            else ((1, cfg.global_batch),), amp=cfg.amp,
         )
 
 

@@ -43,6 +43,8 @@ class TrainResult:
     batch_mode: str = "fixed"
     batch_sizes: tuple[tuple[int, int], ...] = ()
     """``(step, batch)`` pairs: the 1-based optimizer step from which each global batch was used."""
+    amp: str | None = None
+    """Autocast type of the forward and the loss (``bfloat16``), or ``None``: fp32."""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
