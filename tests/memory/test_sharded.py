@@ -119,3 +119,11 @@ def test_cli_json_carries_the_sharded_breakdown(capsys):
 def test_cli_bad_input(argv, message, capsys):
     assert main(["memory", *TINY, *argv, "--json"]) == 2
     assert message in capsys.readouterr().err
+
+
+@needs_fsdp
+def test_dtensor_shape_inference_is_not_charged_to_the_rank(charlm):
+    """DTensor infers the optimizer's output shapes on global-shape fake tensors the first time it sees an op:
+    not memory of the rank (a world size no other test uses, so its propagation cache is cold)."""
+    t = trace_sharded_step(charlm, 2, ShardingConfig("fsdp", 3))
+    assert t.phase_peak_bytes["step1.optimizer"] <= t.phase_peak_bytes["step2.optimizer"]

@@ -91,12 +91,24 @@ def test_one_rank_that_cannot_hold_the_states_is_left_out(workload, fake_memory)
 def test_fast_links_recommend_more_ranks_and_slow_links_fewer(workload, fake_memory):
     fast, slow = _plan(workload, 1000.0), _plan(workload, 0.01)
     assert fast["world_size"] > 1 and slow["world_size"] == 1
+    assert any("reduce-scatters the gradients" in c for c in fast["caveats"])
     slow2 = next(r for r in slow["worlds"]["table"] if r["world_size"] == 2)
     assert slow2["comm_s"] > 0.5 * slow2["step_s"]
 
 
-def test_ddp_is_compared_where_it_fits(workload, fake_memory):
+def test_ddp_is_compared_where_it_fits(workload, fake_memory, tmp_path, capsys, monkeypatch):
+    from batchpilot.cli.plan_cmd import render_plan
+    from batchpilot.report.plan_report import write_plan_report
+
     d = _plan(workload, 1.0)
+    monkeypatch.setenv("COLUMNS", "200")
+    render_plan(d, tmp_path, report=False, written=False)
+    text = capsys.readouterr().out
+    assert "fsdp (ZeRO-3) by world size" in text and "ddp goodput" in text
+    write_plan_report(d, tmp_path / "report.html")
+    html = (tmp_path / "report.html").read_text()
+    assert "DDP goodput" in html and "all-gather + reduce-scatter" in html
+    assert not any("ring all-reduce" in c for c in d["caveats"])
     for r in d["worlds"]["table"]:
         assert r["ddp"] is not None and r["faster"] in ("ddp", "fsdp")
         if r["world_size"] > 1:  # resharding adds a third collective: FSDP moves 1.5x DDP's bytes

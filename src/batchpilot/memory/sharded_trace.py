@@ -24,7 +24,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -117,6 +117,32 @@ def _tracker(model: Any, optimizer: Any, offload: bool) -> Any:
     return DevicePeakTracker(model, optimizer)
 
 
+@contextlib.contextmanager
+def _separate_propagation_mode() -> Iterator[None]:
+    """Let DTensor's sharding propagation run its shape inference in a fake mode of its own.
+
+    ``ShardingPropagator`` infers an op's output metadata by running it on global-shape fake tensors
+    in ``detect_fake_mode() or FakeTensorMode()``: under our fake mode it would reuse ours, and the tracker
+    would charge those global-shape tensors to the rank (once per op signature: the first optimizer step
+    showed 3x the unsharded model). ``FSDPMemTracker`` skips ops from any other fake mode; this gives
+    propagation one.
+    """
+    try:
+        from torch.distributed.tensor import _sharding_prop as sp
+    except Exception:  # noqa: BLE001 - no DTensor propagation to separate
+        yield
+        return
+    if not hasattr(sp, "detect_fake_mode"):
+        yield
+        return
+    orig = sp.detect_fake_mode
+    sp.detect_fake_mode = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        sp.detect_fake_mode = orig
+
+
 def trace_sharded_step(workload: Workload, batch: int, config: ShardingConfig, *, dtype: str = "float32",
                        amp: bool = False, checkpointing: bool = False, target: str = "cpu",
                        optimizer_impl: str = "default") -> ShardedStepTrace:
@@ -149,7 +175,8 @@ def trace_sharded_step(workload: Workload, batch: int, config: ShardingConfig, *
     phase_peaks: dict[str, int] = {}
     best: tuple[int, dict[str, int], str] = (-1, {}, "")
     with torch.random.fork_rng(devices=[]), preserved_host_rng(), _cuda_block_rounding(target == "cuda"), \
-            cuda_attention(target == "cuda"), fake_process_group(config.world_size) as mesh, FakeTensorMode():
+            cuda_attention(target == "cuda"), fake_process_group(config.world_size) as mesh, _separate_propagation_mode(), \
+            FakeTensorMode():
         model, _ = build_step_objects(workload, param_dtype, amp=False, checkpointing=checkpointing,
                                       optimizer_impl="default")
         units = apply_fully_shard(model, config, mesh, mp_dtype=mp_dtype)

@@ -272,10 +272,13 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
         worlds_info["compatible_world_sizes"] = wd.compatible_world_sizes(chosen.global_batch)
 
     # 7. the words and the record
-    caveats = caveats_for(workload=workload, chosen=chosen, probe=probe, throughput=throughput, curve=curve,
-                          batchnorm=has_batchnorm(workload), measured_on=measure_device, spec=spec,
-                          candidates=candidates, world_size=world_size, b_noise_used=b_noise_used,
+    caveats = caveats_for(workload=workload, chosen=chosen, probe=probe, throughput=throughput,
+                          curve=common["memory"], batchnorm=has_batchnorm(workload), measured_on=measure_device,
+                          spec=spec, candidates=candidates, world_size=1 if sharded is not None else world_size,
+                          b_noise_used=b_noise_used,
                           comm_note=worlds_info["comm"]["source"] if "comm" in worlds_info else None)
+    if sharded is not None:  # FSDP's collectives instead of the all-reduce's words
+        caveats += sw.fsdp_caveats(worlds_info, world_size)
     caveats += predict.plan_caveats(throughput)  # says so when the throughput is predicted
     if extrapolation and extrapolation > 1:
         caveats.append(f"the probe stopped before the target: the samples to {workload.target} at the base batch are "

@@ -226,3 +226,18 @@ def fsdp_worlds(sharded: FsdpMemory, comm: CommModel, world_sizes: Sequence[int]
                                 for w, m in sorted(sharded.memories.items())},
             "comm": comm.to_dict()}
     return step, info, recommended
+
+
+def fsdp_caveats(worlds: dict, world_size: int) -> list[str]:
+    """What a reader of an FSDP plan should know: the collectives' model, and DDP where it is predicted faster."""
+    out = []
+    if world_size > 1:
+        again = " and again before the backward" if worlds.get("reshard_after_forward") else ""
+        out.append(f"fsdp over {world_size} ranks: each micro-batch all-gathers the parameters before the forward{again} "
+                   f"and reduce-scatters the gradients ({worlds['comm']['source']}), counted without overlap with "
+                   "compute, so the step time is an upper bound.")
+    row = next((r for r in worlds.get("table", []) if r["world_size"] == world_size), None)
+    if row and row.get("faster") == "ddp":
+        out.append(f"at {world_size} ranks DDP also fits and is predicted faster (goodput {row['ddp']['goodput']:.0f} "
+                   f"against {row['goodput']:.0f}): sharding saves memory this model does not need there.")
+    return out
