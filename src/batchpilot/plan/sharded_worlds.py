@@ -140,7 +140,8 @@ def compare_strategies(world_sizes: Sequence[int], best_fsdp: Callable[[int], ob
         r["speedup"] = r["goodput"] / first["goodput"]
         r["scaling_efficiency"] = r["speedup"] * first["world_size"] / r["world_size"]
         ddp = r["ddp"]
-        r["faster"] = "fsdp" if ddp is None or r["goodput"] >= ddp["goodput"] else "ddp"
+        r["faster"] = ("fsdp" if ddp is None or r["goodput"] > ddp["goodput"] else
+                       "same" if r["goodput"] == ddp["goodput"] else "ddp")
     recommended = min(r["world_size"] for r in fitting if r["goodput"] >= (1 - RECOMMEND_MARGIN) * top)
     return rows, recommended
 
