@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from batchpilot.errors import BatchpilotError
@@ -46,7 +46,6 @@ class ShardedMemory:
     curve: MemoryCurve
     units: tuple[str, ...] = ()
     host_bytes: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.host_bytes < 0:
@@ -76,7 +75,7 @@ class ShardedMemory:
                 "groups": {"sharded_states": self.sharded_state_bytes, "in_flight": self.in_flight_bytes,
                            "activations": int(b.get("activations", 0)), "temporaries": int(b.get("temporaries", 0)),
                            "inputs": int(b.get("inputs", 0)) + int(b.get("buffers", 0))},
-                "host_bytes": self.host_bytes, "curve": self.curve.to_dict(), **self.extra}
+                "host_bytes": self.host_bytes, "curve": self.curve.to_dict()}
 
 
 def sharded_memory(workload: Workload, config: ShardingConfig, *, batch_sizes: Sequence[int] | None = None,
