@@ -127,3 +127,10 @@ def test_dtensor_shape_inference_is_not_charged_to_the_rank(charlm):
     not memory of the rank (a world size no other test uses, so its propagation cache is cold)."""
     t = trace_sharded_step(charlm, 2, ShardingConfig("fsdp", 3))
     assert t.phase_peak_bytes["step1.optimizer"] <= t.phase_peak_bytes["step2.optimizer"]
+
+
+def test_ddp_json_says_it_is_the_memory_per_rank(capsys):
+    small = ["--workload", "mnist1d-mlp", "--workload-opt", "num_train=200", "--workload-opt", "num_val=50"]
+    assert main(["memory", *small, "--world-size", "4", "--json", "--no-what-if", "--batch-sizes", "16,32"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sharding"] == {"strategy": "ddp", "world_size": 4, "reshard_after_forward": True, "cpu_offload": False}
