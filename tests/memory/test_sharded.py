@@ -134,3 +134,24 @@ def test_ddp_json_says_it_is_the_memory_per_rank(capsys):
     assert main(["memory", *small, "--world-size", "4", "--json", "--no-what-if", "--batch-sizes", "16,32"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["sharding"] == {"strategy": "ddp", "world_size": 4, "reshard_after_forward": True, "cpu_offload": False}
+
+
+@needs_fsdp
+def test_an_untraceable_model_is_a_clear_error():
+    import dataclasses
+
+    import torch
+
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.lin(x) if x.sum().item() > 0 else self.lin(-x)  # .item() cannot run on fake tensors
+
+    base = get_workload("mnist1d-mlp", num_train=200, num_val=50)
+    data = [(torch.ones(4), torch.tensor(0))] * 8
+    w = dataclasses.replace(base, make_model=DataDependent, train_data=data, val_data=data)
+    with pytest.raises(BatchpilotError, match="fake-tensor FSDP trace failed"):
+        sharded_memory(w, ShardingConfig("fsdp", 2), batch_sizes=[2])

@@ -87,8 +87,8 @@ def sharded_memory(workload: Workload, config: ShardingConfig, *, batch_sizes: S
     per rank. A ``ddp`` config returns the replicated curve.
 
     Raises:
-        BatchpilotError: bad options, or a torch without FSDP2's tracker (there is no fallback: a real
-            measurement of FSDP needs several processes).
+        BatchpilotError: bad options, a model the trace cannot run, or a torch without FSDP2's tracker
+            (there is no fallback: a real measurement of FSDP needs several processes).
     """
     if dtype not in DTYPES:
         raise BatchpilotError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -110,8 +110,15 @@ def sharded_memory(workload: Workload, config: ShardingConfig, *, batch_sizes: S
     start = time.perf_counter()
 
     def one(b: int) -> ShardedStepTrace:
-        return trace_sharded_step(workload, b, config, dtype=dtype, amp=amp, checkpointing=checkpointing,
-                                  target=target, optimizer_impl=optimizer_impl)
+        try:
+            return trace_sharded_step(workload, b, config, dtype=dtype, amp=amp, checkpointing=checkpointing,
+                                      target=target, optimizer_impl=optimizer_impl)
+        except BatchpilotError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an untraceable model: say so in one line
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise BatchpilotError(f"workload {workload.name!r}: the fake-tensor FSDP trace failed at micro-batch {b} "
+                                  f"({type(exc).__name__}: {first}); there is no fallback for --strategy fsdp") from exc
 
     traces = [one(b) for b in batches]
     while (batch_sizes is None and len(traces) < MAX_TRACES
