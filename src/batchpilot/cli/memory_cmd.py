@@ -38,6 +38,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="global batch for the accumulation what-if (default: the workload's base batch)")
     p.add_argument("--no-what-if", action="store_true", help="skip the checkpointing/bf16 what-if traces")
     p.add_argument("--probe", action="store_true", help="confirm the largest micro-batch with real steps (needs CUDA)")
+    shard = p.add_argument_group("data parallelism (memory per rank)")
+    shard.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                       help="ddp: replicated states (default); fsdp: FSDP2 fully_shard, states sharded over the ranks")
+    shard.add_argument("--world-size", default="1", metavar="N[,N...]",
+                       help="data-parallel ranks, or a list such as 1,2,4,8 (one row per size; default 1)")
+    shard.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                       help="fsdp: free each block's gathered parameters after its forward and gather them again in "
+                            "the backward (ZeRO-3, default); --no-reshard-after-forward keeps them (ZeRO-2-like)")
+    shard.add_argument("--cpu-offload", action="store_true",
+                       help="fsdp: keep sharded parameters, gradients and optimizer state in host memory")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="directory for memory.json, memory.png and memory.html (default: write nothing)")
@@ -105,10 +115,17 @@ def run(args: argparse.Namespace) -> int:
                               "Without --probe, batchpilot memory predicts M(B) from the fake-tensor trace alone "
                               "(no GPU needed)")
     batches = _batches(args.batch_sizes)
+    from batchpilot.cli.memory_sharded import sharding_from_args
+
+    sharding = sharding_from_args(args)
     for flag, value in (("--global-batch", args.global_batch), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:
             raise BatchpilotError(f"{flag} must be a positive integer, got {value}")
     workload = _load(args)
+    if sharding[0].sharded:
+        from batchpilot.cli.memory_sharded import run_sharded
+
+        return run_sharded(args, workload, device, sharding, batches)
     global_batch = args.global_batch if args.global_batch is not None else workload.base_batch
     curve = memory_curve(workload, batch_sizes=batches, dtype=args.dtype, amp=args.amp,
                          checkpointing=args.checkpointing, device=device.kind, seq_len=args.seq_len)
@@ -129,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         probe = probe_workload(_with_seq(workload, args.seq_len), curve.max_micro_batch(device.usable_bytes),
                                device="cuda", dtype=args.dtype, amp=args.amp, checkpointing=args.checkpointing)
     data = result_dict(workload, curve, device, scenarios, probe)
+    data["sharding"] = sharding[-1].to_dict()  # ddp: every rank holds the model, so this is the memory per rank
     failed = None
     if args.out:
         from batchpilot.cli.common import _clean

@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--world-size", default="1", metavar="N[,N...]",
                    help="data-parallel ranks (default 1), or a list such as 1,2,4,8: plan at each, recommend one, and "
                         "list how the global batch splits at other sizes")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                   help="ddp: replicated (default); fsdp: FSDP2, memory per rank traced at each world size, all-gathers "
+                        "and reduce-scatters in the step time, DDP compared where it fits (docs/fsdp.md)")
+    p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="fsdp: gather each block again in the backward (ZeRO-3, default) or keep it (ZeRO-2-like)")
     p.add_argument("--allreduce-gbps", type=float, default=None, metavar="GB/S",
                    help="all-reduce bus bandwidth for world sizes > 1 (default: measured between two gloo processes here)")
     p.add_argument("--lr-rule", choices=LR_RULES, default=None, help="LR scaling rule (default: sqrt for Adam-type, linear otherwise)")
@@ -107,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                          throughput_budget_s=args.throughput_budget, lr_check=args.lr_check,
                          lr_check_budget_s=args.lr_check_budget, confirm=args.confirm,
                          confirm_budget_s=args.confirm_budget, threads=args.threads, seed=args.seed,
-                         progress=progress, amp=amp, noise_scale=args.noise_scale, calibration=calibration)
+                         progress=progress, amp=amp, noise_scale=args.noise_scale, calibration=calibration,
+                         strategy=args.strategy, reshard_after_forward=args.reshard_after_forward)
         plan = dataclasses.replace(plan, workload_spec=spec)
         failed = _write_outputs(plan, out, report=not args.no_report, progress=progress)
     plan_json = out / "plan.json"
@@ -196,7 +202,9 @@ def render_plan(plan: dict, out: Path, *, report: bool = True, written: bool = T
         alts.add_row(name, str(a["global_batch"]), f"{a['samples_per_s']:.0f}", f"{a['efficiency']:.3f}",
                      f"{a['goodput']:.0f}", f"{t:.2f}" if t is not None else "n/a")
     console.print(alts)
-    if plan.get("worlds", {}).get("table"):
+    if plan.get("worlds", {}).get("strategy") == "fsdp":
+        render_fsdp_worlds(plan["worlds"], console)
+    elif plan.get("worlds", {}).get("table"):
         render_worlds(plan["worlds"], console)
     console.print(f"[bold]Why:[/bold] {plan['why']}")
     for c in plan["caveats"]:
@@ -263,6 +271,27 @@ def render_worlds(worlds: dict, console) -> None:
                        else f"{e['world_size']}: incompatible" for e in worlds.get("elastic", []))
     console.print(f"the chosen global batch at other world sizes (ranks: micro x accumulation): {splits}; it divides "
                   f"over {len(worlds.get('compatible_world_sizes', []))} world sizes up to 1024")
+
+
+def render_fsdp_worlds(worlds: dict, console) -> None:
+    """The FSDP world-size table, with DDP's best beside it where the replicated step fits."""
+    from rich.table import Table
+
+    mode = "ZeRO-3" if worlds.get("reshard_after_forward", True) else "ZeRO-2-like"
+    table = Table(title=f"fsdp ({mode}) by world size (recommended: {worlds['recommended']}; link "
+                        f"{worlds['comm']['source']})")
+    for col in ("ranks", "max micro", "micro×acc", "batch", "step ms", "AG+RS ms", "goodput", "ddp goodput", "faster"):
+        table.add_column(col, no_wrap=True)
+    for r in worlds["table"]:
+        ddp = r.get("ddp")
+        table.add_row(str(r["world_size"]), str(r["max_micro_batch_per_rank"]),
+                      f"{r['micro_batch_per_rank']}×{r['accumulation_steps']}", str(r["global_batch"]),
+                      f"{r['step_s'] * 1e3:.2f}", f"{r['comm_s'] * 1e3:.2f}", f"{r['goodput']:.0f}",
+                      f"{ddp['goodput']:.0f}" if ddp else "does not fit", r["faster"])
+    console.print(table)
+    if worlds.get("not_fitting"):
+        console.print(f"no micro-batch fits under fsdp at {', '.join(map(str, worlds['not_fitting']))} rank(s)")
+    console.print(f"FSDP units: {', '.join(worlds['units'])}")
 
 
 def _split_for(plan: dict, world: int, path: str) -> dict:

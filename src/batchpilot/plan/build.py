@@ -16,6 +16,7 @@ from torch import nn
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.plan import goodput as gp
+from batchpilot.plan import sharded_worlds as sw
 from batchpilot.plan import worlds as wd
 from batchpilot.plan.measured_noise import confirm as _confirm
 from batchpilot.plan.measured_noise import noise_from_probe
@@ -84,6 +85,8 @@ def make_plan(
     amp: str | None = None,
     noise_scale: float | None = None,
     calibration: Calibration | None = None,
+    strategy: str = "ddp",
+    reshard_after_forward: bool = True,
 ) -> Plan:
     """Measure the workload and choose the goodput-optimal configuration.
 
@@ -118,10 +121,15 @@ def make_plan(
             that is present or tabled for prediction, and without ``noise_scale`` its goodput is throughput.
         calibration: measured/predicted step times on a GPU (:func:`batchpilot.throughput.band.load_calibration`):
             a predicted step time is multiplied by its factor and carries its band instead of the documented one.
+        strategy: ``ddp`` (replicated) or ``fsdp`` (FSDP2: memory per rank traced at each world size, the
+            all-gathers and reduce-scatters in the step time, DDP compared where it fits: :mod:`.sharded_worlds`).
+        reshard_after_forward: FSDP's ZeRO-3 (True) or ZeRO-2-like (False) mode.
     """
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise BatchpilotError(f"world size must be a positive integer, got {world_size!r}")
+    if strategy not in ("ddp", "fsdp"):
+        raise BatchpilotError(f"strategy must be ddp or fsdp, got {strategy!r}")
     if lr_rule is not None and lr_rule not in LR_RULES:
         raise BatchpilotError(f"lr rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
     for name, value in (("throughput budget", throughput_budget_s), ("noise budget", noise_budget_s),
@@ -139,14 +147,15 @@ def make_plan(
                           confirm_budget_s=confirm_budget_s, seed=seed, progress=progress, probe=probe,
                           throughput=throughput, world_sizes=tuple(world_sizes) if world_sizes else None,
                           allreduce_gbps=allreduce_gbps, comm=comm, amp=amp, noise_scale=noise_scale,
-                          calibration=calibration)
+                          calibration=calibration, strategy=strategy, reshard_after_forward=reshard_after_forward)
     finally:
         torch.set_num_threads(before)
 
 
 def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throughput_budget_s, noise_budget_s,
                lr_check, lr_check_budget_s, confirm, confirm_budget_s, seed, progress, probe, throughput,
-               world_sizes=None, allreduce_gbps=None, comm=None, amp=None, noise_scale=None, calibration=None) -> Plan:
+               world_sizes=None, allreduce_gbps=None, comm=None, amp=None, noise_scale=None, calibration=None,
+               strategy="ddp", reshard_after_forward=True) -> Plan:
     from batchpilot.memory import memory_curve, resolve_device
 
     if world_sizes:
@@ -173,8 +182,16 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
         step(f"memory: tracing {workload.name}", 0.0)
     curve = memory_curve(workload, device="cuda" if spec.kind == "cuda" else "cpu", amp=amp is not None,
                          dtype=amp or "float32")
-    curve.check_budget(spec.usable_bytes, f"the usable memory of {spec.name}")
-    max_micro = curve.max_micro_batch(spec.usable_bytes)
+    sharded = None
+    if strategy == "fsdp":  # memory per rank at every world size; the replicated curve stays for DDP's column
+        world_sizes = world_sizes or (world_size,)
+        # fp32 master weights; with amp, FSDP's mixed precision computes in bf16 (memory/sharded_trace.py)
+        sharded = sw.fsdp_memory(workload, world_sizes, spec, reshard_after_forward=reshard_after_forward,
+                                 amp=amp is not None)
+        max_micro = sharded.max_micro[world_sizes[0]] or max(sharded.max_micro.values())
+    else:
+        curve.check_budget(spec.usable_bytes, f"the usable memory of {spec.name}")
+        max_micro = curve.max_micro_batch(spec.usable_bytes)
     timings["memory"] = time.perf_counter() - t0
     # the training set caps the batch; a memory-only workload's random tokens are not the user's data
     max_global = (max_micro * max(world_sizes or (world_size,)) * gp.MAX_ACCUMULATION if memory_only
@@ -264,7 +281,21 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
     if step:
         step("plan: goodput search", 0.0)
     worlds_info: dict = {}
-    if max(world_sizes or (world_size,)) > 1:  # the all-reduce term (plan/worlds.py)
+    elastic_sizes: Sequence[int] | None = None
+    if sharded is not None:  # FSDP: all-gathers and reduce-scatters per micro-batch (plan/sharded_worlds.py)
+        comm = comm or (wd.comm_model(workload, allreduce_gbps=allreduce_gbps) if max(world_sizes) > 1 else
+                        CommModel(wd.gradient_bytes(workload), 1.0, 0.0, "none needed: one rank"))
+        fsdp_step, worlds_info, world_size = sw.fsdp_worlds(
+            sharded, comm, world_sizes, curve=curve, usable_bytes=spec.usable_bytes, common=common,
+            micro_choices=micro_choices, max_global_batch=max_global, b_noise=b_noise_used,
+            throughput=throughput)
+        max_micro = sharded.max_micro[world_size]
+        max_batch = min(max_micro, max_global // world_size)
+        common["throughput"] = fsdp_step(world_size)
+        common["memory"] = sharded.memories[world_size].curve
+        with_comm = fsdp_step
+        elastic_sizes = world_sizes  # only the traced sizes: the largest micro-batch differs at each
+    elif max(world_sizes or (world_size,)) > 1:  # the all-reduce term (plan/worlds.py)
         comm = comm or wd.comm_model(workload, allreduce_gbps=allreduce_gbps)
         with_comm = lambda w: wd.StepTimeWithComm(throughput, comm.allreduce_s(w))  # noqa: E731
         if world_sizes:
@@ -295,16 +326,20 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
     if worlds_info:
         listed = world_sizes or (world_size,)
         sizes = sorted(set(listed) | {1 << i for i in range(max(listed).bit_length())})  # and the powers of two
-        worlds_info["elastic"] = wd.elastic_splits(chosen.global_batch, sizes, max_micro_batch=max_micro,
-                                                   step_model=with_comm)
+        per_world = (lambda w: sharded.max_micro[w]) if sharded is not None else max_micro  # noqa: E731
+        worlds_info["elastic"] = wd.elastic_splits(chosen.global_batch, elastic_sizes or sizes,
+                                                   max_micro_batch=per_world, step_model=with_comm)
         worlds_info["compatible_world_sizes"] = wd.compatible_world_sizes(chosen.global_batch)
 
     # 7. the words and the record
-    caveats = caveats_for(workload=workload, chosen=chosen, probe=probe, throughput=throughput, curve=curve,
-                          batchnorm=has_batchnorm(workload), measured_on=measure_device, spec=spec,
-                          candidates=candidates, world_size=world_size, b_noise_used=b_noise_used,
+    caveats = caveats_for(workload=workload, chosen=chosen, probe=probe, throughput=throughput,
+                          curve=common["memory"], batchnorm=has_batchnorm(workload), measured_on=measure_device,
+                          spec=spec, candidates=candidates, world_size=1 if sharded is not None else world_size,
+                          b_noise_used=b_noise_used,
                           comm_note=worlds_info["comm"]["source"] if "comm" in worlds_info else None,
                           num_train=None if memory_only else workload.num_train)
+    if sharded is not None:  # FSDP's collectives instead of the all-reduce's words
+        caveats += sw.fsdp_caveats(worlds_info, world_size)
     caveats += predict.plan_caveats(throughput, calibration)  # says so when the throughput is predicted
     if source is not None:
         caveats += no_training.caveats(source, lr_checked=checked is not None, memory_only=memory_only,

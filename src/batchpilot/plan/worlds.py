@@ -220,11 +220,12 @@ def compare_world_sizes(world_sizes: Sequence[int], best_at: Callable[[int], obj
     return rows, recommended
 
 
-def elastic_splits(global_batch: int, world_sizes: Sequence[int], *, max_micro_batch: int, step_model: Callable[[int], object]
-                   ) -> list[dict]:
+def elastic_splits(global_batch: int, world_sizes: Sequence[int], *, max_micro_batch: int | Callable[[int], int],
+                   step_model: Callable[[int], object]) -> list[dict]:
     """How ``global_batch`` splits at each world size: the fastest micro-batch that fits and divides.
 
-    ``step_model(W)`` returns a step-time model at W. A world size that does not divide the global
+    ``step_model(W)`` returns a step-time model at W; ``max_micro_batch`` is one cap, or the cap at W
+    (FSDP: the memory per rank changes with W). A world size that does not divide the global
     batch is listed as incompatible (the batch would have to change, and with it the LR and the plan).
     """
     out = []
@@ -234,7 +235,11 @@ def elastic_splits(global_batch: int, world_sizes: Sequence[int], *, max_micro_b
             out.append({"world_size": w, "compatible": False,
                         "reason": f"{global_batch} does not divide over {w} ranks"})
             continue
-        divisors = [d for d in range(1, min(per_rank, max_micro_batch) + 1) if per_rank % d == 0]
+        cap = max_micro_batch(w) if callable(max_micro_batch) else max_micro_batch
+        divisors = [d for d in range(1, min(per_rank, cap) + 1) if per_rank % d == 0]
+        if not divisors:
+            out.append({"world_size": w, "compatible": False, "reason": f"no micro-batch fits at {w} ranks"})
+            continue
         model = step_model(w)
         micro = min(divisors, key=lambda d: (model.step_s(d, per_rank // d), -d))  # type: ignore[attr-defined]
         step = model.step_s(micro, per_rank // micro)  # type: ignore[attr-defined]

@@ -344,7 +344,7 @@ def worlds_figure(plan: dict):
     ax.minorticks_off()
     ax.set_xlabel("world size (data-parallel ranks)")
     ax.set_ylabel("goodput (samples/s)")
-    ax.set_title("Goodput across world sizes (all-reduce included)")
+    ax.set_title("Goodput across world sizes (communication included)")
     ax.legend(fontsize=8)
     return fig
 
@@ -356,7 +356,18 @@ def worlds_section(plan: dict) -> Section | None:
         return None
     paragraphs = []
     comm = worlds.get("comm")
-    if comm:
+    fsdp = worlds.get("strategy") == "fsdp"
+    if fsdp:
+        sc = worlds.get("sharded_comm") or {}
+        paragraphs.append(
+            f"FSDP (FSDP2 fully_shard over units {', '.join(worlds.get('units', []))}): every micro-batch all-gathers "
+            f"the {_fmt_bytes(sc.get('param_bytes', 0))} of parameters before the forward"
+            + (" and again before the backward" if sc.get("reshard_after_forward") else "")
+            + f", and reduce-scatters the gradients after it; each moves (W−1)/W × bytes / bandwidth ({comm['source']}). "
+            "The largest micro-batch per rank is traced at each world size; DDP's best is shown where the "
+            "replicated step fits." + (f" Nothing fits under FSDP at {worlds['not_fitting']} rank(s)."
+                                      if worlds.get("not_fitting") else ""))
+    elif comm:
         paragraphs.append(f"Each optimizer step adds a ring all-reduce of the {_fmt_bytes(comm['gradient_bytes'])} gradient, "
                           f"2(W−1)/W × bytes / bandwidth + 2(W−1) × latency ({comm['source']}).")
     table = None
@@ -368,15 +379,20 @@ def worlds_section(plan: dict) -> Section | None:
         paragraphs.append(f"Recommended world size: {rec}, the smallest whose goodput is within "
                           f"{margin:.0%} of the best listed." if isinstance(margin, (int, float)) else
                           f"Recommended world size: {rec}.")
-        table = [["world size", "global batch = micro × accum × ranks", "step (ms)", "all-reduce (ms)", "samples/s",
-                  "efficiency", "goodput", "speedup", "scaling efficiency", "pred. time (s)"]]
+        table = [["world size", "global batch = micro × accum × ranks", "step (ms)",
+                  "all-gather + reduce-scatter (ms)" if fsdp else "all-reduce (ms)", "samples/s",
+                  "efficiency", "goodput", "speedup", "scaling efficiency", "pred. time (s)"]
+                 + (["largest micro-batch per rank", "DDP goodput"] if fsdp else [])]
         for r in rows:
             t = r.get("time_to_target_s")
+            ddp = r.get("ddp")
+            extra = [r["max_micro_batch_per_rank"], f"{ddp['goodput']:.0f}" if ddp else "does not fit"] if fsdp else []
             table.append([f"{r['world_size']}{' ★' if r['world_size'] == rec else ''}",
                           f"{r['global_batch']} = {r['micro_batch_per_rank']} × {r['accumulation_steps']} × {r['world_size']}",
-                          f"{r['step_s'] * 1e3:.3g}", f"{r['allreduce_s'] * 1e3:.3g}", f"{r['samples_per_s']:.0f}",
-                          f"{r['efficiency']:.3f}", f"{r['goodput']:.0f}", f"{r['speedup']:.2f}×",
-                          f"{r['scaling_efficiency']:.0%}", f"{t:.2f}" if t is not None else "n/a"])
+                          f"{r['step_s'] * 1e3:.3g}", f"{r.get('comm_s', r['allreduce_s']) * 1e3:.3g}",
+                          f"{r['samples_per_s']:.0f}", f"{r['efficiency']:.3f}", f"{r['goodput']:.0f}",
+                          f"{r['speedup']:.2f}×", f"{r['scaling_efficiency']:.0%}", f"{t:.2f}" if t is not None else "n/a",
+                          *extra])
         figures.append(worlds_figure(plan))
     elastic = [e for e in worlds.get("elastic") or [] if e.get("compatible")]
     if elastic:
