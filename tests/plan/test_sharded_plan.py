@@ -40,7 +40,7 @@ def test_collective_volume_and_time():
                                           bus_gbps=1.0, latency_s=0.0, source="x"), **bad})
 
 
-def _fake_fsdp_memory(workload, world_sizes, spec, *, reshard_after_forward=True):
+def _fake_fsdp_memory(workload, world_sizes, spec, *, reshard_after_forward=True, amp=False):
     """States / W + 1 MB in flight + 40 kB per sample, as a traced FSDP curve would give."""
     mems = {}
     for w in world_sizes:
@@ -125,3 +125,33 @@ def test_nothing_fits_anywhere_is_a_clear_error(workload, fake_memory):
 def test_bad_strategy_is_refused(workload):
     with pytest.raises(BatchpilotError, match="strategy must be ddp or fsdp"):
         make_plan(workload, probe=fake_probe(), throughput=fake_curve(), strategy="zero3")
+
+
+def test_train_plan_takes_fsdp_from_an_fsdp_plan_only_with_two_ranks(workload, fake_memory, tmp_path, monkeypatch):
+    """``train --plan`` on an FSDP plan shards (with the plan's resharding) when it has >= 2 ranks; an explicit
+    ``--strategy`` wins, and one process stays unsharded (FSDP needs two ranks)."""
+    import dataclasses
+    import json
+
+    from batchpilot.cli import build_parser
+    from batchpilot.cli.plan_cmd import apply_plan_to_train_args
+
+    plan = make_plan(workload, probe=fake_probe(), throughput=fake_curve(), threads=1, world_sizes=[2, 4],
+                     allreduce_gbps=1000.0, confirm=False, strategy="fsdp", device="cpu", memory=BUDGET,
+                     reshard_after_forward=False)
+    spec = {"kind": "builtin", "name": "mnist1d-mlp", "options": {"num_train": 4000, "num_val": 100}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(dataclasses.replace(plan, workload_spec=spec).to_dict()))
+
+    def args_for(*extra):
+        return build_parser().parse_args(["train", "--plan", str(path), *extra])
+
+    two = args_for("--nproc", "2")
+    apply_plan_to_train_args(two)
+    assert two.strategy == "fsdp" and two.reshard_after_forward is False
+    explicit = args_for("--nproc", "2", "--strategy", "ddp")
+    apply_plan_to_train_args(explicit)
+    assert explicit.strategy == "ddp"
+    one = args_for()
+    apply_plan_to_train_args(one)
+    assert one.strategy is None  # the trainer's default, ddp: one process shards nothing

@@ -316,7 +316,9 @@ def apply_plan_to_train_args(args: argparse.Namespace) -> dict:
 
     Sets the workload from the plan's ``workload_spec`` (:func:`batchpilot.plan.workload_spec.workload_for_run`:
     a built-in as recorded; the user's own code only when ``--workload`` names it again, or with
-    ``--trust-plan-workload``), batch, micro-batch, LR, LR rule and warmup; the CPU thread count the plan was measured with; and, when no ``--steps/--epochs``
+    ``--trust-plan-workload``), batch, micro-batch, LR, LR rule and warmup; ``--amp``; FSDP (``--strategy fsdp``
+    and its resharding) when the plan was made for it and this run has two ranks or more; the CPU thread count
+    the plan was measured with; and, when no ``--steps/--epochs``
     is given and the plan predicts the steps to its target, 1.5x that many steps with an evaluation
     every ~5% of them. Returns the plan's data.
 
@@ -345,6 +347,10 @@ def apply_plan_to_train_args(args: argparse.Namespace) -> dict:
                               "on data (--workload-opt data=PATH), and plan that workload to run it")
     if getattr(args, "amp", None) is None and plan.get("amp"):
         args.amp = plan["amp"]
+    worlds = plan.get("worlds") or {}
+    if getattr(args, "strategy", None) is None and worlds.get("strategy") == "fsdp" and world > 1:
+        args.strategy = "fsdp"  # the plan's batch split was sized for sharded memory per rank
+        args.reshard_after_forward = bool(worlds.get("reshard_after_forward", True))
     name, options = workload_for_run(plan, args.plan, args.workload, workload_options(args),
                                      trust=getattr(args, "trust_plan_workload", False), default=DEFAULT_WORKLOAD)
     refuse_memory_only(name, "train")

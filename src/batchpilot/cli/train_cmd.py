@@ -82,9 +82,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ddp.add_argument("--max-restarts", type=int, default=0, metavar="R",
                      help="with --nproc: restart after a lost rank up to R times, resuming from --out's latest checkpoint")
     ddp.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm: BatchNorm statistics over all ranks")
-    ddp.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+    ddp.add_argument("--strategy", choices=("ddp", "fsdp"), default=None,
                      help="ddp: replicated weights, all-reduced gradients; fsdp: FSDP2 fully_shard (parameters, "
-                          "gradients and optimizer state sharded over the ranks; needs >= 2 ranks) (default: ddp)")
+                          "gradients and optimizer state sharded over the ranks; needs >= 2 ranks) (default: ddp, "
+                          "or fsdp when --plan was made with --strategy fsdp and this run has >= 2 ranks)")
     ddp.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                      help="with --strategy fsdp: free each unit's gathered parameters after its forward and gather "
                           "them again for the backward (default); --no-reshard-after-forward keeps them until then")
@@ -112,7 +113,7 @@ def config_from_args(args: argparse.Namespace, base_batch: int, regime: Finetune
         checkpoint_every=args.checkpoint_every, target=args.target, stop_at_target=args.stop_at_target,
         dtype=args.dtype, optimizer=args.optimizer, batch_schedule=args.batch_schedule, adaptive=args.adaptive,
         max_batch=args.max_batch, init_from=args.init_from, world_size=world_size,
-        sync_batchnorm=getattr(args, "sync_bn", False), strategy=getattr(args, "strategy", "ddp"),
+        sync_batchnorm=getattr(args, "sync_bn", False), strategy=getattr(args, "strategy", None) or "ddp",
         reshard_after_forward=getattr(args, "reshard_after_forward", True),
         amp=parse_amp(getattr(args, "amp", None)),
     )
@@ -290,7 +291,7 @@ def _run(args: argparse.Namespace, env) -> int:
 
 def config_strategy(args: argparse.Namespace) -> str:
     """``ddp`` or ``fsdp``: how the ranks share the model."""
-    return getattr(args, "strategy", "ddp")
+    return getattr(args, "strategy", None) or "ddp"
 
 
 def plan_check(plan: dict, result: TrainResult) -> dict:
