@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.noise.microbatch import two_batch_estimates
-from batchpilot.noise.per_example import PerExampleEstimate, PerExampleNoiseScale, _gram_is_cheaper, rule_for
+from batchpilot.noise.per_example import PerExampleEstimate, PerExampleNoiseScale, _UNFOLD_MAX_COLS, _gram_is_cheaper, rule_for
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -175,19 +175,21 @@ CONVS = [
     (lambda: nn.Conv2d(1, 2, 2, dilation=2), (1, 9, 9)),
     (lambda: nn.Conv1d(16, 32, 3, stride=2, groups=2), (16, 6)),  # few positions, wide channels: Gram form
     (lambda: nn.Conv2d(8, 12, 2, padding=0), (8, 3, 2)),  # Gram form
+    (lambda: nn.Conv1d(8, 8, 3, padding=1), (8, 12)),  # wide input, many positions: offset by offset
 ]
 
 
-def test_both_conv_forms_are_exercised():
+def test_every_conv_form_is_exercised():
     forms = set()
     for make, shape in CONVS:
         conv = make()
         with torch.no_grad():
             out = conv(torch.zeros(1, *shape))
         g = conv.groups
-        forms.add(_gram_is_cheaper(out[0, 0].numel(), conv.in_channels // g * math.prod(conv.kernel_size),
-                                   conv.out_channels // g))
-    assert forms == {True, False}
+        rows = conv.in_channels // g * math.prod(conv.kernel_size)
+        gram = _gram_is_cheaper(out[0, 0].numel(), rows, conv.out_channels // g)
+        forms.add("gram" if gram else "im2col" if rows <= _UNFOLD_MAX_COLS else "offsets")
+    assert forms == {"gram", "im2col", "offsets"}
 
 
 @pytest.mark.parametrize("make,shape", CONVS)
