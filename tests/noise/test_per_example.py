@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.noise.microbatch import two_batch_estimates
-from batchpilot.noise.per_example import PerExampleEstimate, PerExampleNoiseScale, _UNFOLD_MAX_COLS, _gram_is_cheaper, rule_for
+from batchpilot.noise.per_example import PerExampleEstimate, PerExampleNoiseScale, _gram_is_cheaper, rule_for
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -179,7 +179,7 @@ CONVS = [
 ]
 
 
-def test_every_conv_form_is_exercised():
+def test_both_conv_forms_are_exercised():
     forms = set()
     for make, shape in CONVS:
         conv = make()
@@ -187,13 +187,19 @@ def test_every_conv_form_is_exercised():
             out = conv(torch.zeros(1, *shape))
         g = conv.groups
         rows = conv.in_channels // g * math.prod(conv.kernel_size)
-        gram = _gram_is_cheaper(out[0, 0].numel(), rows, conv.out_channels // g)
-        forms.add("gram" if gram else "im2col" if rows <= _UNFOLD_MAX_COLS else "offsets")
-    assert forms == {"gram", "im2col", "offsets"}
+        forms.add(_gram_is_cheaper(out[0, 0].numel(), rows, conv.out_channels // g))
+    assert forms == {True, False}
 
 
+@pytest.mark.parametrize("im2col", [True, False], ids=["im2col", "offsets"])
 @pytest.mark.parametrize("make,shape", CONVS)
-def test_conv(make, shape):
+def test_conv(make, shape, im2col, monkeypatch):
+    """Each conv against torch.func, with the per-example product over im2col's columns and offset by
+    offset (the Gram form where it is cheaper)."""
+    import batchpilot.noise.per_example as pe
+
+    monkeypatch.setattr(pe, "_UNFOLD_MAX_COLS", 10**9 if im2col else 0)
+    monkeypatch.setattr(pe, "_UNFOLD_MAX_ELEMS", 10**12 if im2col else 0)
     torch.manual_seed(5)
     conv = make()
     with torch.no_grad():

@@ -78,6 +78,10 @@ _UNFOLD_MAX_COLS = 16
 (measured on one CPU thread: 0.32 against 0.71 ms for ``Conv1d(1, 32, 5)`` at 128 examples; wider inputs
 are faster offset by offset, 1.4 against 1.7 ms for ``Conv1d(32, 32, 3)``)."""
 
+_UNFOLD_MAX_ELEMS = 1 << 16
+"""...and so do layers whose im2col holds at most this many elements (few examples, as with
+``max_examples``): there the offsets' many small kernels cost more than building the columns."""
+
 _CHUNK_ELEMS = 1 << 22
 """Largest block (elements) built at once: per-example gradients, or Gram matrices, of a chunk of examples."""
 
@@ -371,7 +375,8 @@ class _ConvRule(_Rule):
                         gram[i] = a if gram[i] is None else gram[i].add_(a)
                 parts = [torch.linalg.vecdot(gr.flatten(1), torch.bmm(d3[c].transpose(1, 2), d3[c]).flatten(1))
                          for gr, c in zip(gram, rows)]
-            elif c_in * kk <= _UNFOLD_MAX_COLS:  # thin offsets: one matmul over im2col's columns
+            elif c_in * kk <= _UNFOLD_MAX_COLS or n * g * c_in * kk * length <= _UNFOLD_MAX_ELEMS:
+                # thin offsets, or few examples: one matmul over im2col's columns (fewer, larger kernels)
                 cols = self._columns(module, xp).reshape(n * g, c_in * kk, -1)
                 parts = [torch.linalg.vector_norm(torch.bmm(d3[c], cols[c].transpose(1, 2)), dim=(1, 2)).square()
                          for c in _chunks(n * g, c_out * c_in * kk)]
