@@ -273,7 +273,7 @@ class BatchpilotCallback(TrainerCallback):
             return
         est = self.monitor.estimate()
         self.history.append({"step": float(state.global_step), "step_g_sq": pair[0], "step_trace_sigma": pair[1],
-                             **{k: float(v) for k, v in est.to_dict().items()}})
+                             **{k: float(v) for k, v in est.to_dict().items() if isinstance(v, (int, float))}})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not self.history or "loss" not in logs:

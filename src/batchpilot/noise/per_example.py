@@ -559,6 +559,11 @@ class PerExampleNoiseScale:
             units (batchpilot's DDP path multiplies by the world size; a summed loss is ``U``).
         fallback: measure parameters that the hooks cannot split with the micro-batch estimator
             when gradient accumulation gives two batch sizes (else they are left out and reported).
+        grad_hooks: read each parameter's accumulated gradient norm inside the backward
+            (post-accumulate-grad hooks) instead of from ``p.grad`` at :meth:`after_micro`: for loops
+            that clip or unscale ``p.grad`` before the monitor is called (the Hugging Face Trainer
+            clips before its last callback of a step). Call :meth:`end_step` after a step's last
+            :meth:`after_micro` then (the callbacks do).
         max_examples: compute the norms of the first ``max_examples`` examples of each micro-batch only
             (``None``: all). Any subset of a shuffled batch keeps both terms unbiased (the batch
             gradient still comes from the whole batch); the hooks' cost scales with the subset.
@@ -570,6 +575,7 @@ class PerExampleNoiseScale:
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module] | None = None, *, layers: LayerSelection = None,
                  loss_scale: float = 1.0, fallback: bool = True, max_examples: int | None = None,
+                 grad_hooks: bool = False,
                  ema_decay: float = 0.95, window: int | None = None, confidence: float = 0.8,
                  bootstrap_samples: int = 200, seed: int = 0) -> None:
         if not (isinstance(loss_scale, (int, float)) and loss_scale > 0 and math.isfinite(loss_scale)):
@@ -584,6 +590,8 @@ class PerExampleNoiseScale:
         self._select = _selector(layers)
         self._fallback_monitor = GradientNoiseScale(params=lambda: self._fallback_params, ema_decay=ema_decay)
         self._fallback_params: list[torch.Tensor] = []
+        self.grad_hooks = bool(grad_hooks)
+        self._grad_sq: dict[int, torch.Tensor] = {}  # id(p) -> |p.grad|² after its latest backward (grad_hooks)
         self._model: nn.Module | None = None
         self._source = None
         self._handles: list = []
@@ -628,6 +636,10 @@ class PerExampleNoiseScale:
         self._model = model
         root = self._root()  # the module inside a DDP wrapper
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        if self.grad_hooks:
+            for p in root.parameters():
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
         for name, m in root.named_modules():
             rule = rule_for(m)
             if rule is None or not _own_params(m) or not self._select(name, m):
@@ -665,6 +677,11 @@ class PerExampleNoiseScale:
         self._layers.remove(layer)
         del self._by_module[layer.module]
         self._set_scope()
+
+    def _grad_hook(self, p: torch.Tensor) -> None:
+        if self.active and p.grad is not None:
+            with torch.no_grad():
+                self._grad_sq[id(p)] = torch.linalg.vector_norm(p.grad, dtype=torch.float32).double().square()
 
     def _root_pre_hook(self, module, args, kwargs):
         if not self.active:
@@ -809,7 +826,11 @@ class PerExampleNoiseScale:
         if key != self._coverage.get("key"):
             self._cover(key)
         grads = [p.grad for p in self._coverage["params"] if p.grad is not None]
-        big = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
+        if self.grad_hooks:
+            sq_list = [self._grad_sq[id(p)] for p in self._coverage["params"] if id(p) in self._grad_sq]
+            big = torch.stack(sq_list).sum().sqrt() if sq_list else None
+        else:
+            big = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
         self._micro.append(_Micro(key, per_ex, m, u, total, big))
         return total
 
@@ -849,6 +870,7 @@ class PerExampleNoiseScale:
         micro, self._micro = self._micro, []
         if micro:
             self._last_micros = len(micro)
+            self._grad_sq = {}  # (a step already ended keeps the next step's first backward's norms)
         fb = self._fallback_monitor.end_step() if self.use_fallback else None
         if not micro or self._broken or micro[-1].big is None:
             return None
