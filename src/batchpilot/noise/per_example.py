@@ -681,7 +681,9 @@ class PerExampleNoiseScale:
     def _grad_hook(self, p: torch.Tensor) -> None:
         if self.active and p.grad is not None:
             with torch.no_grad():
-                self._grad_sq[id(p)] = torch.linalg.vector_norm(p.grad, dtype=torch.float32).double().square()
+                g = p.grad
+                low = g.dtype in (torch.float16, torch.bfloat16)  # the norm in float32 for 16-bit gradients
+                self._grad_sq[id(p)] = torch.linalg.vector_norm(g, dtype=torch.float32 if low else None).double().square()
 
     def _root_pre_hook(self, module, args, kwargs):
         if not self.active:
