@@ -7,8 +7,9 @@ For each workload, in one process:
    Adam family, linear for SGD), trained until the target or ``--max-epochs``.
 2. **The adaptive controller** (``TrainConfig(adaptive=True)``, :mod:`batchpilot.train.adaptive`) from
    the base batch with the base LR, the LR following the AdaScale gain (SGD) or the rule (Adam), three
-   ways: the per-example monitor at every step (the default), the per-example monitor at every 4th
-   step, and the micro-batch monitor at every 4th step (split in two).
+   ways: the per-example monitor on its default schedule (every step, the interval doubling after each
+   decision that keeps the batch, up to 16), the per-example monitor at every step, and the
+   micro-batch monitor at every 4th step (split in two).
 3. **Step times, interleaved**: rounds of one step of every (batch, kind) pair, in an order that
    rotates round by round — a plain step, a step with the per-example monitor, a step split in two
    with the micro-batch monitor — so machine load drifts hit them alike. A monitored step's time is
@@ -49,7 +50,8 @@ DEFAULTS = {  # batches of the sweep, the controller's limit, the target, max ep
     "mnist1d-mlp": dict(batches="32,64,128,256,512", max_batch=512, target=None, max_epochs=40, eval_samples=32),
     "charlm": dict(batches="16,32,64,128", max_batch=128, target="val_loss<=2.4", max_epochs=6, eval_samples=64),
 }
-ADAPTIVE = {"adaptive, per-example": ("per-example", 1), "adaptive, per-example every 4": ("per-example", 4),
+ADAPTIVE = {"adaptive, per-example (default)": ("per-example", None),
+            "adaptive, per-example every step": ("per-example", 1),
             "adaptive, micro-batch every 4": ("micro-batch", 4)}
 
 
@@ -65,10 +67,12 @@ def run_adaptive(w, estimator: str, every: int, seed: int, opts: dict) -> dict:
                       adaptive_estimator=estimator, epochs=opts["max_epochs"], seed=seed, stop_at_target=True,
                       eval_every=max(1, opts["eval_samples"] // w.base_batch), target=opts["target"])
     trainer = Trainer(w, cfg)
-    trainer.batching.monitor_every = every
+    if every is not None:
+        trainer.batching.monitor_every, trainer.batching.backoff = every, False
     r = trainer.run()
     drv = trainer.batching
-    return {"steps": r.steps_to_target, "changes": [list(c) for c in r.batch_sizes], "every": every,
+    return {"steps": r.steps_to_target, "changes": [list(c) for c in r.batch_sizes],
+            "observed": list(drv.observed_steps),
             "candidates": list(drv.candidates), "probe": drv.throughput is not None,
             "b_noise": [round(d["b_noise"], 1) for d in drv.decisions]}
 
@@ -114,10 +118,11 @@ def run_time_ms(run: dict, table: dict[int, dict[str, float]]) -> float:
     if run["steps"] is None:
         return math.inf
     kind = run.get("kind")
+    observed = set(run.get("observed", ()))
     total, changes = 0.0, run["changes"] + [[run["steps"] + 1, None]]
     for (start, b), (nxt, _) in zip(changes, changes[1:]):
         for step in range(start - 1, min(nxt - 1, run["steps"])):  # 0-based steps with this batch
-            monitored = kind is not None and step % run["every"] == 0
+            monitored = kind is not None and step in observed
             total += table[b][kind if monitored else "plain"]
     if run.get("probe"):
         total += sum(4 * table[c]["plain"] for c in run["candidates"])
@@ -160,7 +165,9 @@ def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, ba
         steps = [r["steps"] for r in rs]
         extra = ""
         if "changes" in rs[0] and label.startswith("adaptive"):
-            extra = f"  batches {rs[0]['changes']}; B_noise at decisions {rs[0]['b_noise'][:6]}..."
+            n_obs = len([s for s in rs[0]["observed"] if rs[0]["steps"] is not None and s < rs[0]["steps"]])
+            extra = (f"  batches {rs[0]['changes']}; {n_obs} steps observed; "
+                     f"B_noise at decisions {rs[0]['b_noise'][:6]}...")
         print(f"  {label:34s} {medians[label]:8.2f} s   steps {steps}{extra}")
     fixed = {k: v for k, v in medians.items() if k.startswith("fixed")}
     best = min(fixed, key=fixed.get)

@@ -235,16 +235,21 @@ class AdaptiveDriver(BatchDriver):
         estimator: ``per-example`` or ``micro-batch``, for the monitor made here.
         decide_every: steps between decisions.
         min_updates: monitored steps before the first decision.
-        monitor_every: measure the noise scale on every this many steps (default: every step for the
-            per-example monitor, every 4th for the micro-batch one).
+        monitor_every: measure the noise scale on every this many steps; ``None`` (the default): every
+            4th step for the micro-batch monitor, and for the per-example one an interval that starts at
+            every step and doubles after each decision that keeps the batch (up to
+            ``max_monitor_every``), back to every step after a switch: the estimate is fresh while the
+            batch moves and costs little once it has settled (exact per-example norms cost a large
+            share of a step on small CPU models, docs/noise.md).
+        max_monitor_every: the longest interval of the per-example monitor's default schedule.
         margin: Pollux's switching margin (Qiao et al. 2021).
         lr_mode: ``adascale``, ``rule`` or ``auto``.
         **kwargs: see :class:`~batchpilot.train.batching.BatchDriver`.
     """
 
     def __init__(self, *, max_batch: int, monitor=None, estimator: str = "per-example", decide_every: int = 8,
-                 min_updates: int = 4, monitor_every: int | None = None, margin: float = POLLUX_MARGIN,
-                 lr_mode: str = "auto", **kwargs) -> None:
+                 min_updates: int = 4, monitor_every: int | None = None, max_monitor_every: int = 16,
+                 margin: float = POLLUX_MARGIN, lr_mode: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
         if lr_mode not in ("auto", "adascale", "rule"):
             raise BatchpilotError(f"lr mode must be auto, adascale or rule, got {lr_mode!r}")
@@ -252,10 +257,16 @@ class AdaptiveDriver(BatchDriver):
             monitor = make_monitor(estimator)
         self.monitor, self.max_batch = monitor, max_batch
         self.per_example = not getattr(monitor, "needs_accumulation", True)
+        self.backoff = monitor_every is None and self.per_example
         if monitor_every is None:
             monitor_every = 1 if self.per_example else 4
-        if isinstance(monitor_every, bool) or not isinstance(monitor_every, int) or monitor_every < 1:
-            raise BatchpilotError(f"monitor_every must be an integer >= 1, got {monitor_every!r}")
+        for name, v in (("monitor_every", monitor_every), ("max_monitor_every", max_monitor_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise BatchpilotError(f"{name} must be an integer >= 1, got {v!r}")
+        self.max_monitor_every = max_monitor_every
+        self._next_observed = 0
+        self.observed_steps: list[int] = []
+        """0-based steps the monitor observed."""
         self.decide_every, self.min_updates, self.margin, self.lr_mode = decide_every, min_updates, margin, lr_mode
         self.monitor_every = monitor_every
         self._monitoring = False
@@ -281,7 +292,14 @@ class AdaptiveDriver(BatchDriver):
             self.lr_mode = "rule" if family.lower() in ADAPTIVE_OPTIMIZERS else "adascale"
 
     def min_micro_batches(self, step: int) -> int:
-        self._monitoring = step % self.monitor_every == 0
+        if self.backoff:
+            self._monitoring = step >= self._next_observed
+            if self._monitoring:
+                self._next_observed = step + self.monitor_every
+        else:
+            self._monitoring = step % self.monitor_every == 0
+        if self._monitoring and (not self.observed_steps or self.observed_steps[-1] != step):
+            self.observed_steps.append(step)
         if hasattr(self.monitor, "active"):
             self.monitor.active = self._monitoring
         return 2 if self._monitoring and not self.per_example else 1
@@ -332,11 +350,17 @@ class AdaptiveDriver(BatchDriver):
                          self.margin, step=step, b_noise_range=b_range)
         self.decisions.append(d.to_dict())
         self.current = d.batch
+        if self.backoff:  # fresh estimates while the batch moves, fewer once it has settled
+            self.monitor_every = 1 if d.switched else min(2 * self.monitor_every, self.max_monitor_every)
+            if d.switched:
+                self._next_observed = step  # the next (0-based) step
 
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(current=self.current, b_noise=self.b_noise, decisions=[dict(d) for d in self.decisions],
                      units=self._units, samples=self._samples, lr_mode=self.lr_mode,
+                     monitor_every=self.monitor_every, next_observed=self._next_observed,
+                     observed_steps=list(self.observed_steps),
                      throughput=None if self.throughput is None else
                      {"batches": list(self.throughput.batches), "samples_per_s": list(self.throughput.samples_per_s)},
                      monitor=self.monitor.state_dict())
@@ -347,6 +371,9 @@ class AdaptiveDriver(BatchDriver):
         self.current, self.b_noise = int(state["current"]), float(state["b_noise"])
         self.decisions = [dict(d) for d in state["decisions"]]
         self._units, self._samples, self.lr_mode = int(state["units"]), int(state["samples"]), state["lr_mode"]
+        self.monitor_every = int(state.get("monitor_every", self.monitor_every))
+        self._next_observed = int(state.get("next_observed", 0))
+        self.observed_steps = [int(s) for s in state.get("observed_steps", [])]
         t = state["throughput"]
         self.throughput = None if t is None else ThroughputTable(tuple(int(b) for b in t["batches"]),
                                                                  tuple(float(s) for s in t["samples_per_s"]))
