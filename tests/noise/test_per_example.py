@@ -180,27 +180,32 @@ CONVS = [
 ]
 
 
-def test_both_conv_forms_are_exercised():
-    forms = set()
+def test_the_cost_model_picks_several_conv_routes():
+    from batchpilot.noise.conv_rule import conv_route
+
+    routes = set()
     for make, shape in CONVS:
         conv = make()
         with torch.no_grad():
             out = conv(torch.zeros(1, *shape))
         g = conv.groups
-        rows = conv.in_channels // g * math.prod(conv.kernel_size)
-        forms.add(_gram_is_cheaper(out[0, 0].numel(), rows, conv.out_channels // g))
-    assert forms == {True, False}
+        padded = math.prod(s + 2 * p for s, p in zip(shape[1:], conv.padding)) if not isinstance(conv.padding, str) \
+            else math.prod(shape[1:])
+        routes.add(conv_route(5 * g, out[0, 0].numel(), padded, conv.in_channels // g, math.prod(conv.kernel_size),
+                              conv.out_channels // g))
+    assert len(routes) >= 2, routes
+    # mnist1d-cnn's middle layers (Conv1d(32, 32, 3), 20 positions, 128 examples) take the shifted Gram form
+    assert conv_route(128, 20, 22, 32, 3, 32) == "shifted-gram"
+    assert conv_route(128, 20, 44, 1, 5, 32) == "im2col"  # its first layer: one input channel
 
 
-@pytest.mark.parametrize("im2col", [True, False], ids=["im2col", "offsets"])
+@pytest.mark.parametrize("route", [None, "shifted-gram", "gram", "im2col", "offsets"])
 @pytest.mark.parametrize("make,shape", CONVS)
-def test_conv(make, shape, im2col, monkeypatch):
-    """Each conv against torch.func, with the per-example product over im2col's columns and offset by
-    offset (the Gram form where it is cheaper)."""
+def test_conv(make, shape, route, monkeypatch):
+    """Each conv against torch.func, by the route the cost model picks and by each route forced."""
     import batchpilot.noise.conv_rule as cr
 
-    monkeypatch.setattr(cr, "_UNFOLD_MAX_COLS", 10**9 if im2col else 0)
-    monkeypatch.setattr(cr, "_UNFOLD_MAX_ELEMS", 10**12 if im2col else 0)
+    monkeypatch.setattr(cr, "_FORCE_ROUTE", route)
     torch.manual_seed(5)
     conv = make()
     with torch.no_grad():
