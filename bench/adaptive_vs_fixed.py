@@ -129,7 +129,8 @@ def run_time_ms(run: dict, table: dict[int, dict[str, float]]) -> float:
     return total
 
 
-def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, batches: str | None = None) -> dict:
+def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, batches: str | None = None,
+                   stored: dict | None = None) -> dict:
     w = get_workload(name)
     opts = dict(DEFAULTS.get(name, DEFAULTS["mnist1d-cnn"]))
     if batches:
@@ -140,9 +141,9 @@ def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, ba
     rule = default_lr_rule(w.optimizer_family())
     print(f"\n{name}: target {opts['target']}, base batch {w.base_batch}, base LR {w.base_lr:g} ({rule} rule), "
           f"sweep {batches} x LR {lr_mults}, {seeds} seed(s)", flush=True)
-    runs: dict[str, list[dict]] = {}
+    runs: dict[str, list[dict]] = stored["runs"] if stored else {}
     t0 = time.time()
-    for seed in range(seeds):
+    for seed in range(0 if stored else seeds):
         for b in batches:
             for mult in lr_mults:
                 lr = scale_lr(w.base_lr, w.base_batch, b, rule) * mult
@@ -187,10 +188,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12, help="interleaved rounds of the step-time table")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--retime", default=None, metavar="JSON",
+                    help="reuse the training runs of an earlier --json and only measure the step times again")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     mults = [float(x) for x in args.lr_mults.split(",")]
-    out = {name: bench_workload(name, args.seeds, mults, args.rounds, args.batches) for name in args.workloads.split(",")}
+    stored = json.load(open(args.retime)) if args.retime else {}
+    names = list(stored) if stored else args.workloads.split(",")
+    out = {name: bench_workload(name, args.seeds, mults, args.rounds, args.batches, stored.get(name)) for name in names}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1, default=str)
