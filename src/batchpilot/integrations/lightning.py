@@ -256,20 +256,18 @@ class BatchpilotCallback(pl.Callback):
         self._pending_units = int(self.count_units(batch)) if self._grads.recording else None
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         pe = self._per_example
         if pe is not None:  # p.grad right after the backward: before Lightning clips or unscales it
             if pe.active and self._pending_units is not None:
                 # Lightning's loss: micro-batch mean / k, i.e. the step's mean for equal micro-batches
-                pe.loss_scale = scale
+                pe.loss_scale = _grad_scale(trainer)
                 pe.after_micro(self._micro_index, self._pending_units)
                 self._micro_index += 1
             self._pending_units = None
             return
         if not (self._grads.installed and self._grads.recording) or self._pending_units is None:
             return
-        self._grads.end_micro(scale)
+        self._grads.end_micro(_grad_scale(trainer))
         self._units.append(self._pending_units)
         self._weights.append(1.0 / trainer.accumulate_grad_batches)  # Lightning: loss / accumulate_grad_batches
         self._pending_units = None
@@ -303,3 +301,9 @@ class BatchpilotCallback(pl.Callback):
         if self._per_example is not None:
             self._per_example.detach()
             self._per_example = None
+
+
+def _grad_scale(trainer: pl.Trainer) -> float:
+    """The AMP loss scale of the current backward (1 without a scaler)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
