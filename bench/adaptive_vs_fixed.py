@@ -1,20 +1,31 @@
 """Time to target: the noise-adaptive batch controller against the best fixed batch of a sweep.
 
-In one run, on one workload (default ``mnist1d-cnn``, target ``val_acc>=0.85``):
+For each workload, in one process:
 
-1. a sweep of fixed global batches, each with its LR scaled from the workload's base point by the
-   optimizer's rule (square root for AdamW), trained until the target (or ``--max-epochs``);
-2. the adaptive controller (``TrainConfig(adaptive=True)``) started at the base batch, with the
-   same LR rule, the live gradient-noise monitor and its one-off throughput probe — all of which
-   count as training time.
+1. **The sweep**: every fixed global batch of ``--batches`` times every LR multiplier of ``--lr-mults``
+   (on top of the LR the workload's rule gives that batch from its base point: square root for the
+   Adam family, linear for SGD), trained until the target or ``--max-epochs``.
+2. **The adaptive controller** (``TrainConfig(adaptive=True)``, :mod:`batchpilot.train.adaptive`) from
+   the base batch with the base LR, the LR following the AdaScale gain (SGD) or the rule (Adam), three
+   ways: the per-example monitor on its default schedule (every step, the interval doubling after each
+   decision that keeps the batch, up to 16), the per-example monitor at every step, and the
+   micro-batch monitor at every 4th step (split in two).
+3. **Step times, interleaved**: rounds of one step of every (batch, kind) pair, in an order that
+   rotates round by round — a plain step, a step with the per-example monitor, a step split in two
+   with the micro-batch monitor — so machine load drifts hit them alike. A monitored step's time is
+   the plain median times the median of its paired ratios.
 
-Every configuration runs ``--seeds`` times; the median time to target is compared. Evaluation runs
-after every step and is *not* counted (``time_to_target_s`` is training time only), so every
-configuration is timed at the same granularity. Prints a table and the ratio
-``adaptive / best fixed`` (goal <= 0.9). Wall-clock on a shared machine is noisy: read the
-per-seed numbers, not only the ratio.
+Training runs are deterministic (one thread, fixed seeds), so their *steps* to target do not depend on
+the machine's load; the *time* to target is computed from the step-time table: a fixed run's steps
+times its batch's step time; an adaptive run's sum over its steps of its batch's plain or monitored
+step time, plus its throughput probe (four unsplit steps at each candidate batch). Evaluation runs
+every ``--eval-samples`` samples' worth of steps at the run's starting batch (for the adaptive runs:
+at the base batch, so coarser once the batch has grown; it counts against the controller) and is not
+timed. Prints the table and ``adaptive / best fixed`` (issue 15's goal: <= 0.9 on two of three
+workloads, never above 1.05).
 
-Run: ``python bench/adaptive_vs_fixed.py [--workload mnist1d-cnn] [--seeds 3] [--threads 1]``.
+    .venv/bin/python bench/adaptive_vs_fixed.py [--workloads mnist1d-cnn,mnist1d-mlp,charlm]
+        [--seeds 1] [--rounds 12] [--json out.json]          (about 15-20 minutes on one thread)
 """
 
 from __future__ import annotations
@@ -23,62 +34,171 @@ import argparse
 import json
 import math
 import statistics
+import time
 
 import torch
 
 from batchpilot import get_workload
-from batchpilot.train import TrainConfig, Trainer
+from batchpilot.noise.microbatch import GradientNoiseScale
+from batchpilot.noise.per_example import PerExampleNoiseScale
+from batchpilot.scaling.lr_rules import default_lr_rule, scale_lr
+from batchpilot.train import TrainConfig, Trainer, accumulate_gradients
+from batchpilot.workloads.data import fetch, split_micro
+
+DEFAULTS = {  # batches of the sweep, the controller's limit, the target, max epochs, eval granularity (samples)
+    "mnist1d-cnn": dict(batches="32,64,128,256,512", max_batch=512, target=None, max_epochs=30, eval_samples=32),
+    "mnist1d-mlp": dict(batches="32,64,128,256,512", max_batch=512, target=None, max_epochs=40, eval_samples=32),
+    "charlm": dict(batches="16,32,64,128", max_batch=128, target="val_loss<=2.4", max_epochs=6, eval_samples=64),
+}
+ADAPTIVE = {"adaptive, per-example (default)": ("per-example", None),
+            "adaptive, per-example every step": ("per-example", 1),
+            "adaptive, micro-batch every 4": ("micro-batch", 4)}
 
 
-def run_one(workload, seed: int, max_epochs: float, **kw) -> dict:
-    trainer = Trainer(workload, TrainConfig(epochs=max_epochs, eval_every=1, stop_at_target=True, seed=seed, **kw))
+def run_fixed(w, batch: int, lr: float, seed: int, opts: dict) -> dict:
+    cfg = TrainConfig(global_batch=batch, lr=lr, epochs=opts["max_epochs"], seed=seed, stop_at_target=True,
+                      eval_every=max(1, opts["eval_samples"] // batch), target=opts["target"])
+    r = Trainer(w, cfg).run()
+    return {"steps": r.steps_to_target, "changes": [[1, batch]], "monitored": []}
+
+
+def run_adaptive(w, estimator: str, every: int, seed: int, opts: dict) -> dict:
+    cfg = TrainConfig(global_batch=w.base_batch, adaptive=True, max_batch=opts["max_batch"],
+                      adaptive_estimator=estimator, epochs=opts["max_epochs"], seed=seed, stop_at_target=True,
+                      eval_every=max(1, opts["eval_samples"] // w.base_batch), target=opts["target"])
+    trainer = Trainer(w, cfg)
+    if every is not None:
+        trainer.batching.monitor_every, trainer.batching.backoff = every, False
     r = trainer.run()
-    return {"time_s": r.time_to_target_s if r.time_to_target_s is not None else math.inf,
-            "steps": r.steps_to_target, "samples": r.samples_to_target, "val": r.val_metric,
-            "batches": [list(x) for x in r.batch_sizes],
-            "decisions": getattr(trainer.batching, "decisions", None)}
+    drv = trainer.batching
+    return {"steps": r.steps_to_target, "changes": [list(c) for c in r.batch_sizes],
+            "observed": list(drv.observed_steps),
+            "candidates": list(drv.candidates), "probe": drv.throughput is not None,
+            "b_noise": [round(d["b_noise"], 1) for d in drv.decisions]}
+
+
+def step_times(w, batches: list[int], rounds: int, seed: int = 0) -> dict[int, dict[str, float]]:
+    """Median step time per batch (ms): plain, and each monitored kind (plain x median paired ratio)."""
+    torch.manual_seed(seed)
+    base = w.make_model()
+    kinds = []
+    for b in batches:
+        for kind in ("plain", "per-example", "micro-batch"):
+            m = w.make_model()
+            m.load_state_dict(base.state_dict())
+            mon = PerExampleNoiseScale(m) if kind == "per-example" else GradientNoiseScale(m) if kind == "micro-batch" else None
+            kinds.append({"b": b, "kind": kind, "model": m, "opt": w.make_optimizer(m.parameters(), w.base_lr),
+                          "mon": mon, "t": []})
+    g = torch.Generator().manual_seed(seed)
+    for r in range(rounds + 2):
+        idx = {b: torch.randint(0, w.num_train, (b,), generator=g) for b in batches}
+        for k in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
+            t0 = time.thread_time()
+            pieces = 2 if k["kind"] == "micro-batch" else 1
+            micro = [fetch(w.train_data, p) for p in split_micro(idx[k["b"]], math.ceil(k["b"] / pieces))]
+            accumulate_gradients(k["model"], micro, w.loss_sum, w.count_units,
+                                 after_micro=k["mon"].after_micro if k["mon"] is not None else None)
+            k["opt"].step()
+            k["opt"].zero_grad(set_to_none=True)
+            if r >= 2:
+                k["t"].append(time.thread_time() - t0)
+    out: dict[int, dict[str, float]] = {}
+    for b in batches:
+        plain = next(k for k in kinds if k["b"] == b and k["kind"] == "plain")
+        row = {"plain": statistics.median(plain["t"]) * 1e3}
+        for k in kinds:
+            if k["b"] == b and k["kind"] != "plain":
+                row[k["kind"]] = row["plain"] * statistics.median(a / p for a, p in zip(k["t"], plain["t"]))
+        out[b] = row
+    return out
+
+
+def run_time_ms(run: dict, table: dict[int, dict[str, float]]) -> float:
+    """Time to target from the step-time table (inf when the target was not reached)."""
+    if run["steps"] is None:
+        return math.inf
+    kind = run.get("kind")
+    observed = set(run.get("observed", ()))
+    total, changes = 0.0, run["changes"] + [[run["steps"] + 1, None]]
+    for (start, b), (nxt, _) in zip(changes, changes[1:]):
+        for step in range(start - 1, min(nxt - 1, run["steps"])):  # 0-based steps with this batch
+            monitored = kind is not None and step in observed
+            total += table[b][kind if monitored else "plain"]
+    if run.get("probe"):
+        total += sum(4 * table[c]["plain"] for c in run["candidates"])
+    return total
+
+
+def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, batches: str | None = None,
+                   stored: dict | None = None) -> dict:
+    w = get_workload(name)
+    opts = dict(DEFAULTS.get(name, DEFAULTS["mnist1d-cnn"]))
+    if batches:
+        opts["batches"] = batches
+        opts["max_batch"] = max(int(x) for x in batches.split(","))
+    opts["target"] = opts["target"] or str(w.target)
+    batches = [int(x) for x in opts["batches"].split(",")]
+    rule = default_lr_rule(w.optimizer_family())
+    print(f"\n{name}: target {opts['target']}, base batch {w.base_batch}, base LR {w.base_lr:g} ({rule} rule), "
+          f"sweep {batches} x LR {lr_mults}, {seeds} seed(s)", flush=True)
+    runs: dict[str, list[dict]] = stored["runs"] if stored else {}
+    t0 = time.time()
+    for seed in range(0 if stored else seeds):
+        for b in batches:
+            for mult in lr_mults:
+                lr = scale_lr(w.base_lr, w.base_batch, b, rule) * mult
+                runs.setdefault(f"fixed {b}, LR x{mult:g}", []).append(run_fixed(w, b, lr, seed, opts))
+        for label, (estimator, every) in ADAPTIVE.items():
+            run = run_adaptive(w, estimator, every, seed, opts)
+            run["kind"] = estimator
+            runs.setdefault(label, []).append(run)
+    train_s = time.time() - t0
+    sizes = sorted(set(batches) | {c for rs in runs.values() for r in rs for c in r.get("candidates", [])}
+                   | {b for rs in runs.values() for r in rs for _, b in r["changes"]})
+    table = step_times(w, sizes, rounds)
+    print(f"  step times (ms of thread CPU time, {rounds} interleaved rounds): " + "; ".join(
+        f"{b}: {t['plain']:.1f} (per-example {100 * (t['per-example'] / t['plain'] - 1):+.0f}%, "
+        f"split+micro-batch {100 * (t['micro-batch'] / t['plain'] - 1):+.0f}%)" for b, t in table.items()))
+    medians = {}
+    for label, rs in runs.items():
+        times = [run_time_ms(r, table) / 1e3 for r in rs]
+        medians[label] = statistics.median(times)
+        steps = [r["steps"] for r in rs]
+        extra = ""
+        if "changes" in rs[0] and label.startswith("adaptive"):
+            n_obs = len([s for s in rs[0]["observed"] if rs[0]["steps"] is not None and s < rs[0]["steps"]])
+            extra = (f"  batches {rs[0]['changes']}; {n_obs} steps observed; "
+                     f"B_noise at decisions {rs[0]['b_noise'][:6]}...")
+        print(f"  {label:34s} {medians[label]:8.2f} s   steps {steps}{extra}")
+    fixed = {k: v for k, v in medians.items() if k.startswith("fixed")}
+    best = min(fixed, key=fixed.get)
+    ratios = {k: medians[k] / fixed[best] for k in ADAPTIVE}
+    print(f"  best fixed: {best} ({fixed[best]:.2f} s); " + "; ".join(f"{k} / best = {v:.3f}" for k, v in ratios.items())
+          + f"   (training runs took {train_s:.0f} s of wall time)", flush=True)
+    return {"runs": runs, "table": {str(b): t for b, t in table.items()}, "medians": medians, "best_fixed": best,
+            "ratios": ratios}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", default="mnist1d-cnn")
-    ap.add_argument("--batches", default="32,64,128,256,512", help="the fixed-batch sweep")
-    ap.add_argument("--max-batch", type=int, default=512, help="the adaptive controller's limit")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--max-epochs", type=float, default=40)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier timing on a shared box)")
+    ap.add_argument("--workloads", default="mnist1d-cnn,mnist1d-mlp,charlm")
+    ap.add_argument("--lr-mults", default="0.5,1,2", help="LR multipliers of the fixed-batch sweep")
+    ap.add_argument("--batches", default=None, help="the sweep's batches for every workload (and the controller's limit)")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=12, help="interleaved rounds of the step-time table")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--retime", default=None, metavar="JSON",
+                    help="reuse the training runs of an earlier --json and only measure the step times again")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    w = get_workload(args.workload)
-    print(f"{w.name}: target {w.target}, base batch {w.base_batch}, base lr {w.base_lr:g}, "
-          f"{args.seeds} seeds, {args.threads} thread(s); time = training time to target (evaluation excluded)")
-    results: dict[str, list[dict]] = {}
-    for seed in range(args.seeds):  # interleave configurations so machine load drifts hit them alike
-        for b in (int(x) for x in args.batches.split(",")):
-            results.setdefault(f"fixed {b}", []).append(run_one(w, seed, args.max_epochs, global_batch=b))
-        results.setdefault("adaptive", []).append(
-            run_one(w, seed, args.max_epochs, global_batch=w.base_batch, adaptive=True, max_batch=args.max_batch))
-    print(f"{'config':<14}{'median s':>10}{'per-seed time to target (s)':>40}{'median steps':>14}{'median samples':>16}")
-    medians = {}
-    for name, runs in results.items():
-        times = [r["time_s"] for r in runs]
-        medians[name] = statistics.median(times)
-        steps = statistics.median([r["steps"] if r["steps"] is not None else math.inf for r in runs])
-        samples = statistics.median([r["samples"] if r["samples"] is not None else math.inf for r in runs])
-        print(f"{name:<14}{medians[name]:>10.2f}{', '.join(f'{t:.2f}' for t in times):>40}{steps:>14}{samples:>16}")
-    for i, r in enumerate(results["adaptive"]):
-        noise = ", ".join(f"{d['b_noise']:.0f}" for d in (r["decisions"] or [])[:8])
-        print(f"adaptive seed {i}: batches (step, batch) {r['batches']}; noise scale at the first decisions: {noise}")
-    fixed = {k: v for k, v in medians.items() if k.startswith("fixed")}
-    best = min(fixed, key=fixed.get)
-    ratio = medians["adaptive"] / fixed[best]
-    print(f"best fixed: {best} ({fixed[best]:.2f} s); adaptive {medians['adaptive']:.2f} s; "
-          f"ratio adaptive / best fixed = {ratio:.3f} (goal <= 0.9)")
+    mults = [float(x) for x in args.lr_mults.split(",")]
+    stored = json.load(open(args.retime)) if args.retime else {}
+    names = list(stored) if stored else args.workloads.split(",")
+    out = {name: bench_workload(name, args.seeds, mults, args.rounds, args.batches, stored.get(name)) for name in names}
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"results": results, "medians": medians, "best_fixed": best, "ratio": ratio}, fh, indent=1,
-                      default=str)
+            json.dump(out, fh, indent=1, default=str)
 
 
 if __name__ == "__main__":

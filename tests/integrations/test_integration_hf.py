@@ -275,3 +275,50 @@ def test_docs_example_runs_as_written(tmp_path, monkeypatch):
     assert blocks, "docs/integrations/hf.md has no python example"
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], str(DOC), "exec"), {"__name__": "__doc_example__"})
+
+
+def per_example_reference(model_cls, step: dict, k: int) -> tuple[float, float]:
+    """Reference: per-sample gradients by torch.func; units per example (its valid labels), the loss
+    weights the Trainer uses (sum over N with num_items_in_batch, else the micro-batch mean over k)."""
+    from torch.func import functional_call, grad, vmap
+
+    model = model_cls()
+    model.load_state_dict(step["params"])
+    net = model.net
+    params = {n: p.detach() for n, p in net.named_parameters()}
+
+    def loss(p, xi, yi):  # the example's mean over its valid units
+        logits = functional_call(net, p, (xi[None],))
+        return F.cross_entropy(logits.flatten(0, -2), yi[None].flatten(), ignore_index=-100)
+
+    xs = torch.cat([i["x"] for i in step["inputs"]])
+    ys = torch.cat([i["labels"] for i in step["inputs"]])
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, xs, ys)
+    flat = torch.cat([v.reshape(len(xs), -1) for v in g.values()], 1).double()
+    u = ys.reshape(len(ys), -1).ne(-100).sum(1).double()
+    if model_cls is TokenSumNet:  # the step's gradient: Σ u_i g_i / U
+        big_g = (u[:, None] * flat).sum(0) / u.sum()
+    else:  # equal micro-batches of equal units: the mean of the example means
+        big_g = flat.mean(0)
+    inv = float((1.0 / u).mean())
+    return two_batch_estimates([float(flat.square().sum(1).mean())], float(big_g.square().sum()), [1.0 / inv],
+                               float(u.sum()))
+
+
+@pytest.mark.parametrize("model_cls, tokens, k", [(MeanLossNet, 0, 1), (TokenSumNet, 5, 1), (TokenSumNet, 5, 2),
+                                                  (MeanLossNet, 0, 2)])
+def test_per_example_estimator_matches_torch_func_despite_clipping(tmp_path, model_cls, tokens, k):
+    rec = Recorder()
+    cb = BatchpilotCallback(doctor="off", estimator="auto" if k == 1 else "per-example")
+    data = Rows(n=96, tokens=tokens)
+    if tokens:  # every example keeps a label (an example without any has no units to divide by)
+        data.labels[:, 0] = data.labels[:, 0].clamp(min=0)
+    trainer = Trainer(model=model_cls(), args=args_for(tmp_path, gradient_accumulation_steps=k, num_train_epochs=1),
+                      train_dataset=data, callbacks=[rec, cb])
+    trainer.train()
+    assert type(cb.monitor).__name__ == "PerExampleNoiseScale" and cb.history
+    assert len(cb.history) == len(rec.steps)
+    for got, step in zip(cb.history, rec.steps):
+        want = per_example_reference(model_cls, step, k)
+        assert got["step_g_sq"] == pytest.approx(want[0], rel=1e-5, abs=1e-10)
+        assert got["step_trace_sigma"] == pytest.approx(want[1], rel=1e-5, abs=1e-10)

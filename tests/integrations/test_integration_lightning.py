@@ -143,8 +143,8 @@ def test_every_n_steps_records_only_those_steps():
     assert cb.monitor.n_updates == 3 and [h["step"] for h in cb.history] == [0.0, 3.0, 6.0]
 
 
-def test_without_accumulation_the_monitor_says_why_and_records_nothing():
-    cb = BatchpilotCallback(doctor="off")
+def test_without_accumulation_the_micro_batch_monitor_says_why_and_records_nothing():
+    cb = BatchpilotCallback(doctor="off", estimator="micro-batch")
     with pytest.warns(UserWarning, match="accumulate_grad_batches >= 2"):
         fit(TinyModule(), TinyData(), cb, max_steps=3)
     assert cb.monitor.n_updates == 0 and not cb.history
@@ -274,3 +274,46 @@ def test_recorder_weights_give_unbiased_estimates_for_ragged_micro_batches():
         se = t.std(0) / len(t) ** 0.5
         z = ((t.mean(0) - torch.tensor([true_g_sq, true_trace], dtype=torch.float64)) / se).abs()
         assert bool((z < 4).all()) is should_pass, (z, should_pass)
+
+
+def per_example_reference(step: dict) -> tuple[float, float]:
+    """Reference: per-sample gradients by torch.func over the step's examples, one unit each."""
+    from torch.func import functional_call, grad, vmap
+
+    net = TinyModule().net
+    net.load_state_dict(step["params"])
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    x = torch.cat([b[0] for b in step["batches"]])
+    y = torch.cat([b[1] for b in step["batches"]])
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(net, p, (xi[None],)), yi[None])
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    flat = torch.cat([v.reshape(len(x), -1) for v in g.values()], 1)
+    return two_batch_estimates([float(flat.square().sum(1).mean())], float(flat.mean(0).square().sum()), [1.0], len(x))
+
+
+@pytest.mark.parametrize("k, estimator", [(1, "auto"), (2, "per-example")])
+def test_per_example_estimator_matches_torch_func_with_and_without_accumulation(k, estimator):
+    rec, cb = Recorder(), BatchpilotCallback(doctor="off", estimator=estimator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "monitor is off" warning
+        fit(TinyModule(), TinyData(batch_size=8 // k), rec, cb, accumulate_grad_batches=k, max_steps=5)
+    assert cb.estimator == estimator and type(cb.monitor).__name__ == "PerExampleNoiseScale"
+    assert len(cb.history) == len(rec.steps) == 5
+    for got, step in zip(cb.history, rec.steps):
+        want = per_example_reference(step)
+        assert got["step_g_sq"] == pytest.approx(want[0], rel=1e-7, abs=1e-12)
+        assert got["step_trace_sigma"] == pytest.approx(want[1], rel=1e-7, abs=1e-12)
+    assert not cb.monitor._handles  # hooks removed at train end
+
+
+def test_per_example_estimator_leaves_training_bit_identical_and_skips_steps():
+    plain = TinyModule()
+    fit(plain, TinyData(), max_steps=7, gradient_clip_val=0.05)
+    watched, cb = TinyModule(), BatchpilotCallback(doctor="off", every_n_steps=3)
+    fit(watched, TinyData(), cb, max_steps=7, gradient_clip_val=0.05)
+    for a, b in zip(plain.parameters(), watched.parameters()):
+        assert torch.equal(a, b)
+    assert [h["step"] for h in cb.history] == [0.0, 3.0, 6.0]

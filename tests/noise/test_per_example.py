@@ -17,7 +17,8 @@ from torch.func import functional_call, grad, vmap
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.noise.microbatch import two_batch_estimates
-from batchpilot.noise.per_example import PerExampleEstimate, PerExampleNoiseScale, _gram_is_cheaper, rule_for
+from batchpilot.noise.layer_rules import _gram_is_cheaper
+from batchpilot.noise.per_example import PerExampleEstimate, PerExampleNoiseScale, rule_for
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -175,23 +176,36 @@ CONVS = [
     (lambda: nn.Conv2d(1, 2, 2, dilation=2), (1, 9, 9)),
     (lambda: nn.Conv1d(16, 32, 3, stride=2, groups=2), (16, 6)),  # few positions, wide channels: Gram form
     (lambda: nn.Conv2d(8, 12, 2, padding=0), (8, 3, 2)),  # Gram form
+    (lambda: nn.Conv1d(8, 8, 3, padding=1), (8, 12)),  # wide input, many positions: offset by offset
 ]
 
 
-def test_both_conv_forms_are_exercised():
-    forms = set()
+def test_the_cost_model_picks_several_conv_routes():
+    from batchpilot.noise.conv_rule import conv_route
+
+    routes = set()
     for make, shape in CONVS:
         conv = make()
         with torch.no_grad():
             out = conv(torch.zeros(1, *shape))
         g = conv.groups
-        forms.add(_gram_is_cheaper(out[0, 0].numel(), conv.in_channels // g * math.prod(conv.kernel_size),
-                                   conv.out_channels // g))
-    assert forms == {True, False}
+        padded = math.prod(s + 2 * p for s, p in zip(shape[1:], conv.padding)) if not isinstance(conv.padding, str) \
+            else math.prod(shape[1:])
+        routes.add(conv_route(5 * g, out[0, 0].numel(), padded, conv.in_channels // g, math.prod(conv.kernel_size),
+                              conv.out_channels // g))
+    assert len(routes) >= 2, routes
+    # mnist1d-cnn's middle layers (Conv1d(32, 32, 3), 20 positions, 128 examples) take the shifted Gram form
+    assert conv_route(128, 20, 22, 32, 3, 32) == "shifted-gram"
+    assert conv_route(128, 20, 44, 1, 5, 32) == "im2col"  # its first layer: one input channel
 
 
+@pytest.mark.parametrize("route", [None, "shifted-gram", "gram", "im2col", "offsets"])
 @pytest.mark.parametrize("make,shape", CONVS)
-def test_conv(make, shape):
+def test_conv(make, shape, route, monkeypatch):
+    """Each conv against torch.func, by the route the cost model picks and by each route forced."""
+    import batchpilot.noise.conv_rule as cr
+
+    monkeypatch.setattr(cr, "_FORCE_ROUTE", route)
     torch.manual_seed(5)
     conv = make()
     with torch.no_grad():
@@ -641,9 +655,9 @@ def test_trainer_interrupted_and_resumed_gives_the_same_estimates(tmp_path):
 @pytest.mark.parametrize("case", ["conv-product", "conv-gram", "linear-product", "linear-gram", "embedding"])
 def test_chunked_forms_give_the_same_norms(case, monkeypatch):
     """Large layers are split into chunks of examples (bounded memory): same norms with tiny chunks."""
-    import batchpilot.noise.per_example as pe
+    import batchpilot.noise.layer_rules as lr
 
-    monkeypatch.setattr(pe, "_CHUNK_ELEMS", 40)
+    monkeypatch.setattr(lr, "_CHUNK_ELEMS", 40)
     torch.manual_seed(20)
     if case.startswith("conv"):
         make, shape = CONVS[0] if case == "conv-product" else CONVS[-1]
@@ -657,3 +671,28 @@ def test_chunked_forms_give_the_same_norms(case, monkeypatch):
         check_layer_norms(model, torch.randn(7, t, d_in), torch.randint(0, 5, (7, t)), units_per_example=t)
     else:
         check_layer_norms(TokModel(6, 5), torch.randint(0, 6, (6, 8)), torch.randint(0, 4, (6, 8)), units_per_example=8)
+
+
+def test_grad_hooks_read_the_batch_gradient_before_the_loop_clips_it():
+    """With grad_hooks the batch-gradient norm comes from inside the backward: clipping p.grad after the
+    backward (as the Hugging Face Trainer does before its last callback) leaves the estimate unchanged."""
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    plain, hooked = PerExampleNoiseScale(model), PerExampleNoiseScale(model, grad_hooks=True)
+    got, want = [], []
+    for step in range(4):
+        x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+        for k in range(2):  # two micro-batches of 6, each loss mean / 2
+            F.cross_entropy(model(x[6 * k:6 * k + 6]), y[6 * k:6 * k + 6]).div(2).backward()
+            plain.after_micro(k, 6)
+            if k == 1:
+                want.append(plain.end_step())
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # the loop clips p.grad
+            hooked.after_micro(k, 6)
+        got.append(hooked.end_step())
+        model.zero_grad()
+    assert all(g is not None for g in got)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-10)
+    plain.detach()
+    hooked.detach()

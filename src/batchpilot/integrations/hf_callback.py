@@ -12,6 +12,14 @@ otherwise ``1/k``. Exact for both; with a ``compute_loss_func`` or label smoothi
 not passed to the model, and equal weights ``1/k`` are assumed (exact when the micro-batches have
 equal unit counts).
 
+The per-example estimator (``estimator="per-example"``, or ``auto`` without accumulation:
+:mod:`batchpilot.noise.per_example`, Goodfellow 2015, Gray et al. 2023/2024) takes per-example
+gradient norms from layer hooks at every micro-batch, and the batch gradient's norm inside the
+backward (post-accumulate-grad hooks, so before the Trainer clips). Each example's units are its
+label count (labels ``[..., 1:]`` for sequence labels) when the Trainer passes ``num_items_in_batch``
+(the loss is each micro-batch's sum over N), else the micro-batch's units split equally (its mean
+loss over ``k``: exact for equal micro-batches).
+
 The unscaled-loss trap: a model whose ``forward`` takes ``**kwargs`` makes the Trainer pass
 ``num_items_in_batch`` and skip its division by ``gradient_accumulation_steps``; if the model then
 ignores ``num_items_in_batch`` and returns a mean loss (many classification heads,
@@ -42,6 +50,7 @@ from batchpilot.integrations.grads import MicroBatchGradients
 from batchpilot.integrations.hf_args import check_training_arguments
 from batchpilot.integrations.plan import PlanSettings, load_plan
 from batchpilot.noise.microbatch import GradientNoiseScale, NoiseEstimate
+from batchpilot.noise.per_example import PerExampleNoiseScale
 
 log = logging.getLogger("batchpilot.integrations.hf")
 
@@ -96,7 +105,10 @@ class BatchpilotCallback(TrainerCallback):
         every_n_steps: record one optimizer step in ``n``.
         doctor: ``warn``, ``raise`` (stop on an error finding) or ``off``.
         doctor_fields: extra facts for the doctor (``base_batch``, ``base_lr``, ``finetune`` ...).
-        noise_monitor: the :class:`~batchpilot.noise.microbatch.GradientNoiseScale` to feed.
+        noise_monitor: the monitor to feed: a :class:`~batchpilot.noise.microbatch.GradientNoiseScale`
+            or a :class:`~batchpilot.noise.per_example.PerExampleNoiseScale`.
+        estimator: ``auto`` (per-example without accumulation, micro-batch with it), ``per-example`` or
+            ``micro-batch``; ignored when ``noise_monitor`` is given.
         log_prefix: prefix of the logged keys.
     """
 
@@ -109,16 +121,25 @@ class BatchpilotCallback(TrainerCallback):
         every_n_steps: int = 1,
         doctor: str = "warn",
         doctor_fields: Mapping[str, Any] | None = None,
-        noise_monitor: GradientNoiseScale | None = None,
+        noise_monitor: GradientNoiseScale | PerExampleNoiseScale | None = None,
+        estimator: str = "auto",
         log_prefix: str = "batchpilot/",
     ) -> None:
+        if estimator not in ("auto", "per-example", "micro-batch"):
+            raise BatchpilotError(f"estimator must be auto, per-example or micro-batch, got {estimator!r}")
+        self.estimator = estimator if noise_monitor is None else (
+            "per-example" if isinstance(noise_monitor, PerExampleNoiseScale) else "micro-batch")
+        self._given_monitor = noise_monitor
+        self._per_example: PerExampleNoiseScale | None = None
+        self._micro_index = 0
         self.plan: PlanSettings | None = None if plan is None else load_plan(plan)
         self.monitor_noise = bool(monitor_noise)
         self.count_units = count_units
         self.every_n_steps = check_every(every_n_steps)
         self.doctor = check_mode(doctor)
         self.doctor_fields = dict(doctor_fields or {})
-        self.monitor = noise_monitor if noise_monitor is not None else GradientNoiseScale()
+        self.monitor: GradientNoiseScale | PerExampleNoiseScale = (
+            noise_monitor if noise_monitor is not None else GradientNoiseScale())
         self.log_prefix = log_prefix
         self.findings: list[Finding] = []
         self.history: list[dict[str, float]] = []
@@ -131,6 +152,7 @@ class BatchpilotCallback(TrainerCallback):
         self._doctor_inputs: dict[str, Any] = {}
         self._probe_pending = False
         self._probing = False
+        self._in_step = False
         self.loss_ignores_num_items: bool | None = None
         """Set on the first micro-batch when the Trainer passes ``num_items_in_batch``: ``True`` if the
         model ignores it (its loss is then ``k`` times the batch mean, see ``BP105``)."""
@@ -154,8 +176,14 @@ class BatchpilotCallback(TrainerCallback):
             report_findings(self.findings, self.doctor, _warn, log.info)
         if model is None:
             return
-        monitoring = self.monitor_noise and self._monitor_possible(args)
-        if monitoring:
+        kind = self.estimator if self.estimator != "auto" else ("micro-batch" if k > 1 else "per-example")
+        monitoring = self.monitor_noise and self._monitor_possible(args, kind)
+        if monitoring and kind == "per-example":
+            mon = self._given_monitor if isinstance(self._given_monitor, PerExampleNoiseScale) else PerExampleNoiseScale()
+            mon.grad_hooks = True  # the Trainer clips p.grad before on_pre_optimizer_step
+            mon.attach(model)
+            self.monitor, self._per_example = mon, mon
+        elif monitoring:
             self._grads.install(model.parameters())
         self._probe_pending = k > 1 and (monitoring or self.doctor != "off")
         if self._fwd_handle is not None:
@@ -164,15 +192,16 @@ class BatchpilotCallback(TrainerCallback):
         if monitoring or self._probe_pending:
             self._fwd_handle = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
 
-    def _monitor_possible(self, args: TrainingArguments) -> bool:
+    def _monitor_possible(self, args: TrainingArguments, kind: str) -> bool:
         why = None
         if not hasattr(TrainerCallback, "on_pre_optimizer_step"):
             why = "this transformers has no on_pre_optimizer_step event (upgrade: pip install 'batchpilot[hf]')"
         elif int(args.world_size) > 1 or int(args.n_gpu) > 1:
             why = f"it runs on single-device runs only (world_size {args.world_size}, n_gpu {args.n_gpu})"
-        elif int(args.gradient_accumulation_steps) < 2:
-            why = ("it needs two batch sizes: set gradient_accumulation_steps >= 2 "
-                   "(same global batch, smaller micro-batches; the result is unchanged without BatchNorm)")
+        elif int(args.gradient_accumulation_steps) < 2 and kind == "micro-batch":
+            why = ("the micro-batch estimator needs two batch sizes: set gradient_accumulation_steps >= 2 "
+                   "(same global batch, smaller micro-batches; the result is unchanged without BatchNorm), "
+                   "or estimator='per-example'")
         if why:
             _warn(f"batchpilot: the noise-scale monitor is off: {why}")
         return why is None
@@ -200,8 +229,16 @@ class BatchpilotCallback(TrainerCallback):
             self._remove()
             raise
 
+    @property
+    def _recording(self) -> bool:
+        pe = self._per_example
+        return self._grads.recording or (pe is not None and pe.active and self._in_step)
+
     def _remove(self) -> None:
         self._grads.remove()
+        if self._per_example is not None:
+            self._per_example.detach()
+            self._per_example = None
         if self._fwd_handle is not None:
             self._fwd_handle.remove()
             self._fwd_handle = None
@@ -212,7 +249,7 @@ class BatchpilotCallback(TrainerCallback):
             return
         if self._probe_pending and kwargs.get("num_items_in_batch") is not None:
             self._probe(module, args, kwargs)
-        if not self._grads.recording or self._micro_open:
+        if not self._recording or self._micro_open:
             return  # the first forward of a micro-batch is the one that carries its inputs
         self._micro_open = True
         info: dict[str, Any] = {}
@@ -226,9 +263,28 @@ class BatchpilotCallback(TrainerCallback):
             info["n_items"] = float(torch.as_tensor(n_items).sum())
             info["raw"] = int(labels.ne(-100).sum())
             info["shifted"] = int(labels[..., 1:].ne(-100).sum()) if labels.dim() >= 2 else info["raw"]
+            if self._per_example is not None and self.count_units is None and labels.dim() >= 1:
+                # each example's label count, counted the way N was (all labels, or labels[..., 1:])
+                k = int(self._doctor_inputs.get("accumulation_steps", 1))
+                shifted = labels.dim() >= 2 and abs(info["shifted"] * k - info["n_items"]) < abs(info["raw"] * k - info["n_items"])
+                valid = (labels[..., 1:] if shifted else labels).ne(-100)
+                info["each"] = valid.reshape(len(valid), -1).sum(1).double()
         self._pending = info
 
     def _close_micro(self, optimizer: Any) -> None:
+        pe = self._per_example
+        if pe is not None:
+            if self._recording:
+                info = self._pending if self._micro_open else None
+                self._micros.append(info)
+                if info is not None:
+                    each = info.get("each")
+                    units = each if each is not None and bool((each > 0).all()) else info["units"]
+                    pe.after_micro(self._micro_index, units)
+                    info["passed"] = float(each.sum()) if units is each else float(info["units"])
+                self._micro_index += 1
+                self._micro_open, self._pending = False, None
+            return
         if not self._grads.recording:
             return
         scaler = getattr(optimizer, "scaler", None)
@@ -256,6 +312,10 @@ class BatchpilotCallback(TrainerCallback):
         return units, [1.0 / len(micros)] * len(micros)  # mean loss / current_gradient_accumulation_steps
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self._per_example is not None:
+            self._per_example.active = state.global_step % self.every_n_steps == 0
+            self._in_step, self._micro_index = True, 0
+            self._micros, self._micro_open, self._pending = [], False, None
         if self._grads.installed:
             self._grads.start_step(active=state.global_step % self.every_n_steps == 0)
             self._micros, self._micro_open, self._pending = [], False, None
@@ -264,16 +324,46 @@ class BatchpilotCallback(TrainerCallback):
         self._close_micro(optimizer)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if not self._grads.recording:
+        pe = self._per_example
+        if pe is not None:
+            if not self._recording:
+                self._in_step = False
+                return
+            self._close_micro(optimizer)
+            self._in_step = False
+            pair = self._per_example_step(pe, optimizer)
+        elif not self._grads.recording:
             return
-        self._close_micro(optimizer)
-        units, weights = self._units_and_weights()
-        pair = self._grads.end_step(units, weights)
+        else:
+            self._close_micro(optimizer)
+            units, weights = self._units_and_weights()
+            pair = self._grads.end_step(units, weights)
         if pair is None:
             return
         est = self.monitor.estimate()
         self.history.append({"step": float(state.global_step), "step_g_sq": pair[0], "step_trace_sigma": pair[1],
-                             **{k: float(v) for k, v in est.to_dict().items()}})
+                             **{k: float(v) for k, v in est.to_dict().items() if isinstance(v, (int, float))}})
+
+    def _per_example_step(self, pe: PerExampleNoiseScale, optimizer: Any) -> tuple[float, float] | None:
+        """End the per-example monitor's step with the loss scale the Trainer's normalisation implies.
+
+        The monitor assumes each micro-batch's loss is its units' sum over the step's passed units U;
+        the Trainer's is the sum over N (``num_items_in_batch``: scale U/N), or the micro-batch mean
+        over k (equal micro-batches: scale 1), or, when the model ignores ``num_items_in_batch``, the
+        micro-batch mean (scale k)."""
+        micros = self._micros
+        if not micros or any(m is None for m in micros):
+            pe.end_step()
+            return None
+        scaler = getattr(optimizer, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        passed = sum(m["passed"] for m in micros)
+        if all("n_items" in m for m in micros) and not self.loss_ignores_num_items:
+            scale *= passed / micros[0]["n_items"]
+        elif self.loss_ignores_num_items:
+            scale *= len(micros)
+        pe.loss_scale = scale
+        return pe.end_step()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not self.history or "loss" not in logs:

@@ -11,14 +11,19 @@
   :class:`~batchpilot.errors.BatchpilotError` if not, so the global batch never differs silently.
 * **run the doctor** (:func:`batchpilot.doctor.check`) on the live module, optimizer, scheduler
   and loader at train start, and report the findings as warnings.
-* **monitor the gradient noise scale** B_simple (McCandlish et al. 2018) from the micro-batches of
-  gradient accumulation, and log it through Lightning's loggers (``pl_module.log``) as
-  ``batchpilot/b_simple`` (with ``_low``/``_high``, ``g_sq`` and ``trace_sigma``) once per
-  optimizer step. Lightning divides each micro-batch's loss by ``accumulate_grad_batches``; the
-  estimator uses exactly those weights (see :mod:`batchpilot.integrations.grads`).
+* **monitor the gradient noise scale** B_simple (McCandlish et al. 2018) and log it through
+  Lightning's loggers (``pl_module.log``) as ``batchpilot/b_simple`` (with ``_low``/``_high``,
+  ``g_sq`` and ``trace_sigma``) once per optimizer step. Two estimators (``estimator=``):
+  ``micro-batch``, from the micro-batches of gradient accumulation (Lightning divides each
+  micro-batch's loss by ``accumulate_grad_batches``; the estimator uses exactly those weights, see
+  :mod:`batchpilot.integrations.grads`); ``per-example``, from per-example gradient norms taken by
+  hooks (:mod:`batchpilot.noise.per_example`; Goodfellow 2015, Gray et al. 2023/2024), at any
+  accumulation, 1 included. ``auto`` (the default) takes the micro-batch one under accumulation (it
+  costs a few percent) and the per-example one without (the only one that works there); docs/noise.md
+  has the measured costs.
 
-Limits: the monitor needs ``accumulate_grad_batches >= 2`` and automatic optimization, and runs
-only on single-device runs (with several ranks it is turned off with a warning).
+Limits: the monitor needs automatic optimization, and runs only on single-device runs (with several
+ranks it is turned off with a warning); the micro-batch estimator needs ``accumulate_grad_batches >= 2``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from batchpilot.integrations.common import (check_every, check_mode, count_sampl
 from batchpilot.integrations.grads import MicroBatchGradients
 from batchpilot.integrations.plan import PlanSettings, load_plan
 from batchpilot.noise.microbatch import GradientNoiseScale, NoiseEstimate
+from batchpilot.noise.per_example import PerExampleNoiseScale
+
+ESTIMATORS = ("auto", "per-example", "micro-batch")
 
 LR_ATTRS = ("lr", "learning_rate")
 """Where the plan's LR goes when ``lr_attr`` is not given (the names Lightning's LR finder uses)."""
@@ -62,7 +70,11 @@ class BatchpilotCallback(pl.Callback):
         lr_attr: the attribute ``configure_optimizers`` reads the LR from (default: ``lr`` or
             ``learning_rate``, whichever exists).
         warmup_attr: the attribute that sets the warmup length, if the module has it.
-        noise_monitor: the :class:`~batchpilot.noise.microbatch.GradientNoiseScale` to feed (default: a new one).
+        noise_monitor: the monitor to feed: a :class:`~batchpilot.noise.microbatch.GradientNoiseScale`
+            or a :class:`~batchpilot.noise.per_example.PerExampleNoiseScale` (default: a new one of
+            ``estimator``'s kind).
+        estimator: ``auto`` (per-example without accumulation, micro-batch with it), ``per-example``
+            or ``micro-batch``; ignored when ``noise_monitor`` is given.
         log_prefix: prefix of the logged metric names.
     """
 
@@ -78,9 +90,12 @@ class BatchpilotCallback(pl.Callback):
         batch_size_attr: str = "batch_size",
         lr_attr: str | None = None,
         warmup_attr: str = "warmup_steps",
-        noise_monitor: GradientNoiseScale | None = None,
+        noise_monitor: GradientNoiseScale | PerExampleNoiseScale | None = None,
+        estimator: str = "auto",
         log_prefix: str = "batchpilot/",
     ) -> None:
+        if estimator not in ESTIMATORS:
+            raise BatchpilotError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
         self.plan: PlanSettings | None = None if plan is None else load_plan(plan)
         self.monitor_noise = bool(monitor_noise)
         self.count_units = count_units or count_samples
@@ -88,7 +103,13 @@ class BatchpilotCallback(pl.Callback):
         self.doctor = check_mode(doctor)
         self.doctor_fields = dict(doctor_fields or {})
         self.batch_size_attr, self.lr_attr, self.warmup_attr = batch_size_attr, lr_attr, warmup_attr
-        self.monitor = noise_monitor if noise_monitor is not None else GradientNoiseScale()
+        self.estimator = estimator if noise_monitor is None else (
+            "per-example" if isinstance(noise_monitor, PerExampleNoiseScale) else "micro-batch")
+        self._given_monitor = noise_monitor
+        self.monitor: GradientNoiseScale | PerExampleNoiseScale = (
+            noise_monitor if noise_monitor is not None else GradientNoiseScale())
+        self._per_example: PerExampleNoiseScale | None = None
+        self._micro_index = 0
         self.log_prefix = log_prefix
         self.findings: list[Finding] = []
         """The doctor's findings at train start."""
@@ -199,18 +220,33 @@ class BatchpilotCallback(pl.Callback):
             why = "it needs automatic optimization (the loss weights of manual backward calls are unknown)"
         elif trainer.world_size > 1:
             why = f"it runs on single-device fits only (this fit has {trainer.world_size} ranks)"
-        elif trainer.accumulate_grad_batches < 2 and not any(
-                isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):
-            why = ("it needs two batch sizes: set accumulate_grad_batches >= 2 "
-                   "(same global batch, smaller micro-batches; the result is unchanged without BatchNorm)")
+        accumulating = trainer.accumulate_grad_batches >= 2 or any(
+            isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks)
+        kind = self.estimator if self.estimator != "auto" else ("micro-batch" if accumulating else "per-example")
+        if why is None and kind == "micro-batch" and not accumulating:
+            why = ("the micro-batch estimator needs two batch sizes: set accumulate_grad_batches >= 2 "
+                   "(same global batch, smaller micro-batches; the result is unchanged without BatchNorm), "
+                   "or estimator='per-example'")
         if why:
             rank_zero_warn(f"batchpilot: the noise-scale monitor is off: {why}")
             return
-        self._grads.install(pl_module.parameters())
         self._in_step = False
+        if kind == "per-example":
+            mon = self._given_monitor if isinstance(self._given_monitor, PerExampleNoiseScale) else PerExampleNoiseScale()
+            mon.attach(pl_module)
+            self.monitor, self._per_example = mon, mon
+            return
+        self._grads.install(pl_module.parameters())
 
     # -- per micro-batch and per step -------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        pe = self._per_example
+        if pe is not None:
+            if not self._in_step:
+                self._in_step, self._micro_index = True, 0
+                pe.active = trainer.global_step % self.every_n_steps == 0
+            self._pending_units = int(self.count_units(batch)) if pe.active else None
+            return
         if not self._grads.installed:
             return
         if not self._in_step:
@@ -220,32 +256,54 @@ class BatchpilotCallback(pl.Callback):
         self._pending_units = int(self.count_units(batch)) if self._grads.recording else None
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pe = self._per_example
+        if pe is not None:  # p.grad right after the backward: before Lightning clips or unscales it
+            if pe.active and self._pending_units is not None:
+                # Lightning's loss: micro-batch mean / k, i.e. the step's mean for equal micro-batches
+                pe.loss_scale = _grad_scale(trainer)
+                pe.after_micro(self._micro_index, self._pending_units)
+                self._micro_index += 1
+            self._pending_units = None
+            return
         if not (self._grads.installed and self._grads.recording) or self._pending_units is None:
             return
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        self._grads.end_micro(scale)
+        self._grads.end_micro(_grad_scale(trainer))
         self._units.append(self._pending_units)
         self._weights.append(1.0 / trainer.accumulate_grad_batches)  # Lightning: loss / accumulate_grad_batches
         self._pending_units = None
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if not (self._grads.installed and self._in_step):
+        pe = self._per_example
+        if pe is None and not (self._grads.installed and self._in_step):
+            return
+        if pe is not None and not self._in_step:
             return
         self._in_step = False
-        pair = self._grads.end_step(self._units, self._weights)
+        pair = (pe.end_step() if pe.active else None) if pe is not None else self._grads.end_step(self._units, self._weights)
         if pair is None:
             return
         est = self.monitor.estimate()
         self.history.append({"step": float(trainer.global_step), "step_g_sq": pair[0], "step_trace_sigma": pair[1],
-                             **{k: float(v) for k, v in est.to_dict().items()}})
+                             **{k: float(v) for k, v in est.to_dict().items() if isinstance(v, (int, float))}})
         logs = noise_logs(est, self.log_prefix)
         if logs and trainer.loggers:
             pl_module.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, logger=True)
 
     # -- cleanup ----------------------------------------------------------------------------
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._grads.remove()
+        self._remove()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
         self._grads.remove()
+        if self._per_example is not None:
+            self._per_example.detach()
+            self._per_example = None
+
+
+def _grad_scale(trainer: pl.Trainer) -> float:
+    """The AMP loss scale of the current backward (1 without a scaler)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0

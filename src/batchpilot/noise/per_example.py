@@ -54,335 +54,25 @@ BatchNorm in training mode couples the examples of a batch: per-example gradient
 micro-batch estimator's independent micro-batches) are then approximations; the estimate says so.
 """
 
+
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable, NamedTuple, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.noise.conv_rule import _ConvRule
+from batchpilot.noise.layer_rules import NORM_TYPES, _EmbeddingRule, _LinearRule, _NormRule, _Rule, _Unsupported
 from batchpilot.noise.microbatch import GradientNoiseScale, NoiseEstimate, two_batch_estimates
 
-NORM_TYPES: tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 LayerSelection = Union[None, str, Callable[[str, nn.Module], bool], Iterable[Union[str, type]]]
 
-_CHUNK_ELEMS = 1 << 22
-"""Largest block (elements) built at once: per-example gradients, or Gram matrices, of a chunk of examples."""
-
-
-class _Unsupported(Exception):
-    """The layer's call cannot be split into examples (the message says why)."""
-
-
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _batch_major(x: torch.Tensor, n: int | None, min_dim: int, what: str) -> None:
-    if x.dim() < min_dim:
-        raise _Unsupported(f"{what} input of shape {tuple(x.shape)} has no batch dimension")
-    if n is not None and x.shape[0] != n:
-        raise _Unsupported(f"{what} input's first dimension {x.shape[0]} is not the batch ({n})")
-
-
-def _chunks(n: int, per_example: int) -> list[slice]:
-    step = max(1, _CHUNK_ELEMS // max(1, per_example))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
-
-
-def _gram_is_cheaper(t: int, a: int, b: int) -> bool:
-    """Whether the Gram form (``T²(a+b)`` per example) beats the per-example product (``T·a·b``).
-
-    The factor 3 is measured on one CPU thread: the product's one batched matmul and fused norm beat
-    the Gram form's two matmuls and ``(T, T)`` product at equal operation counts (e.g. ``T=16, a=b=64``:
-    0.14 ms against 0.21 ms for 32 examples; ``T=64, a=64, b=192``: 0.64 against 1.44)."""
-    return 3 * t * (a + b) < a * b
-
-
-def _outer_sq(x3: torch.Tensor, d3: torch.Tensor) -> torch.Tensor:
-    """``|Σ_t d_t x_tᵀ|²`` per example for ``x3 (N, T, a)``, ``d3 (N, T, b)``: the cheaper of the Gram form
-    and the per-example product (built a chunk of examples at a time)."""
-    n, t, a = x3.shape
-    b = d3.shape[-1]
-    if t == 1:
-        return torch.linalg.vecdot(x3[:, 0], x3[:, 0]) * torch.linalg.vecdot(d3[:, 0], d3[:, 0])
-    if _gram_is_cheaper(t, a, b):  # Σ_{t,s} (x_t·x_s)(d_t·d_s)
-        parts = [torch.linalg.vecdot(torch.bmm(x3[c], x3[c].transpose(1, 2)).flatten(1),
-                                     torch.bmm(d3[c], d3[c].transpose(1, 2)).flatten(1)) for c in _chunks(n, t * t)]
-    else:
-        parts = [torch.linalg.vector_norm(torch.bmm(d3[c].transpose(1, 2), x3[c]), dim=(1, 2)).square()
-                 for c in _chunks(n, a * b)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-# -- the layer rules: per-example squared norms, and the batch gradient (for the one-time check) --------
-class _Rule:
-    """How one layer type's per-example gradient norms follow from its input and output gradient."""
-
-    name = ""
-
-    def prepare(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int | None):
-        """Validate the input ``x`` (output ``y``) at the forward; return what the backward needs (raise
-        :class:`_Unsupported`). The default keeps the input, which the layer's own backward keeps anyway."""
-        raise NotImplementedError
-
-    def sq_norms(self, module: nn.Module, x, d: torch.Tensor, m: int) -> torch.Tensor:
-        """Per-example squared gradient norm over the module's trainable parameters for the first ``m``
-        examples, shape ``(m,)``."""
-        raise NotImplementedError
-
-    def batch_grads(self, module: nn.Module, x: torch.Tensor, d: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The module's contribution to each trainable parameter's batch gradient (the check's reference)."""
-        raise NotImplementedError
-
-
-class _LinearRule(_Rule):
-    """``y = x Wᵀ + b`` over the last dimension (``nn.Linear``); ``transposed``: ``y = x W + b`` (HF Conv1D)."""
-
-    def __init__(self, transposed: bool = False) -> None:
-        self.transposed = transposed
-        self.name = "Conv1D" if transposed else "Linear"
-
-    def prepare(self, module, x, y, n):
-        _batch_major(x, n, 2, self.name)
-        return x
-
-    def sq_norms(self, module, x, d, m):
-        dt = _work_dtype(d)
-        if m < x.shape[0]:
-            x, d = x[:m], d[:m]
-        if d.dtype != dt:
-            x, d = x.to(dt), d.to(dt)
-        w = module.weight.requires_grad
-        b = module.bias is not None and module.bias.requires_grad
-        if x.dim() == 2:  # |x_i|² |δ_i|² (+ |δ_i|²): three small kernels
-            dd = torch.linalg.vecdot(d, d)
-            if not w:
-                return dd
-            xx = torch.linalg.vecdot(x, x.to(dt))
-            return torch.addcmul(dd, xx, dd) if b else xx * dd
-        n = x.shape[0]
-        x3 = x.reshape(n, -1, x.shape[-1]).to(dt)
-        d3 = d.reshape(n, -1, d.shape[-1])
-        out = _outer_sq(x3, d3) if w else None
-        if b:
-            bb = d3.sum(1).square().sum(1)
-            out = bb if out is None else out + bb
-        return out if out is not None else torch.zeros(n, dtype=dt, device=d.device)
-
-    def batch_grads(self, module, x, d):
-        dt = _work_dtype(d)
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)
-        d2 = d.reshape(-1, d.shape[-1]).to(dt)
-        out = {}
-        if module.weight.requires_grad:
-            out["weight"] = x2.T @ d2 if self.transposed else d2.T @ x2
-        if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = d2.sum(0)
-        return out
-
-
-class _EmbeddingRule(_Rule):
-    name = "Embedding"
-
-    def prepare(self, module, x, y, n):
-        if module.sparse:
-            raise _Unsupported("Embedding with sparse=True (sparse gradients)")
-        if module.scale_grad_by_freq:
-            raise _Unsupported("Embedding with scale_grad_by_freq (the scale depends on the whole batch)")
-        _batch_major(x, n, 2, "Embedding")  # a 1-D index (a position table's arange) is not per example
-        return x
-
-    def _masked(self, module, x, d):
-        n = x.shape[0]
-        idx = x.reshape(n, -1)
-        d3 = d.reshape(n, idx.shape[1], -1).to(_work_dtype(d))
-        if module.padding_idx is not None:
-            d3 = d3 * (idx != module.padding_idx).unsqueeze(-1).to(d3.dtype)
-        return idx, d3
-
-    def sq_norms(self, module, x, d, m):
-        idx, d3 = self._masked(module, x[:m], d[:m])
-        n, t, dim = d3.shape
-        if t == 1:
-            return d3[:, 0].square().sum(1)
-        vocab = module.num_embeddings
-        if t * t * dim <= vocab * dim:  # Gram form over equal indices
-            same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(d3.dtype)
-            return (torch.bmm(d3, d3.transpose(1, 2)) * same).sum((1, 2))
-        parts = []
-        for c in _chunks(n, vocab * dim):  # per-example rows: scatter into (chunk, vocab, dim)
-            rows = torch.zeros(c.stop - c.start, vocab, dim, dtype=d3.dtype, device=d3.device)
-            rows.scatter_add_(1, idx[c].unsqueeze(-1).expand(-1, -1, dim), d3[c])
-            parts.append(rows.square().sum((1, 2)))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def batch_grads(self, module, x, d):
-        if not module.weight.requires_grad:
-            return {}
-        idx, d3 = self._masked(module, x, d)
-        w = torch.zeros(module.num_embeddings, d3.shape[-1], dtype=d3.dtype, device=d3.device)
-        return {"weight": w.index_add_(0, idx.reshape(-1), d3.reshape(-1, d3.shape[-1]))}
-
-
-class _NormRule(_Rule):
-    """LayerNorm and RMSNorm: elementwise affine ``y = x̂ ⊙ w + b`` over ``normalized_shape``.
-
-    Example ``i``'s weight gradient is ``Σ_t δ_t ⊙ x̂_t = (Σ_t δ_t ⊙ y_t - b ⊙ Σ_t δ_t) / w``: one product
-    with the output (which the next layer usually keeps for its own backward) and sums, the division
-    only on the ``(N, D)`` sums. Where ``w`` has a zero, or ``|b| > 1e3 |w|`` (float32 cancellation
-    of more than ~1e-4), or the output was modified in place, ``x̂`` is recomputed from the input.
-    """
-
-    def __init__(self, rms: bool) -> None:
-        self.rms = rms
-        self.name = "RMSNorm" if rms else "LayerNorm"
-
-    def prepare(self, module, x, y, n):
-        _batch_major(x, n, len(module.normalized_shape) + 1, self.name)
-        w, b = module.weight, getattr(module, "bias", None)
-        from_output = False
-        if w is not None:  # few kernels: each costs tens of microseconds between the forward's big ones
-            with torch.no_grad():
-                from_output = bool(w.abs().min() > 0) if b is None else float((b / w).abs().max()) <= 1e3
-        return x, (y.detach() if from_output else None), y._version
-
-    def _sums(self, module, saved, d, m):
-        """Per-example ``(Σ_t δ_t ⊙ x̂_t, Σ_t δ_t)`` as ``(n, D)`` each (the first ``None`` without a weight)."""
-        x, y, version = saved
-        x, d = x[:m], d[:m]
-        n, dt = x.shape[0], _work_dtype(d)
-        shape = tuple(module.normalized_shape)
-        k = math.prod(shape)
-        d3 = d.to(dt).reshape(n, -1, k)
-        sd = d3.sum(1)
-        w, b = module.weight, getattr(module, "bias", None)
-        if w is None or not w.requires_grad:
-            return None, sd
-        if y is not None and y._version == version:
-            sy = (d3 * y[:m].to(dt).reshape(n, -1, k)).sum(1)
-            if b is not None:
-                sy = sy - b.detach().to(dt).reshape(-1) * sd
-            return sy / w.detach().to(dt).reshape(-1), sd
-        xh = x.to(dt)
-        xh = F.rms_norm(xh, shape, None, module.eps) if self.rms else F.layer_norm(xh, shape, None, None, module.eps)
-        return (d3 * xh.reshape(n, -1, k)).sum(1), sd
-
-    def sq_norms(self, module, saved, d, m):
-        sw, sd = self._sums(module, saved, d, m)
-        out = torch.zeros(sd.shape[0], dtype=sd.dtype, device=sd.device)
-        if sw is not None:
-            out = out + sw.square().sum(1)
-        bias = getattr(module, "bias", None)
-        if bias is not None and bias.requires_grad:
-            out = out + sd.square().sum(1)
-        return out
-
-    def batch_grads(self, module, saved, d):
-        sw, sd = self._sums(module, saved, d, d.shape[0])
-        shape = tuple(module.normalized_shape)
-        out = {}
-        if sw is not None:
-            out["weight"] = sw.sum(0).reshape(shape)
-        bias = getattr(module, "bias", None)
-        if bias is not None and bias.requires_grad:
-            out["bias"] = sd.sum(0).reshape(shape)
-        return out
-
-
-class _ConvRule(_Rule):
-    """Conv1d/Conv2d, group by group, through the kernel offsets.
-
-    With ``x_j`` the (padded, strided) input seen at kernel offset ``j`` — an ``(C_in/g, L)`` slice,
-    the columns of im2col for that offset — example ``i``'s weight gradient at offset ``j`` is
-    ``δ_i x_jᵀ`` (``δ_i``: ``(C_out/g, L)``), so its squared norm is ``Σ_j |δ_i x_jᵀ|²`` (one batched
-    matmul per offset, no im2col copy) or, in the Gram form, ``Σ_{l,m} (Σ_j x_jᵀ x_j)_{lm} (δᵀδ)_{lm}``.
-    """
-
-    def __init__(self, dims: int) -> None:
-        self.dims = dims
-        self.name = f"Conv{dims}d"
-
-    def prepare(self, module, x, y, n):
-        if x.dim() != self.dims + 2:
-            raise _Unsupported(f"{self.name} input of shape {tuple(x.shape)} has no batch dimension")
-        _batch_major(x, n, self.dims + 2, self.name)
-        return x
-
-    @staticmethod
-    def _padded(module, x, dt):
-        x = x.to(dt)
-        pad = module._reversed_padding_repeated_twice
-        if any(pad):
-            x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-        return x
-
-    def _offsets(self, module, x, out_shape):
-        """The input slice of every kernel offset, each ``(N·g, L, C_in/g)`` and contiguous (the layout in
-        which the batched matmuls below run fast on CPU)."""
-        n, g = x.shape[0], module.groups
-        k, s, dil = module.kernel_size, module.stride, module.dilation
-        for j in itertools.product(*(range(kk) for kk in k)):
-            idx = tuple(slice(jj * dd, jj * dd + ss * (o - 1) + 1, ss) for jj, dd, ss, o in zip(j, dil, s, out_shape))
-            xs = x[(slice(None), slice(None)) + idx].reshape(n * g, module.in_channels // g, -1)
-            yield xs.transpose(1, 2).contiguous()
-
-    def sq_norms(self, module, x, d, m):
-        if m < x.shape[0]:
-            x, d = x[:m], d[:m]
-        n, g, dt = x.shape[0], module.groups, _work_dtype(d)
-        out = None
-        if module.weight.requires_grad:
-            xp = self._padded(module, x, dt)
-            d3 = d.to(dt).reshape(n * g, module.out_channels // g, -1)  # (N·g, O, L)
-            length, c_in, c_out = d3.shape[-1], module.in_channels // g, d3.shape[1]
-            kk = math.prod(module.kernel_size)
-            rows = _chunks(n * g, length * length if _gram_is_cheaper(length, c_in * kk, c_out) else c_in * c_out)
-            if _gram_is_cheaper(length, c_in * kk, c_out):
-                gram = [None] * len(rows)
-                for xs in self._offsets(module, xp, d.shape[2:]):
-                    for i, c in enumerate(rows):
-                        a = torch.bmm(xs[c], xs[c].transpose(1, 2))
-                        gram[i] = a if gram[i] is None else gram[i].add_(a)
-                parts = [torch.linalg.vecdot(gr.flatten(1), torch.bmm(d3[c].transpose(1, 2), d3[c]).flatten(1))
-                         for gr, c in zip(gram, rows)]
-            else:
-                parts = [None] * len(rows)
-                for xs in self._offsets(module, xp, d.shape[2:]):
-                    for i, c in enumerate(rows):
-                        part = torch.linalg.vector_norm(torch.bmm(d3[c], xs[c]), dim=(1, 2)).square()
-                        parts[i] = part if parts[i] is None else parts[i].add_(part)
-            w = parts[0] if len(parts) == 1 else torch.cat(parts)
-            out = w.view(n, g).sum(1) if g > 1 else w
-        if module.bias is not None and module.bias.requires_grad:
-            sd = d.to(dt).reshape(n, module.out_channels, -1).sum(2)
-            bb = torch.linalg.vecdot(sd, sd)
-            out = bb if out is None else out + bb
-        return out if out is not None else torch.zeros(n, dtype=dt, device=d.device)
-
-    def batch_grads(self, module, x, d):
-        out = {}
-        dt = _work_dtype(d)
-        if module.weight.requires_grad:
-            xp = self._padded(module, x, dt)
-            k, s, dil = module.kernel_size, module.stride, module.dilation
-            if self.dims == 1:
-                xp, k, s, dil = xp.unsqueeze(2), (1, k[0]), (1, s[0]), (1, dil[0])
-            cols = F.unfold(xp, k, dilation=dil, padding=0, stride=s)  # (N, C_in·k, L)
-            n, g = x.shape[0], module.groups
-            cols = cols.view(n, g, -1, cols.shape[-1])
-            d4 = d.to(dt).reshape(n, g, module.out_channels // g, -1)
-            out["weight"] = torch.einsum("ngol,ngkl->gok", d4, cols).reshape(module.weight.shape)
-        if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = d.to(dt).reshape(d.shape[0], module.out_channels, -1).sum((0, 2))
-        return out
 
 
 _LINEAR, _LINEAR_T = _LinearRule(), _LinearRule(transposed=True)
@@ -405,6 +95,7 @@ def rule_for(module: nn.Module) -> _Rule | None:
 
 def _own_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(k, p) for k, p in module.named_parameters(recurse=False) if p.requires_grad]
+
 
 
 # -- the estimate ------------------------------------------------------------------------------------------
@@ -528,6 +219,11 @@ class PerExampleNoiseScale:
             units (batchpilot's DDP path multiplies by the world size; a summed loss is ``U``).
         fallback: measure parameters that the hooks cannot split with the micro-batch estimator
             when gradient accumulation gives two batch sizes (else they are left out and reported).
+        grad_hooks: read each parameter's accumulated gradient norm inside the backward
+            (post-accumulate-grad hooks) instead of from ``p.grad`` at :meth:`after_micro`: for loops
+            that clip or unscale ``p.grad`` before the monitor is called (the Hugging Face Trainer
+            clips before its last callback of a step). Call :meth:`end_step` after a step's last
+            :meth:`after_micro` then (the callbacks do).
         max_examples: compute the norms of the first ``max_examples`` examples of each micro-batch only
             (``None``: all). Any subset of a shuffled batch keeps both terms unbiased (the batch
             gradient still comes from the whole batch); the hooks' cost scales with the subset.
@@ -539,6 +235,7 @@ class PerExampleNoiseScale:
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module] | None = None, *, layers: LayerSelection = None,
                  loss_scale: float = 1.0, fallback: bool = True, max_examples: int | None = None,
+                 grad_hooks: bool = False,
                  ema_decay: float = 0.95, window: int | None = None, confidence: float = 0.8,
                  bootstrap_samples: int = 200, seed: int = 0) -> None:
         if not (isinstance(loss_scale, (int, float)) and loss_scale > 0 and math.isfinite(loss_scale)):
@@ -553,6 +250,8 @@ class PerExampleNoiseScale:
         self._select = _selector(layers)
         self._fallback_monitor = GradientNoiseScale(params=lambda: self._fallback_params, ema_decay=ema_decay)
         self._fallback_params: list[torch.Tensor] = []
+        self.grad_hooks = bool(grad_hooks)
+        self._grad_sq: dict[int, torch.Tensor] = {}  # id(p) -> |p.grad|² after its latest backward (grad_hooks)
         self._model: nn.Module | None = None
         self._source = None
         self._handles: list = []
@@ -560,6 +259,9 @@ class PerExampleNoiseScale:
         self._by_module: dict[nn.Module, _Layer] = {}
         self._scope: list[tuple[str, torch.Tensor]] = []
         self._cheap = layers == "cheap"
+        self.active = True
+        """While ``False`` the hooks return at once (nothing saved, no norms): a caller that observes only
+        some steps sets it before each step's forward, so the steps it skips cost nothing."""
         self._batch: int | None = None
         self._micro: list[_Micro] = []
         self._broken = False  # a micro-batch of this step went unrecorded: the step is skipped
@@ -594,6 +296,10 @@ class PerExampleNoiseScale:
         self._model = model
         root = self._root()  # the module inside a DDP wrapper
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        if self.grad_hooks:
+            for p in root.parameters():
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
         for name, m in root.named_modules():
             rule = rule_for(m)
             if rule is None or not _own_params(m) or not self._select(name, m):
@@ -632,14 +338,23 @@ class PerExampleNoiseScale:
         del self._by_module[layer.module]
         self._set_scope()
 
+    def _grad_hook(self, p: torch.Tensor) -> None:
+        if self.active and p.grad is not None:
+            with torch.no_grad():
+                g = p.grad
+                low = g.dtype in (torch.float16, torch.bfloat16)  # the norm in float32 for 16-bit gradients
+                self._grad_sq[id(p)] = torch.linalg.vector_norm(g, dtype=torch.float32 if low else None).double().square()
+
     def _root_pre_hook(self, module, args, kwargs):
+        if not self.active:
+            return
         first = next((t for t in args if isinstance(t, torch.Tensor)), None)
         if first is None:
             first = next((t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
         self._batch = int(first.shape[0]) if first is not None and first.dim() > 0 else None
 
     def _forward_hook(self, module, inputs, output):
-        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad \
+        if not self.active or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad \
                 or _functorch_wrapped(output):  # a torch.func transform of the model is not a training step
             return
         layer = self._by_module.get(module)
@@ -773,7 +488,11 @@ class PerExampleNoiseScale:
         if key != self._coverage.get("key"):
             self._cover(key)
         grads = [p.grad for p in self._coverage["params"] if p.grad is not None]
-        big = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
+        if self.grad_hooks:
+            sq_list = [self._grad_sq[id(p)] for p in self._coverage["params"] if id(p) in self._grad_sq]
+            big = torch.stack(sq_list).sum().sqrt() if sq_list else None
+        else:
+            big = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
         self._micro.append(_Micro(key, per_ex, m, u, total, big))
         return total
 
@@ -813,6 +532,7 @@ class PerExampleNoiseScale:
         micro, self._micro = self._micro, []
         if micro:
             self._last_micros = len(micro)
+            self._grad_sq = {}  # (a step already ended keeps the next step's first backward's norms)
         fb = self._fallback_monitor.end_step() if self.use_fallback else None
         if not micro or self._broken or micro[-1].big is None:
             return None

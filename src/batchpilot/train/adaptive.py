@@ -17,8 +17,10 @@ memory/accumulation limit. The LR follows the AdaScale gain (SGD-like optimizers
 derived for SGD) or the run's scaling rule (the Adam family: square root, Malladi et al. 2022).
 
 :func:`decide_batch` is a pure function of (current batch, noise scale, throughput, candidates);
-:class:`AdaptiveDriver` runs it inside the reference trainer with the real
-:class:`~batchpilot.noise.microbatch.GradientNoiseScale` monitor.
+:class:`AdaptiveDriver` runs it inside the reference trainer with a live monitor: by default the
+per-example one (:class:`~batchpilot.noise.per_example.PerExampleNoiseScale`), which measures every
+step at its own batch without splitting it; or the micro-batch one
+(:class:`~batchpilot.noise.microbatch.GradientNoiseScale`), which splits the steps it measures.
 """
 
 from __future__ import annotations
@@ -195,37 +197,76 @@ def measure_throughput(workload, model: torch.nn.Module, batches: Sequence[int],
     return ThroughputTable(tuple(batches), tuple(rates))
 
 
+ESTIMATORS = ("per-example", "micro-batch")
+
+
+def make_monitor(estimator: str):
+    """A fresh noise monitor for the controller: ``per-example`` norms (every step, no split) or
+    ``micro-batch`` (two batch sizes from splitting the monitored steps in two)."""
+    if estimator == "per-example":
+        from batchpilot.noise.per_example import PerExampleNoiseScale
+
+        return PerExampleNoiseScale(confidence=DECISION_CONFIDENCE)
+    if estimator == "micro-batch":
+        from batchpilot.noise.microbatch import GradientNoiseScale
+
+        return GradientNoiseScale(confidence=DECISION_CONFIDENCE)
+    raise BatchpilotError(f"noise estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+
+
 class AdaptiveDriver(BatchDriver):
     """Runs :func:`decide_batch` every ``decide_every`` steps with the live noise monitor.
 
-    Every ``monitor_every``-th step is split into at least two micro-batches and fed to the monitor,
-    which gets its two batch sizes from accumulation; the other steps run unsplit (unless the
-    micro-batch cap splits them) and unmonitored, so measuring costs little. Throughput is measured
-    once, at the first decision, on a copy of the model, for unsplit steps (the measurement time
-    counts as training time). The LR multiplier is the AdaScale gain
-    for SGD-like optimizers and the run's rule for the Adam family (``lr_mode='auto'``).
+    With the per-example monitor (the default, :mod:`batchpilot.noise.per_example`: Goodfellow 2015;
+    Gray et al. 2023/2024) the noise scale comes from the step's own backward, so every step is
+    measured at its own batch, unsplit. With the micro-batch monitor every ``monitor_every``-th step
+    is split into at least two micro-batches (its two batch sizes, McCandlish et al. 2018) and the
+    other steps run unsplit and unmeasured. A per-example monitor's hooks are switched off on the
+    steps it does not observe. Throughput is measured once, at the first decision, on a copy of the
+    model, for unsplit steps (the measurement time counts as training time). The LR multiplier is the
+    AdaScale gain (Johnson et al. 2020) for SGD-like optimizers and the run's rule for the Adam family
+    (``lr_mode='auto'``).
 
     Args:
         max_batch: the memory/accumulation limit.
-        monitor: a :class:`~batchpilot.noise.microbatch.GradientNoiseScale` (one is made if ``None``).
+        monitor: a noise monitor (:class:`~batchpilot.noise.per_example.PerExampleNoiseScale` or
+            :class:`~batchpilot.noise.microbatch.GradientNoiseScale`); one is made from ``estimator``
+            if ``None``.
+        estimator: ``per-example`` or ``micro-batch``, for the monitor made here.
         decide_every: steps between decisions.
         min_updates: monitored steps before the first decision.
-        monitor_every: measure the noise scale on every this many steps (1: every step).
-        margin: Pollux's switching margin.
+        monitor_every: measure the noise scale on every this many steps; ``None`` (the default): every
+            4th step for the micro-batch monitor, and for the per-example one an interval that starts at
+            every step and doubles after each decision that keeps the batch (up to
+            ``max_monitor_every``), back to every step after a switch: the estimate is fresh while the
+            batch moves and costs little once it has settled (exact per-example norms cost a large
+            share of a step on small CPU models, docs/noise.md).
+        max_monitor_every: the longest interval of the per-example monitor's default schedule.
+        margin: Pollux's switching margin (Qiao et al. 2021).
         lr_mode: ``adascale``, ``rule`` or ``auto``.
         **kwargs: see :class:`~batchpilot.train.batching.BatchDriver`.
     """
 
-    def __init__(self, *, max_batch: int, monitor=None, decide_every: int = 8, min_updates: int = 4,
-                 monitor_every: int = 4, margin: float = POLLUX_MARGIN, lr_mode: str = "auto", **kwargs) -> None:
+    def __init__(self, *, max_batch: int, monitor=None, estimator: str = "micro-batch", decide_every: int = 8,
+                 min_updates: int = 4, monitor_every: int | None = None, max_monitor_every: int = 16,
+                 margin: float = POLLUX_MARGIN, lr_mode: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
         if lr_mode not in ("auto", "adascale", "rule"):
             raise BatchpilotError(f"lr mode must be auto, adascale or rule, got {lr_mode!r}")
         if monitor is None:
-            from batchpilot.noise.microbatch import GradientNoiseScale
-
-            monitor = GradientNoiseScale(confidence=DECISION_CONFIDENCE)
+            monitor = make_monitor(estimator)
         self.monitor, self.max_batch = monitor, max_batch
+        self.per_example = not getattr(monitor, "needs_accumulation", True)
+        self.backoff = monitor_every is None and self.per_example
+        if monitor_every is None:
+            monitor_every = 1 if self.per_example else 4
+        for name, v in (("monitor_every", monitor_every), ("max_monitor_every", max_monitor_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise BatchpilotError(f"{name} must be an integer >= 1, got {v!r}")
+        self.max_monitor_every = max_monitor_every
+        self._next_observed = 0
+        self.observed_steps: list[int] = []
+        """0-based steps the monitor observed."""
         self.decide_every, self.min_updates, self.margin, self.lr_mode = decide_every, min_updates, margin, lr_mode
         self.monitor_every = monitor_every
         self._monitoring = False
@@ -244,12 +285,24 @@ class AdaptiveDriver(BatchDriver):
         """Give the driver the live model (for the monitor and the throughput probe)."""
         self._model_fn, self._workload, self._dtype = model_fn, workload, dtype
         self.monitor.attach(model_fn)
+        bind_now = getattr(self.monitor, "bind_model", None)
+        if bind_now is not None:  # hooks before the first forward: the first step is observed too
+            bind_now(model_fn())
         if self.lr_mode == "auto":
             self.lr_mode = "rule" if family.lower() in ADAPTIVE_OPTIMIZERS else "adascale"
 
     def min_micro_batches(self, step: int) -> int:
-        self._monitoring = step % self.monitor_every == 0
-        return 2 if self._monitoring else 1
+        if self.backoff:
+            self._monitoring = step >= self._next_observed
+            if self._monitoring:
+                self._next_observed = step + self.monitor_every
+        else:
+            self._monitoring = step % self.monitor_every == 0
+        if self._monitoring and (not self.observed_steps or self.observed_steps[-1] != step):
+            self.observed_steps.append(step)
+        if hasattr(self.monitor, "active"):
+            self.monitor.active = self._monitoring
+        return 2 if self._monitoring and not self.per_example else 1
 
     def after_micro(self, index: int, units: int) -> None:
         """Feed the monitor on monitored steps (the trainer's ``after_micro`` hook)."""
@@ -284,19 +337,30 @@ class AdaptiveDriver(BatchDriver):
             if self._workload is None or self._model_fn is None:
                 raise BatchpilotError("AdaptiveDriver.bind(model_fn, workload, dtype, family) must be called before training")
             t0 = time.perf_counter()
+            active = getattr(self.monitor, "active", None)
+            if active is not None:  # the probe's copy of the model carries copies of the hooks: idle them
+                self.monitor.active = False
             self.throughput = measure_throughput(
                 self._workload, self._model_fn(), self.candidates,
                 lambda b: micro_batch_for(b, self.micro_cap, 1), self._dtype)
             self.probe_s = time.perf_counter() - t0
+            if active is not None:
+                self.monitor.active = active
         d = decide_batch(self.current, self.b_noise, self.throughput, self.candidates, self.ref_batch,
                          self.margin, step=step, b_noise_range=b_range)
         self.decisions.append(d.to_dict())
         self.current = d.batch
+        if self.backoff:  # fresh estimates while the batch moves, fewer once it has settled
+            self.monitor_every = 1 if d.switched else min(2 * self.monitor_every, self.max_monitor_every)
+            if d.switched:
+                self._next_observed = step  # the next (0-based) step
 
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(current=self.current, b_noise=self.b_noise, decisions=[dict(d) for d in self.decisions],
                      units=self._units, samples=self._samples, lr_mode=self.lr_mode,
+                     monitor_every=self.monitor_every, next_observed=self._next_observed,
+                     observed_steps=list(self.observed_steps),
                      throughput=None if self.throughput is None else
                      {"batches": list(self.throughput.batches), "samples_per_s": list(self.throughput.samples_per_s)},
                      monitor=self.monitor.state_dict())
@@ -307,6 +371,9 @@ class AdaptiveDriver(BatchDriver):
         self.current, self.b_noise = int(state["current"]), float(state["b_noise"])
         self.decisions = [dict(d) for d in state["decisions"]]
         self._units, self._samples, self.lr_mode = int(state["units"]), int(state["samples"]), state["lr_mode"]
+        self.monitor_every = int(state.get("monitor_every", self.monitor_every))
+        self._next_observed = int(state.get("next_observed", 0))
+        self.observed_steps = [int(s) for s in state.get("observed_steps", [])]
         t = state["throughput"]
         self.throughput = None if t is None else ThroughputTable(tuple(int(b) for b in t["batches"]),
                                                                  tuple(float(s) for s in t["samples_per_s"]))

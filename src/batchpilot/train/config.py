@@ -54,6 +54,9 @@ class TrainConfig:
         adaptive: grow the batch with the measured gradient noise scale (:mod:`batchpilot.train.adaptive`),
             starting at ``global_batch``.
         max_batch: the adaptive controller's largest batch (default ``min(16 x global_batch, N / 2)``).
+        adaptive_estimator: the adaptive controller's noise monitor: ``micro-batch`` (every 4th step, split
+            in two; the default, it reached the target sooner in ``bench/adaptive_vs_fixed.py``) or
+            ``per-example`` (per-example norms, unsplit steps) (:mod:`batchpilot.train.adaptive`).
         init_from: start from these weights (a batchpilot checkpoint or a ``state_dict`` file), e.g. to fine-tune.
         sync_batchnorm: convert BatchNorm to SyncBatchNorm, statistics over all ranks (:mod:`batchpilot.train.sync_bn`).
         strategy: ``ddp`` (replicated weights; also the one-process default) or ``fsdp`` (FSDP2
@@ -86,6 +89,7 @@ class TrainConfig:
     batch_schedule: str | None = None
     adaptive: bool = False
     max_batch: int | None = None
+    adaptive_estimator: str = "micro-batch"
     init_from: str | None = None
     sync_batchnorm: bool = False
     strategy: str = "ddp"
@@ -159,6 +163,8 @@ class TrainConfig:
                 raise BatchpilotError("max batch applies to adaptive batching only (add adaptive=True / --adaptive)")
             if self.max_batch < self.global_batch:
                 raise BatchpilotError(f"max batch {self.max_batch} is below the starting batch {self.global_batch}")
+        if self.adaptive_estimator not in ("per-example", "micro-batch"):
+            raise BatchpilotError(f"adaptive estimator must be per-example or micro-batch, got {self.adaptive_estimator!r}")
         if (self.batch_schedule is not None or self.adaptive) and self.world_size != 1:
             raise BatchpilotError("batch schedules and adaptive batching run on one process for now (world size 1)")
         self._check_strategy()

@@ -33,5 +33,6 @@ def make_batch_driver(config, workload, rule: str) -> BatchDriver | None:
         max_batch = config.max_batch or min(16 * config.global_batch, n // 2)
         if max_batch > n:
             raise BatchpilotError(f"max batch {max_batch} is larger than the training set ({n} samples)")
-        return AdaptiveDriver(max_batch=max(max_batch, config.global_batch), **common)
+        return AdaptiveDriver(max_batch=max(max_batch, config.global_batch),
+                              estimator=getattr(config, "adaptive_estimator", "micro-batch"), **common)
     return None
