@@ -66,6 +66,8 @@ def test_a_given_noise_scale_is_used_and_marked(memory_only):
     plan = make_plan(memory_only, device="A100", noise_scale=64.0, amp="bfloat16", **_fast())
     assert plan.noise["method"] == "given" and plan.noise_scale == 64.0 and plan.amp == "bfloat16"
     assert "GIVEN" in plan.noise_note and any("GIVEN" in c for c in plan.caveats)
+    assert "given with --noise-scale" in plan.lr_rule_note and "measured critical" not in plan.lr_rule_note
+    assert not any("measured critical batch" in c for c in plan.caveats)
     big = [c for c in plan.candidates if c["global_batch"] > memory_only.base_batch]
     assert big and all(c["efficiency"] < 1 for c in big)
     assert {"best_if_noise_low", "best_if_noise_high"} <= set(plan.alternatives)

@@ -337,7 +337,7 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
                           spec=spec, candidates=candidates, world_size=1 if sharded is not None else world_size,
                           b_noise_used=b_noise_used,
                           comm_note=worlds_info["comm"]["source"] if "comm" in worlds_info else None,
-                          num_train=None if memory_only else workload.num_train)
+                          num_train=None if memory_only else workload.num_train, noise_given=noise_scale is not None)
     if sharded is not None:  # FSDP's collectives instead of the all-reduce's words
         caveats += sw.fsdp_caveats(worlds_info, world_size)
     caveats += predict.plan_caveats(throughput, calibration)  # says so when the throughput is predicted
@@ -372,7 +372,7 @@ def _make_plan(workload, *, device, memory, world_size, lr_rule, threads, throug
         base_batch=workload.base_batch, base_lr=workload.base_lr, device=spec.name, usable_bytes=spec.usable_bytes,
         target=str(workload.target) if workload.target else None,
         predicted_steps_to_target=chosen.steps_to_target, predicted_time_to_target_s=chosen.time_to_target_s,
-        lr_rule_note=lr_rule_note(rule, b_noise_used, chosen.global_batch),
+        lr_rule_note=lr_rule_note(rule, b_noise_used, chosen.global_batch, given=noise_scale is not None),
         noise_note=noise_note(probe, noise) if probe is not None else source.note(),
         why=why_text(chosen, base, largest, throughput, b_noise_used, workload, tokens_per_sample=tokens_per_sample(workload)),
         threads=torch.get_num_threads(), thread_choice={str(k): v for k, v in thread_scores.items()},

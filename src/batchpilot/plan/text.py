@@ -20,9 +20,10 @@ def _fmt(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.3g}"
 
 
-def lr_rule_note(rule: str, b_noise: float, batch: int) -> str:
-    """Where the LR rule comes from and where it stops holding."""
-    crit = f"the measured critical batch (B_noise ≈ {_fmt(b_noise)} samples)"
+def lr_rule_note(rule: str, b_noise: float, batch: int, *, given: bool = False) -> str:
+    """Where the LR rule comes from and where it stops holding (``given``: B_noise came from ``--noise-scale``)."""
+    crit = (f"the critical batch given with --noise-scale (B_noise ≈ {_fmt(b_noise)} samples, not measured)" if given
+            else f"the measured critical batch (B_noise ≈ {_fmt(b_noise)} samples)")
     if rule == "linear":
         head = "Linear scaling (Goyal et al. 2017), an empirical rule for SGD"
     elif rule == "sqrt":
@@ -124,7 +125,8 @@ def why_text(chosen: Candidate, base: Candidate | None, largest: Candidate, thro
 
 def caveats_for(*, workload: Workload, chosen: Candidate, probe: NoiseProbe | None, throughput: ThroughputCurve, curve,
                 batchnorm: bool, measured_on: str, spec, candidates: Sequence[Candidate], world_size: int,
-                b_noise_used: float, comm_note: str | None = None, num_train: int | None = -1) -> list[str]:
+                b_noise_used: float, comm_note: str | None = None, num_train: int | None = -1,
+                noise_given: bool = False) -> list[str]:
     """Everything a reader should know before trusting the plan.
 
     ``probe`` is ``None`` when no noise probe ran (:mod:`.no_training` adds its own caveats); ``num_train`` is the
@@ -139,7 +141,7 @@ def caveats_for(*, workload: Workload, chosen: Candidate, probe: NoiseProbe | No
                    "statistics are noisy, which raised ImageNet ResNets' error (Wu & He 2018) but not every model's "
                    "(docs/claims.md #27); compare with SyncBatchNorm or GroupNorm in a sweep.")
     if math.isfinite(b_noise_used) and chosen.global_batch > b_noise_used:
-        out.append(f"LR beyond the measured critical batch: batch {chosen.global_batch} > B_noise ≈ "
+        out.append(f"LR beyond the {'given' if noise_given else 'measured'} critical batch: batch {chosen.global_batch} > B_noise ≈ "
                    f"{_fmt(b_noise_used)}, so the scaled LR {chosen.lr:.3g} is an extrapolation of the rule; confirm "
                    "with `batchpilot sweep`.")
     if probe is None:
