@@ -9,7 +9,8 @@ For each workload, in one process:
    the base batch with the base LR, the LR following the AdaScale gain (SGD) or the rule (Adam), three
    ways: the per-example monitor on its default schedule (every step, the interval doubling after each
    decision that keeps the batch, up to 16), the per-example monitor at every step, and the
-   micro-batch monitor at every 4th step (split in two).
+   micro-batch monitor at every 4th step (split in two; the controller's default), or only some of them
+   (``--adaptive-estimator``). Its candidates run from ``max(2, B0/8)`` to the sweep's largest batch.
 3. **Step times, interleaved**: rounds of one step of every (batch, kind) pair, in an order that
    rotates round by round — a plain step, a step with the per-example monitor, a step split in two
    with the micro-batch monitor — so machine load drifts hit them alike. A monitored step's time is
@@ -26,6 +27,7 @@ workloads, never above 1.05).
 
     .venv/bin/python bench/adaptive_vs_fixed.py [--workloads mnist1d-cnn,mnist1d-mlp,charlm]
         [--seeds 1] [--rounds 12] [--json out.json]          (about 15-20 minutes on one thread)
+        [--adaptive-estimator micro-batch] [--fixed-from earlier.json]   (the sweep reused: a few minutes)
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ def run_adaptive(w, estimator: str, every: int, seed: int, opts: dict) -> dict:
     return {"steps": r.steps_to_target, "changes": [list(c) for c in r.batch_sizes],
             "observed": list(drv.observed_steps),
             "candidates": list(drv.candidates), "probe": drv.throughput is not None,
-            "b_noise": [round(d["b_noise"], 1) for d in drv.decisions]}
+            "b_noise": [round(d["b_noise"], 1) for d in drv.decisions],
+            "probe_samples_per_s": None if drv.throughput is None else
+            dict(zip(drv.throughput.batches, [round(s, 1) for s in drv.throughput.samples_per_s]))}
 
 
 def step_times(w, batches: list[int], rounds: int, seed: int = 0) -> dict[int, dict[str, float]]:

@@ -188,22 +188,30 @@ def measure_throughput(workload, model: torch.nn.Module, batches: Sequence[int],
     """Time whole training steps (fetch, forward/backward per micro-batch, optimizer step) at each batch.
 
     Runs on a deep copy of ``model`` with a fresh optimizer, under a forked RNG: the caller's
-    model, optimizer and random state are untouched. Reports the fastest of ``repeats`` timed steps
-    after one warm-up step (the minimum: on a shared machine, other work only ever adds time).
+    model, optimizer and random state are untouched. One warm-up round, then ``repeats`` rounds of one
+    step at every batch, in an order that rotates round by round, so that a change of the machine's
+    load during the probe hits every batch alike (timed one batch after the other, a load that came or
+    went half-way made the later batches look slower or faster per sample than they are). Reports the
+    fastest of each batch's timed steps (the minimum: on a shared machine, other work only ever adds time).
+    With one torch thread (the whole step runs in the calling thread: the trainer runs on the CPU) the
+    clock is the thread's CPU time, which other processes' load does not inflate; with more threads,
+    wall time (the thread's CPU time would miss the other threads' work).
     """
     from batchpilot.workloads.data import fetch, split_micro
     from batchpilot.train.accumulation import accumulate_gradients
 
     n = workload.num_train
-    rates = []
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    times: dict[int, list[float]] = {b: [] for b in batches}
     with torch.random.fork_rng(devices=[]):
         probe = copy.deepcopy(model)
         opt = workload.make_optimizer(probe.parameters(), workload.base_lr)
         gen = torch.Generator().manual_seed(seed)
-        for b in batches:
-            times = []
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
+        order = list(batches)
+        for r in range(repeats + 1):
+            k = r % len(order)
+            for b in order[k:] + order[:k]:
+                t0 = clock()
                 idx = torch.randperm(n, generator=gen)[:b]
                 micro = []
                 for part in split_micro(idx, micro_for(b)):
@@ -212,9 +220,9 @@ def measure_throughput(workload, model: torch.nn.Module, batches: Sequence[int],
                 accumulate_gradients(probe, micro, workload.loss_sum, workload.count_units)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                times.append(time.perf_counter() - t0)
-            rates.append(b / min(times[1:]))
-    return ThroughputTable(tuple(batches), tuple(rates))
+                if r > 0:
+                    times[b].append(clock() - t0)
+    return ThroughputTable(tuple(batches), tuple(b / min(times[b]) for b in batches))
 
 
 ESTIMATORS = ("per-example", "micro-batch")
