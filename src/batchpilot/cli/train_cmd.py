@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="batch-size schedule, e.g. 'linear:end=512,over=200' or "
                                "'smith:end=800,factor=5,milestones=2/4,unit=epoch'; --batch is the LR's reference batch")
     batching.add_argument("--adaptive", action="store_true",
-                          help="grow the batch with the measured gradient noise scale (goodput, 5%% switching margin)")
+                          help="move the batch, up or down, with the measured gradient noise scale (goodput, 5%% switching margin)")
     p.add_argument("--max-batch", type=int, default=None, metavar="N", help="largest batch of --adaptive (default min(16 x batch, N/2))")
     p.add_argument("--min-batch", type=int, default=None, metavar="N",
                    help="smallest batch of --adaptive (default max(2, batch // 8)): it can shrink as well as grow")

@@ -51,7 +51,7 @@ class TrainConfig:
         optimizer: ``default`` (the workload's) or ``sgd``, ``adamw``, ``lars``, ``lamb`` (see :mod:`batchpilot.optim`).
         batch_schedule: a batch-size schedule such as ``linear:end=512,over=200``
             (:mod:`batchpilot.scaling.batch_schedules`); ``global_batch`` is then the reference batch of the LR.
-        adaptive: grow the batch with the measured gradient noise scale (:mod:`batchpilot.train.adaptive`),
+        adaptive: move the batch (up or down) with the measured gradient noise scale (:mod:`batchpilot.train.adaptive`),
             starting at ``global_batch``.
         max_batch: the adaptive controller's largest batch (default ``min(16 x global_batch, N / 2)``).
         min_batch: the adaptive controller's smallest batch (default ``max(2, global_batch // 8)``; at most
