@@ -9,7 +9,8 @@ For each workload, in one process:
    the base batch with the base LR, the LR following the AdaScale gain (SGD) or the rule (Adam), three
    ways: the per-example monitor on its default schedule (every step, the interval doubling after each
    decision that keeps the batch, up to 16), the per-example monitor at every step, and the
-   micro-batch monitor at every 4th step (split in two).
+   micro-batch monitor at every 4th step (split in two; the controller's default), or only some of them
+   (``--adaptive-estimator``). Its candidates run from ``max(2, B0/8)`` to the sweep's largest batch.
 3. **Step times, interleaved**: rounds of one step of every (batch, kind) pair, in an order that
    rotates round by round — a plain step, a step with the per-example monitor, a step split in two
    with the micro-batch monitor — so machine load drifts hit them alike. A monitored step's time is
@@ -26,6 +27,7 @@ workloads, never above 1.05).
 
     .venv/bin/python bench/adaptive_vs_fixed.py [--workloads mnist1d-cnn,mnist1d-mlp,charlm]
         [--seeds 1] [--rounds 12] [--json out.json]          (about 15-20 minutes on one thread)
+        [--adaptive-estimator micro-batch] [--fixed-from earlier.json]   (the sweep reused: a few minutes)
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ def run_adaptive(w, estimator: str, every: int, seed: int, opts: dict) -> dict:
     return {"steps": r.steps_to_target, "changes": [list(c) for c in r.batch_sizes],
             "observed": list(drv.observed_steps),
             "candidates": list(drv.candidates), "probe": drv.throughput is not None,
-            "b_noise": [round(d["b_noise"], 1) for d in drv.decisions]}
+            "b_noise": [round(d["b_noise"], 1) for d in drv.decisions],
+            "probe_samples_per_s": None if drv.throughput is None else
+            dict(zip(drv.throughput.batches, [round(s, 1) for s in drv.throughput.samples_per_s]))}
 
 
 def step_times(w, batches: list[int], rounds: int, seed: int = 0) -> dict[int, dict[str, float]]:
@@ -130,7 +134,10 @@ def run_time_ms(run: dict, table: dict[int, dict[str, float]]) -> float:
 
 
 def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, batches: str | None = None,
-                   stored: dict | None = None) -> dict:
+                   stored: dict | None = None, adaptive: dict | None = None, fixed_from: dict | None = None) -> dict:
+    """One workload: the sweep (or ``fixed_from``'s stored fixed runs), the ``adaptive`` variants (all of
+    :data:`ADAPTIVE` by default), the step-time table and the ratios. ``stored``: reuse every run."""
+    adaptive = ADAPTIVE if adaptive is None else adaptive
     w = get_workload(name)
     opts = dict(DEFAULTS.get(name, DEFAULTS["mnist1d-cnn"]))
     if batches:
@@ -142,13 +149,15 @@ def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, ba
     print(f"\n{name}: target {opts['target']}, base batch {w.base_batch}, base LR {w.base_lr:g} ({rule} rule), "
           f"sweep {batches} x LR {lr_mults}, {seeds} seed(s)", flush=True)
     runs: dict[str, list[dict]] = stored["runs"] if stored else {}
+    if fixed_from and not stored:
+        runs.update({k: v for k, v in fixed_from["runs"].items() if k.startswith("fixed")})
     t0 = time.time()
     for seed in range(0 if stored else seeds):
-        for b in batches:
+        for b in ([] if fixed_from else batches):
             for mult in lr_mults:
                 lr = scale_lr(w.base_lr, w.base_batch, b, rule) * mult
                 runs.setdefault(f"fixed {b}, LR x{mult:g}", []).append(run_fixed(w, b, lr, seed, opts))
-        for label, (estimator, every) in ADAPTIVE.items():
+        for label, (estimator, every) in adaptive.items():
             run = run_adaptive(w, estimator, every, seed, opts)
             run["kind"] = estimator
             runs.setdefault(label, []).append(run)
@@ -172,7 +181,7 @@ def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, ba
         print(f"  {label:34s} {medians[label]:8.2f} s   steps {steps}{extra}")
     fixed = {k: v for k, v in medians.items() if k.startswith("fixed")}
     best = min(fixed, key=fixed.get)
-    ratios = {k: medians[k] / fixed[best] for k in ADAPTIVE}
+    ratios = {k: medians[k] / fixed[best] for k in medians if k.startswith("adaptive")}
     print(f"  best fixed: {best} ({fixed[best]:.2f} s); " + "; ".join(f"{k} / best = {v:.3f}" for k, v in ratios.items())
           + f"   (training runs took {train_s:.0f} s of wall time)", flush=True)
     return {"runs": runs, "table": {str(b): t for b, t in table.items()}, "medians": medians, "best_fixed": best,
@@ -190,12 +199,20 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--retime", default=None, metavar="JSON",
                     help="reuse the training runs of an earlier --json and only measure the step times again")
+    ap.add_argument("--adaptive-estimator", default="all", choices=("all", "micro-batch", "per-example", "none"),
+                    help="which adaptive variants to train: all three, the micro-batch one (the controller's "
+                         "default), the two per-example ones, or none (the sweep only)")
+    ap.add_argument("--fixed-from", default=None, metavar="JSON",
+                    help="reuse the fixed-batch sweep of an earlier --json; train the adaptive runs again")
     args = ap.parse_args()
+    adaptive = {k: v for k, v in ADAPTIVE.items() if args.adaptive_estimator in ("all", v[0])}
     torch.set_num_threads(args.threads)
     mults = [float(x) for x in args.lr_mults.split(",")]
     stored = json.load(open(args.retime)) if args.retime else {}
+    fixed_from = json.load(open(args.fixed_from)) if args.fixed_from else {}
     names = list(stored) if stored else args.workloads.split(",")
-    out = {name: bench_workload(name, args.seeds, mults, args.rounds, args.batches, stored.get(name)) for name in names}
+    out = {name: bench_workload(name, args.seeds, mults, args.rounds, args.batches, stored.get(name), adaptive,
+                                fixed_from.get(name)) for name in names}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1, default=str)

@@ -155,6 +155,7 @@ CASES = [
     (["train", *SMALL, "--init-from", "nowhere.pt"], "'nowhere.pt' does not exist"),
     (["train", *SMALL, "--finetune"], "--finetune needs --init-from"),
     (["train", *SMALL, "--batch", "32", "--adaptive", "--max-batch", "8"], "max batch 8 is below"),
+    (["train", *SMALL, "--batch", "32", "--adaptive", "--min-batch", "64"], "min batch 64 is above"),
     (["train", *SMALL, "--batch-schedule", "zigzag:end=9"], "zigzag"),
     (["train", *SMALL, "--nproc", "0"], "--nproc must be >= 1, got 0"),
     (["train", "--plan", "plans/missing.json"], "'plans/missing.json' does not exist"),

@@ -34,6 +34,130 @@ def test_candidates_stay_within_bounds():
     assert candidate_batches(32, 300) == (32, 64, 128, 256, 300)
     with pytest.raises(BatchpilotError):
         candidate_batches(64, 32)
+    # below the base batch too, down to a floor (included)
+    assert candidate_batches(32, 128, floor=4) == (4, 8, 16, 32, 64, 128)
+    assert candidate_batches(32, 64, floor=5) == (5, 8, 16, 32, 64)
+    assert candidate_batches(32, 64, floor=32) == (32, 64)
+    with pytest.raises(BatchpilotError):
+        candidate_batches(32, 64, floor=33)
+
+
+def test_driver_candidates_reach_below_the_starting_batch():
+    common = dict(ref_batch=32, rule="sqrt", num_samples=1000, budget_samples=2000, schedule="constant",
+                  warmup_steps=0, micro_cap=None)
+    drv = AdaptiveDriver(max_batch=128, **common)
+    assert drv.min_batch == 4 and drv.candidates == (4, 8, 16, 32, 64, 128)  # default max(2, B0 // 8)
+    assert AdaptiveDriver(max_batch=128, min_batch=32, **common).candidates == (32, 64, 128)  # grow-only, on request
+    for bad in (0, 33, 1.5, True):
+        with pytest.raises(BatchpilotError, match="min batch"):
+            AdaptiveDriver(max_batch=128, min_batch=bad, **common)
+    with pytest.raises(BatchpilotError, match="min batch"):  # the micro-batch monitor splits its steps in two
+        AdaptiveDriver(max_batch=128, min_batch=1, **common)
+    assert AdaptiveDriver(max_batch=128, min_batch=1, estimator="per-example", **common).candidates[0] == 1
+    with pytest.raises(BatchpilotError, match="min batch 64 is above"):
+        TrainConfig(global_batch=32, adaptive=True, min_batch=64)
+    with pytest.raises(BatchpilotError, match="adaptive batching only"):
+        TrainConfig(global_batch=32, min_batch=8)
+
+
+# fake step times (ms): small batches nearly as fast per sample as the base batch, large ones faster
+_NEAR_LINEAR = ThroughputTable((4, 8, 16, 32, 64, 128), tuple(b / t for b, t in
+                                                             ((4, 4.6), (8, 8.8), (16, 17.0), (32, 33.0), (64, 48.0), (128, 80.0))))
+
+
+def test_small_noise_scale_shrinks_the_batch():
+    """A small B_noise (a fake monitor's reading) and small batches nearly as fast per sample: shrink."""
+    cands = _NEAR_LINEAR.batches
+    d = decide_batch(32, 2.0, _NEAR_LINEAR, cands, base_batch=32, b_noise_range=(1.0, 4.0))
+    assert d.switched and d.batch < 32
+    # and a large one grows it, from the same start
+    d = decide_batch(32, 5000.0, _NEAR_LINEAR, cands, base_batch=32, b_noise_range=(3000.0, 8000.0))
+    assert d.switched and d.batch == 128
+
+
+def test_margin_prevents_flip_flopping_between_neighbours():
+    """Where two batches' goodputs are within the margin, neither moves to the other, in either direction."""
+    table = {16: 1000.0 / 1.03, 32: 1000.0}  # 16 a little slower per sample
+    for b_noise in (300.0, 400.0, 600.0):
+        gp16, gp32 = (goodput(b, b_noise, 32, table.__getitem__) for b in (16, 32))
+        assert abs(gp16 / gp32 - 1) < POLLUX_MARGIN
+        assert decide_batch(32, b_noise, table, (16, 32), 32).batch == 32
+        assert decide_batch(16, b_noise, table, (16, 32), 32).batch == 16
+
+
+class _FakeMonitor:
+    """Reports a noise scale in samples (cycling through ``values``, one per estimate) with an interval
+    ``[b / spread, b * spread]``; counts nothing."""
+
+    needs_accumulation = True
+
+    def __init__(self, *values: float, spread: float = 1.5) -> None:
+        self.values, self.spread, self.n_updates, self.calls = values, spread, 0, 0
+
+    def attach(self, model_fn):
+        pass
+
+    def after_micro(self, index, units):
+        pass
+
+    def end_step(self):
+        self.n_updates += 1
+
+    def estimate(self):
+        from types import SimpleNamespace
+        b = self.values[self.calls % len(self.values)]
+        self.calls += 1
+        return SimpleNamespace(b_simple=b, b_simple_low=b / self.spread, b_simple_high=b * self.spread)
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+_COMMON = dict(ref_batch=32, rule="sqrt", num_samples=10_000, budget_samples=100_000, schedule="constant",
+               warmup_steps=0, micro_cap=None)
+
+
+def _drive(drv: AdaptiveDriver, table: ThroughputTable, steps: int = 40) -> list[int]:
+    """The batch after each of ``steps`` steps, deciding at every step (one unit per sample)."""
+    drv.throughput, batches = table, []
+    for step in range(1, steps):
+        drv.min_micro_batches(step)
+        drv.after_micro(0, drv.current)
+        drv.after_step(step, drv.current)
+        batches.append(drv.current)
+    return batches
+
+
+@pytest.mark.parametrize("b_noise,direction", [(2.0, -1), (5000.0, 1)])
+def test_driver_moves_the_batch_the_way_the_noise_scale_says(b_noise, direction):
+    """The driver with a fake monitor and fake step times: shrinks for a small B_noise, grows for a large
+    one, once, with the AdaScale LR gain following in both directions."""
+    drv = AdaptiveDriver(max_batch=128, monitor=_FakeMonitor(b_noise), decide_every=1, min_updates=1,
+                         lr_mode="adascale", **_COMMON)
+    batches = _drive(drv, _NEAR_LINEAR)
+    switches = sum(1 for a, b in zip([32] + batches, batches) if a != b)
+    assert switches == 1
+    batch, gain = drv.batch_at(40, 0)
+    if direction < 0:
+        assert batch < 32 and batch / 32 < gain < 1  # AdaScale: the LR comes down, by less than the batch
+    else:
+        assert batch == 128 and 1 < gain < 4
+
+
+def test_driver_margin_stops_flip_flopping_on_a_noisy_estimate():
+    """A noise scale that alternates either side of a near-tie (16 vs 32): with no margin (and no
+    interval) the batch flips at every decision; with Pollux's 5% it never moves."""
+    table = ThroughputTable((4, 8, 16, 32, 64, 128), (500.0, 700.0, 1000.0 / 1.03, 1000.0, 1040.0, 1060.0))
+    flappy = AdaptiveDriver(max_batch=128, monitor=_FakeMonitor(250.0, 600.0, spread=1.0), decide_every=1,
+                            min_updates=1, margin=0.0, **_COMMON)
+    batches = _drive(flappy, table)
+    assert sum(1 for a, b in zip(batches, batches[1:]) if a != b) > 10 and set(batches) == {16, 32}
+    steady = AdaptiveDriver(max_batch=128, monitor=_FakeMonitor(250.0, 600.0, spread=1.0), decide_every=1,
+                            min_updates=1, **_COMMON)
+    assert set(_drive(steady, table)) == {32}
 
 
 @settings(max_examples=200, deadline=None)
@@ -106,9 +230,9 @@ def test_trainer_adapts_within_bounds_and_reports_batches(cnn_workload, tmp_path
     drv = trainer.batching
     assert isinstance(drv, AdaptiveDriver) and r.batch_mode == "adaptive"
     assert r.samples == 2 * cnn_workload.num_train
-    assert all(32 <= b <= 256 for _, b in r.batch_sizes) and r.batch_sizes[0] == (1, 32)
+    assert all(drv.min_batch <= b <= 256 for _, b in r.batch_sizes) and r.batch_sizes[0] == (1, 32)
     recs = _records(tmp_path)
-    assert all(rec["batch"] <= 256 for rec in recs)
+    assert all(rec["batch"] <= 256 for rec in recs) and drv.min_batch == 4
     assert calls.count(0) == r.steps  # the user's hook still runs, once per micro-batch
     assert drv.monitor.n_updates >= (r.steps - 1) // drv.monitor_every  # every monitored step had 2 micro-batches
     assert drv.decisions and all(d["batch"] in drv.candidates for d in drv.decisions)

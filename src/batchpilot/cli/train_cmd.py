@@ -56,8 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                           help="batch-size schedule, e.g. 'linear:end=512,over=200' or "
                                "'smith:end=800,factor=5,milestones=2/4,unit=epoch'; --batch is the LR's reference batch")
     batching.add_argument("--adaptive", action="store_true",
-                          help="grow the batch with the measured gradient noise scale (goodput, 5%% switching margin)")
+                          help="move the batch, up or down, with the measured gradient noise scale (goodput, 5%% switching margin)")
     p.add_argument("--max-batch", type=int, default=None, metavar="N", help="largest batch of --adaptive (default min(16 x batch, N/2))")
+    p.add_argument("--min-batch", type=int, default=None, metavar="N",
+                   help="smallest batch of --adaptive (default max(2, batch // 8)): it can shrink as well as grow")
     p.add_argument("--adaptive-estimator", choices=("micro-batch", "per-example"), default="micro-batch",
                    help="noise monitor of --adaptive: micro-batches (every 4th step split in two), or per-example "
                         "gradient norms (unsplit steps, every step while the batch moves); docs/noise.md")
@@ -115,7 +117,7 @@ def config_from_args(args: argparse.Namespace, base_batch: int, regime: Finetune
         grad_clip=args.grad_clip, ema_decay=args.ema, seed=args.seed, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, target=args.target, stop_at_target=args.stop_at_target,
         dtype=args.dtype, optimizer=args.optimizer, batch_schedule=args.batch_schedule, adaptive=args.adaptive,
-        max_batch=args.max_batch, adaptive_estimator=args.adaptive_estimator,
+        max_batch=args.max_batch, min_batch=args.min_batch, adaptive_estimator=args.adaptive_estimator,
         init_from=args.init_from, world_size=world_size,
         sync_batchnorm=getattr(args, "sync_bn", False), strategy=getattr(args, "strategy", None) or "ddp",
         reshard_after_forward=getattr(args, "reshard_after_forward", True),

@@ -1,4 +1,4 @@
-"""The noise-adaptive batch controller: grow the batch as the gradient noise scale grows.
+"""The noise-adaptive batch controller: move the batch with the gradient noise scale, up or down.
 
 Statistical efficiency (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"; the
 form used by Pollux, Qiao et al. 2021, OSDI): relative to a base batch ``B0``, one step at batch
@@ -6,14 +6,17 @@ form used by Pollux, Qiao et al. 2021, OSDI): relative to a base batch ``B0``, o
 
     E(B) = (B_noise + B0) / (B_noise + B)
 
-``r`` is the AdaScale gain (Johnson et al. 2020, "AdaScale SGD"): ``(σ² + μ²) / (σ²/S + μ²)`` with
+(``E > 1`` and ``B/B0 < r < 1`` below the base batch: a smaller batch is worth fewer base steps, but
+more per sample). ``r`` is the AdaScale gain (Johnson et al. 2020, "AdaScale SGD"): ``(σ² + μ²) / (σ²/S + μ²)`` with
 ``S = B/B0``, ``σ² = tr(Σ)/B0``, ``μ² = |G|²`` and ``B_noise = tr(Σ)/|G|²``. Goodput is
 ``samples_per_s(B) · E(B)``; the controller picks the candidate batch of highest predicted goodput
 and **switches only when it beats the current batch's by a margin** (Pollux: 5%). The noise scale
 is itself noisy, so the switch must also hold at the cautious end of the monitor's bootstrap
 interval (its low end for a larger batch, its high end for a smaller one): the batch does not flap
-on an estimate that cannot tell the two apart. The batch stays between the base batch and the
-memory/accumulation limit. The LR follows the AdaScale gain (SGD-like optimizers; AdaScale is
+on an estimate that cannot tell the two apart. The candidates are ``B0 · 2^k`` for positive and
+negative ``k``, from a floor (``min_batch``, by default ``max(2, B0 // 8)``) to the
+memory/accumulation limit: Pollux's goodput is defined at every batch, and a run started above its
+best batch must be able to come down. The LR follows the AdaScale gain (SGD-like optimizers; AdaScale is
 derived for SGD) or the run's scaling rule (the Adam family: square root, Malladi et al. 2022).
 
 :func:`decide_batch` is a pure function of (current batch, noise scale, throughput, candidates);
@@ -64,15 +67,31 @@ def goodput(batch: int, b_noise: float, base_batch: int, samples_per_s: Callable
     return samples_per_s(batch) * efficiency(batch, b_noise, base_batch)
 
 
-def candidate_batches(min_batch: int, max_batch: int, quantum: int = 1) -> tuple[int, ...]:
-    """``min_batch · 2^k`` up to ``max_batch``, plus ``max_batch``, each a multiple of ``quantum``."""
+def candidate_batches(min_batch: int, max_batch: int, quantum: int = 1, floor: int | None = None) -> tuple[int, ...]:
+    """``min_batch · 2^k`` up to ``max_batch``, plus ``max_batch``, each a multiple of ``quantum``.
+
+    Args:
+        min_batch: the batch the powers of two start from (the controller's base batch ``B0``).
+        max_batch: the largest candidate (memory/accumulation limit), included.
+        quantum: every candidate is rounded down to a multiple of this (at least ``quantum``).
+        floor: if given (``1 <= floor <= min_batch``), also ``min_batch // 2^k`` down to ``floor``, plus
+            ``floor``: the batches below the base batch.
+    """
     if not 1 <= min_batch <= max_batch:
         raise BatchpilotError(f"need 1 <= min batch <= max batch, got {min_batch}, {max_batch}")
+    if floor is not None and not 1 <= floor <= min_batch:
+        raise BatchpilotError(f"need 1 <= floor <= min batch, got floor {floor}, min batch {min_batch}")
     out, b = set(), min_batch
     while b <= max_batch:
         out.add(b)
         b *= 2
     out.add(max_batch)
+    if floor is not None:
+        b = min_batch
+        while b >= floor:
+            out.add(b)
+            b //= 2
+        out.add(floor)
     return tuple(sorted({max(quantum, (c // quantum) * quantum) for c in out}))
 
 
@@ -134,7 +153,8 @@ def decide_batch(
         current: the batch in use.
         b_noise: the measured gradient noise scale (``B_simple``), in samples.
         samples_per_s: measured throughput per batch (callable or mapping).
-        candidates: the batches allowed (already within the base batch and the memory/accumulation limit).
+        candidates: the batches allowed, above and below ``current`` (already within the floor and the
+            memory/accumulation limit).
         base_batch: ``B0`` of the efficiency (the batch the LR was tuned at).
         margin: required relative goodput improvement to switch (Pollux: 0.05).
         step: recorded in the decision.
@@ -168,22 +188,30 @@ def measure_throughput(workload, model: torch.nn.Module, batches: Sequence[int],
     """Time whole training steps (fetch, forward/backward per micro-batch, optimizer step) at each batch.
 
     Runs on a deep copy of ``model`` with a fresh optimizer, under a forked RNG: the caller's
-    model, optimizer and random state are untouched. Reports the fastest of ``repeats`` timed steps
-    after one warm-up step (the minimum: on a shared machine, other work only ever adds time).
+    model, optimizer and random state are untouched. One warm-up round, then ``repeats`` rounds of one
+    step at every batch, in an order that rotates round by round, so that a change of the machine's
+    load during the probe hits every batch alike (timed one batch after the other, a load that came or
+    went half-way made the later batches look slower or faster per sample than they are). Reports the
+    fastest of each batch's timed steps (the minimum: on a shared machine, other work only ever adds time).
+    With one torch thread (the whole step runs in the calling thread: the trainer runs on the CPU) the
+    clock is the thread's CPU time, which other processes' load does not inflate; with more threads,
+    wall time (the thread's CPU time would miss the other threads' work).
     """
     from batchpilot.workloads.data import fetch, split_micro
     from batchpilot.train.accumulation import accumulate_gradients
 
     n = workload.num_train
-    rates = []
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    times: dict[int, list[float]] = {b: [] for b in batches}
     with torch.random.fork_rng(devices=[]):
         probe = copy.deepcopy(model)
         opt = workload.make_optimizer(probe.parameters(), workload.base_lr)
         gen = torch.Generator().manual_seed(seed)
-        for b in batches:
-            times = []
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
+        order = list(batches)
+        for r in range(repeats + 1):
+            k = r % len(order)
+            for b in order[k:] + order[:k]:
+                t0 = clock()
                 idx = torch.randperm(n, generator=gen)[:b]
                 micro = []
                 for part in split_micro(idx, micro_for(b)):
@@ -192,9 +220,9 @@ def measure_throughput(workload, model: torch.nn.Module, batches: Sequence[int],
                 accumulate_gradients(probe, micro, workload.loss_sum, workload.count_units)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                times.append(time.perf_counter() - t0)
-            rates.append(b / min(times[1:]))
-    return ThroughputTable(tuple(batches), tuple(rates))
+                if r > 0:
+                    times[b].append(clock() - t0)
+    return ThroughputTable(tuple(batches), tuple(b / min(times[b]) for b in batches))
 
 
 ESTIMATORS = ("per-example", "micro-batch")
@@ -214,8 +242,18 @@ def make_monitor(estimator: str):
     raise BatchpilotError(f"noise estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
 
 
+def default_min_batch(base_batch: int) -> int:
+    """The controller's default floor: ``max(2, B0 // 8)``, capped at ``B0`` (three halvings below the
+    base batch; at least 2 so a micro-batch monitor can still split a step in two)."""
+    return min(base_batch, max(2, base_batch // 8))
+
+
 class AdaptiveDriver(BatchDriver):
     """Runs :func:`decide_batch` every ``decide_every`` steps with the live noise monitor.
+
+    The candidates are ``ref_batch · 2^k`` from ``min_batch`` up to ``max_batch``, so the controller can
+    shrink as well as grow; the LR follows the same rule in both directions (the AdaScale gain is below
+    1 under the base batch) and a move either way needs the same margin.
 
     With the per-example monitor (the default, :mod:`batchpilot.noise.per_example`: Goodfellow 2015;
     Gray et al. 2023/2024) the noise scale comes from the step's own backward, so every step is
@@ -229,6 +267,9 @@ class AdaptiveDriver(BatchDriver):
 
     Args:
         max_batch: the memory/accumulation limit.
+        min_batch: the smallest candidate; ``None``: :func:`default_min_batch` (``max(2, B0 // 8)``).
+            Between 1 and ``ref_batch``, and at least 2 with the micro-batch monitor (its monitored
+            steps are split in two).
         monitor: a noise monitor (:class:`~batchpilot.noise.per_example.PerExampleNoiseScale` or
             :class:`~batchpilot.noise.microbatch.GradientNoiseScale`); one is made from ``estimator``
             if ``None``.
@@ -247,7 +288,8 @@ class AdaptiveDriver(BatchDriver):
         **kwargs: see :class:`~batchpilot.train.batching.BatchDriver`.
     """
 
-    def __init__(self, *, max_batch: int, monitor=None, estimator: str = "micro-batch", decide_every: int = 8,
+    def __init__(self, *, max_batch: int, min_batch: int | None = None, monitor=None, estimator: str = "micro-batch",
+                 decide_every: int = 8,
                  min_updates: int = 4, monitor_every: int | None = None, max_monitor_every: int = 16,
                  margin: float = POLLUX_MARGIN, lr_mode: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
@@ -272,7 +314,14 @@ class AdaptiveDriver(BatchDriver):
         self._monitoring = False
         self.probe_s = 0.0
         """Seconds the throughput probe took (counted as training time by the trainer)."""
-        self.candidates = candidate_batches(self.ref_batch, max_batch)
+        if min_batch is None:
+            min_batch = default_min_batch(self.ref_batch)
+        lowest = 1 if self.per_example else min(2, self.ref_batch)
+        if isinstance(min_batch, bool) or not isinstance(min_batch, int) or not lowest <= min_batch <= self.ref_batch:
+            raise BatchpilotError(f"min batch must be an integer from {lowest} (this monitor) to the starting batch "
+                                  f"{self.ref_batch}, got {min_batch!r}")
+        self.min_batch = min_batch
+        self.candidates = candidate_batches(self.ref_batch, max_batch, floor=min_batch)
         self.current = self.ref_batch
         self.b_noise = float("nan")
         self.throughput: ThroughputTable | None = None

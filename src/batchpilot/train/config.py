@@ -51,9 +51,11 @@ class TrainConfig:
         optimizer: ``default`` (the workload's) or ``sgd``, ``adamw``, ``lars``, ``lamb`` (see :mod:`batchpilot.optim`).
         batch_schedule: a batch-size schedule such as ``linear:end=512,over=200``
             (:mod:`batchpilot.scaling.batch_schedules`); ``global_batch`` is then the reference batch of the LR.
-        adaptive: grow the batch with the measured gradient noise scale (:mod:`batchpilot.train.adaptive`),
+        adaptive: move the batch (up or down) with the measured gradient noise scale (:mod:`batchpilot.train.adaptive`),
             starting at ``global_batch``.
         max_batch: the adaptive controller's largest batch (default ``min(16 x global_batch, N / 2)``).
+        min_batch: the adaptive controller's smallest batch (default ``max(2, global_batch // 8)``; at most
+            ``global_batch``): it can shrink below its starting batch as well as grow.
         adaptive_estimator: the adaptive controller's noise monitor: ``micro-batch`` (every 4th step, split
             in two; the default, it reached the target sooner in ``bench/adaptive_vs_fixed.py``) or
             ``per-example`` (per-example norms, unsplit steps) (:mod:`batchpilot.train.adaptive`).
@@ -89,6 +91,7 @@ class TrainConfig:
     batch_schedule: str | None = None
     adaptive: bool = False
     max_batch: int | None = None
+    min_batch: int | None = None
     adaptive_estimator: str = "micro-batch"
     init_from: str | None = None
     sync_batchnorm: bool = False
@@ -163,6 +166,12 @@ class TrainConfig:
                 raise BatchpilotError("max batch applies to adaptive batching only (add adaptive=True / --adaptive)")
             if self.max_batch < self.global_batch:
                 raise BatchpilotError(f"max batch {self.max_batch} is below the starting batch {self.global_batch}")
+        if self.min_batch is not None:
+            _positive_int("min batch", self.min_batch)
+            if not self.adaptive:
+                raise BatchpilotError("min batch applies to adaptive batching only (add adaptive=True / --adaptive)")
+            if self.min_batch > self.global_batch:
+                raise BatchpilotError(f"min batch {self.min_batch} is above the starting batch {self.global_batch}")
         if self.adaptive_estimator not in ("per-example", "micro-batch"):
             raise BatchpilotError(f"adaptive estimator must be per-example or micro-batch, got {self.adaptive_estimator!r}")
         if (self.batch_schedule is not None or self.adaptive) and self.world_size != 1:

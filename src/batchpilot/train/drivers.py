@@ -16,7 +16,7 @@ def make_batch_driver(config, workload, rule: str) -> BatchDriver | None:
     """The driver a :class:`~batchpilot.train.TrainConfig` asks for, or ``None`` for a fixed batch.
 
     Args:
-        config: the run's config (``batch_schedule``, ``adaptive``, ``max_batch`` ...).
+        config: the run's config (``batch_schedule``, ``adaptive``, ``max_batch``, ``min_batch`` ...).
         workload: the workload (its training-set size bounds every batch).
         rule: LR scaling rule for batch changes.
     """
@@ -33,6 +33,6 @@ def make_batch_driver(config, workload, rule: str) -> BatchDriver | None:
         max_batch = config.max_batch or min(16 * config.global_batch, n // 2)
         if max_batch > n:
             raise BatchpilotError(f"max batch {max_batch} is larger than the training set ({n} samples)")
-        return AdaptiveDriver(max_batch=max(max_batch, config.global_batch),
+        return AdaptiveDriver(max_batch=max(max_batch, config.global_batch), min_batch=getattr(config, "min_batch", None),
                               estimator=getattr(config, "adaptive_estimator", "micro-batch"), **common)
     return None
