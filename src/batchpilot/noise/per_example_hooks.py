@@ -10,7 +10,7 @@ normal backward and turns the pair into per-example squared norms with the layer
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,15 +20,12 @@ from batchpilot.errors import BatchpilotError
 from batchpilot.noise.layer_rules import _LinearRule, _Unsupported
 from batchpilot.noise.per_example_layers import _functorch_wrapped, _Layer, _own_params, _store_into, rule_for
 
-if TYPE_CHECKING:
-    from batchpilot.noise.per_example import PerExampleNoiseScale
-
 
 class _Hooks:
     """Mixin of :class:`~batchpilot.noise.per_example.PerExampleNoiseScale`: the hooks (its state is
     made in that class's ``__init__``)."""
 
-    def attach(self, model: nn.Module | Callable[[], nn.Module]) -> "PerExampleNoiseScale":
+    def attach(self, model: nn.Module | Callable[[], nn.Module]) -> "_Hooks":  # the PerExampleNoiseScale itself
         """Hook ``model`` (a module now, or a callable returning it, resolved at the next :meth:`after_micro`)."""
         if isinstance(model, nn.Module):
             self._source = None
