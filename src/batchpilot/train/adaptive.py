@@ -21,9 +21,9 @@ derived for SGD) or the run's scaling rule (the Adam family: square root, Mallad
 
 :func:`decide_batch` is a pure function of (current batch, noise scale, throughput, candidates);
 :class:`AdaptiveDriver` runs it inside the reference trainer with a live monitor: by default the
-per-example one (:class:`~batchpilot.noise.per_example.PerExampleNoiseScale`), which measures every
-step at its own batch without splitting it; or the micro-batch one
-(:class:`~batchpilot.noise.microbatch.GradientNoiseScale`), which splits the steps it measures.
+micro-batch one (:class:`~batchpilot.noise.microbatch.GradientNoiseScale`), which splits the steps it
+measures; or the per-example one (:class:`~batchpilot.noise.per_example.PerExampleNoiseScale`), which
+measures every step at its own batch without splitting it, at a higher cost per observed step.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ class AdaptiveDriver(BatchDriver):
     shrink as well as grow; the LR follows the same rule in both directions (the AdaScale gain is below
     1 under the base batch) and a move either way needs the same margin.
 
-    With the per-example monitor (the default, :mod:`batchpilot.noise.per_example`: Goodfellow 2015;
+    With the per-example monitor (:mod:`batchpilot.noise.per_example`: Goodfellow 2015;
     Gray et al. 2023/2024) the noise scale comes from the step's own backward, so every step is
     measured at its own batch, unsplit. With the micro-batch monitor every ``monitor_every``-th step
     is split into at least two micro-batches (its two batch sizes, McCandlish et al. 2018) and the
