@@ -31,8 +31,8 @@ import torch.distributed as dist
 from torch import nn
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.noise.microbatch import GradientNoiseScale, NoiseEstimate
-from batchpilot.noise.ranks import _sq
+from batchpilot.noise.microbatch import GradientNoiseScale
+from batchpilot.noise.ranks import RankMonitorBase, _sq
 
 
 def fsdp_rank_inputs(local_sq: Sequence[float], units: Sequence[float]) -> tuple[list[float], list[float], float]:
@@ -66,7 +66,7 @@ class _NormReduceScatter:
         return dist.reduce_scatter_single(output_tensor, input_tensor, group=group, op=op, async_op=async_op)
 
 
-class FsdpRankNoiseScale:
+class FsdpRankNoiseScale(RankMonitorBase):
     """B_simple from the ranks of an FSDP2 model (``fully_shard``), fed to a :class:`GradientNoiseScale`.
 
     On every rank, around each synchronised backward::
@@ -154,14 +154,3 @@ class FsdpRankNoiseScale:
             if len(small) >= 2 and big > 0 and big_sq > 0:
                 out.append(self.monitor.update(small, big_sq, sizes, big))
         return out
-
-    def estimate(self) -> NoiseEstimate:
-        """The monitor's smoothed B_simple with its spread (see :meth:`GradientNoiseScale.estimate`)."""
-        self.flush()
-        return self.monitor.estimate()
-
-    @property
-    def history(self) -> list[tuple[float, float]]:
-        """Per-step ``(g_sq, trace_sigma)`` estimates."""
-        self.flush()
-        return self.monitor.history

@@ -70,7 +70,27 @@ def rank_estimates_inputs(local_sq: Sequence[float], units: Sequence[float], nor
     return small, [b for _, b in keep], big
 
 
-class RankNoiseScale:
+class RankMonitorBase:
+    """What the rank estimators share: a :class:`GradientNoiseScale` ``monitor`` fed by their ``flush()``."""
+
+    monitor: GradientNoiseScale
+
+    def flush(self) -> list[tuple[float, float]]:  # pragma: no cover - each estimator defines it
+        raise NotImplementedError
+
+    def estimate(self) -> NoiseEstimate:
+        """The monitor's smoothed B_simple with its spread (see :meth:`GradientNoiseScale.estimate`)."""
+        self.flush()
+        return self.monitor.estimate()
+
+    @property
+    def history(self) -> list[tuple[float, float]]:
+        """Per-step ``(g_sq, trace_sigma)`` estimates."""
+        self.flush()
+        return self.monitor.history
+
+
+class RankNoiseScale(RankMonitorBase):
     """B_simple from the ranks of a DDP model (McCandlish et al. 2018, Appendix A.1).
 
     In a loop of your own, on every rank::
@@ -153,17 +173,6 @@ class RankNoiseScale:
             if len(small) >= 2 and big > 0:
                 out.append(self.monitor.update(small, float(big_sq), sizes, big))
         return out
-
-    def estimate(self) -> NoiseEstimate:
-        """The monitor's smoothed B_simple with its spread (see :meth:`GradientNoiseScale.estimate`)."""
-        self.flush()
-        return self.monitor.estimate()
-
-    @property
-    def history(self) -> list[tuple[float, float]]:
-        """Per-step ``(g_sq, trace_sigma)`` estimates."""
-        self.flush()
-        return self.monitor.history
 
     # -- the communication hook -------------------------------------------------------------
     def _hook(self, group, bucket):  # no annotations: DDP checks them against the real classes, and ours are strings
