@@ -35,6 +35,19 @@ def default_batches(workload: Workload) -> tuple[int, ...]:
     return tuple(out)
 
 
+def batches_to_trace(workload: Workload, batch_sizes: Sequence[int] | None) -> list[int]:
+    """``batch_sizes`` sorted without repeats (default: :func:`default_batches`), each checked positive.
+
+    Raises:
+        BatchpilotError: a batch size that is not a positive integer.
+    """
+    batches = sorted(set(batch_sizes)) if batch_sizes is not None else list(default_batches(workload))
+    for b in batches:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise BatchpilotError(f"batch sizes must be positive integers, got {b!r}")
+    return batches
+
+
 def slope_settled(points: Sequence[tuple[int, int]], tol: float = SLOPE_TOLERANCE) -> bool:
     """Whether the last two chords of the (batch, peak) points have the same slope within ``tol``."""
     if len(points) < 3:
@@ -99,10 +112,7 @@ def memory_curve(workload: Workload, *, batch_sizes: Sequence[int] | None = None
         raise BatchpilotError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     workload = with_seq_len(workload, seq_len)
     target = _target_kind(device)
-    batches = sorted(set(batch_sizes)) if batch_sizes is not None else list(default_batches(workload))
-    for b in batches:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise BatchpilotError(f"batch sizes must be positive integers, got {b!r}")
+    batches = batches_to_trace(workload, batch_sizes)
     options = {"dtype": dtype, "amp": amp, "checkpointing": checkpointing, "target": target,
                "optimizer_impl": optimizer_impl}
     start = time.perf_counter()

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.memory.api import LADDER_RATIO, MAX_TRACES, _target_kind, default_batches, slope_settled, with_seq_len
+from batchpilot.memory.api import (LADDER_RATIO, MAX_TRACES, _target_kind, batches_to_trace, slope_settled,
+                                   with_seq_len)
 from batchpilot.memory.curve import MemoryCurve, fit_curve
 from batchpilot.memory.options import DTYPES
 from batchpilot.memory.sharded_trace import IN_FLIGHT, SHARDED_STATES, ShardedStepTrace, trace_sharded_step
@@ -103,10 +104,7 @@ def sharded_memory(workload: Workload, config: ShardingConfig, *, batch_sizes: S
                               "(torch >= 2.6): cannot trace --strategy fsdp")
     workload = with_seq_len(workload, seq_len)
     target = _target_kind(device)
-    batches = sorted(set(batch_sizes)) if batch_sizes is not None else list(default_batches(workload))
-    for b in batches:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise BatchpilotError(f"batch sizes must be positive integers, got {b!r}")
+    batches = batches_to_trace(workload, batch_sizes)
     start = time.perf_counter()
 
     def one(b: int) -> ShardedStepTrace:
