@@ -32,12 +32,12 @@ shared (the same kernels at other sizes): the plan's ties use the smaller relati
 band goes into every candidate's goodput band.
 """
 
+
 from __future__ import annotations
 
 import math
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,282 +45,19 @@ import torch
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.throughput.band import DOCUMENTED, UNCERTAINTY, Calibration, StepTimeBand
+from batchpilot.throughput.device_model import (  # noqa: F401 - re-exported: predict.gpu_model etc. are public
+    BANDWIDTH_EFFICIENCY, GPU_BANDWIDTH, LAUNCH_S, MATMUL_EFFICIENCY, SOURCE_BANDWIDTH, GpuModel, _table_key,
+    cpu_model, gpu_model, predictable_gpus)
 from batchpilot.throughput.measure import ThroughputCurve, ThroughputPoint, default_batches, fit_step_time
-from batchpilot.throughput.peak_flops import GPU_PEAK_TFLOPS, gpu_peak_flops
+from batchpilot.throughput.peak_flops import GPU_PEAK_TFLOPS  # noqa: F401 - re-exported
+from batchpilot.throughput.op_trace import OpTrace, trace_ops  # noqa: F401 - re-exported
 from batchpilot.workloads import Workload
 
-MATMUL_EFFICIENCY = 0.5
-"""Share of the datasheet peak that matmul, convolution and attention kernels reach (an MFU-like assumption;
-large-model training reports 40-60% on A100/H100, small shapes less)."""
-BANDWIDTH_EFFICIENCY = 0.7
-"""Share of the datasheet memory bandwidth that elementwise, normalisation and optimizer kernels reach."""
-LAUNCH_S = 8e-6
-"""Host time per kernel of an eager PyTorch step (dispatch plus CUDA launch): the floor of a small model's step."""
 PREDICTED_SPREAD = DOCUMENTED.relative
 """``step_s_spread`` given to predicted points: the relative error between two batches of one model, which the
 planner's ties read (:mod:`batchpilot.throughput.band`)."""
-SOURCE_BANDWIDTH = "NVIDIA datasheets (H200, H100 SXM5/PCIe, A100 40/80GB SXM, V100 SXM2, T4, L4, RTX 4090/3090)"
-
-# Peak memory bandwidth, bytes/s, by the device-table name (batchpilot.memory.devices).
-GPU_BANDWIDTH: dict[str, float] = {
-    "H200": 4.8e12,
-    "H100": 3.35e12,
-    "H100-PCIE": 2.0e12,
-    "A100-80GB": 2.039e12,
-    "A100-40GB": 1.555e12,
-    "L4": 0.3e12,
-    "V100-32GB": 0.9e12,
-    "V100-16GB": 0.9e12,
-    "T4": 0.32e12,
-    "RTX 4090": 1.008e12,
-    "RTX 3090": 0.936e12,
-}
-
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
-              "_unsafe_view", "lift_fresh", "lift_fresh_copy", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
-              "is_same_size", "_has_compatible_shallow_copy_type", "_local_scalar_dense", "set_", "resize_",
-              "_reshape_alias", "view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
-              "slice", "select", "as_strided", "split", "split_with_sizes", "chunk", "unbind", "_to_copy_noop",
-              "prim::device", "record_stream", "copy_noop"}
-_ATTENTION = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-              "_flash_attention_forward", "_efficient_attention_forward"}
-_ATTENTION_BWD = {n + "_backward" for n in _ATTENTION} | {"_flash_attention_backward", "_efficient_attention_backward"}
-_FOREACH_TENSORS_PER_LAUNCH = 24
-"""A ``_foreach_*`` op launches about one kernel per this many tensors (multi_tensor_apply's chunking)."""
 
 
-@dataclass(frozen=True)
-class GpuModel:
-    """What the prediction assumes about a device.
-
-    Attributes:
-        name: the device-table name (``H100``).
-        peak_flops: dense peak FLOP/s by compute class: ``fp32``, ``tf32``, ``half`` (bf16/fp16 tensor cores).
-        bandwidth: peak memory bandwidth, bytes/s.
-        matmul_efficiency, bandwidth_efficiency, launch_s: the cost model's assumptions (module constants by default).
-        asynchronous: the host launches kernels while the device runs (a GPU); a CPU runs each op in turn.
-        source: where the figures come from.
-    """
-
-    name: str
-    peak_flops: dict[str, float]
-    bandwidth: float
-    matmul_efficiency: float = MATMUL_EFFICIENCY
-    bandwidth_efficiency: float = BANDWIDTH_EFFICIENCY
-    launch_s: float = LAUNCH_S
-    asynchronous: bool = True
-    source: str = ""
-
-    def describe(self) -> str:
-        """One line: the assumptions."""
-        return (f"{self.name}: peak {self.peak_flops['fp32'] / 1e12:.1f}/{self.peak_flops['tf32'] / 1e12:.1f}/"
-                f"{self.peak_flops['half'] / 1e12:.1f} TFLOP/s fp32/tf32/bf16 x {self.matmul_efficiency:.0%}, "
-                f"{self.bandwidth / 1e12:.2f} TB/s x {self.bandwidth_efficiency:.0%}, "
-                f"{self.launch_s * 1e6:.0f} us per kernel")
-
-
-def _table_key(name: str) -> str | None:
-    """The device-table name for ``name`` (``H100``, ``"a100-80gb"``, ``"NVIDIA H100 80GB HBM3"`` ...)."""
-    from batchpilot.memory.devices import GPU_TABLE_MIB, _ALIASES
-
-    upper = name.strip().upper().replace("NVIDIA ", "").replace("GEFORCE ", "")
-    for table in (GPU_BANDWIDTH, _ALIASES, GPU_TABLE_MIB):
-        for key in table:
-            if upper == key.upper():
-                key = _ALIASES.get(key, key)
-                return key if key in GPU_BANDWIDTH else None
-    variants = {"H100": "H100-PCIE" if "PCIE" in upper else "H100",  # a CUDA device name: "H100 80GB HBM3"
-                "A100": "A100-40GB" if "40GB" in upper else "A100-80GB",
-                "V100": "V100-32GB" if "32GB" in upper else "V100-16GB"}
-    for base in sorted({k.split("-")[0] for k in GPU_BANDWIDTH}, key=len, reverse=True):
-        if re.search(rf"(?<![A-Z0-9]){re.escape(base)}(?![A-Z0-9])", upper):
-            return variants.get(base, base)
-    return None
-
-
-def gpu_model(name: str, **overrides: Any) -> GpuModel | None:
-    """The cost model's view of a GPU by name, or ``None`` when its peak or bandwidth is not tabled."""
-    key = _table_key(name)
-    if key is None:
-        return None
-    lookup = key.replace("-", " ")
-    fp32 = gpu_peak_flops(lookup, "float32", tf32=False)
-    tf32 = gpu_peak_flops(lookup, "float32", tf32=True)
-    half = gpu_peak_flops(lookup, "bfloat16")
-    if fp32 is None or tf32 is None or half is None:
-        return None
-    return GpuModel(name=key, peak_flops={"fp32": fp32.flops_per_s, "tf32": tf32.flops_per_s, "half": half.flops_per_s},
-                    bandwidth=GPU_BANDWIDTH[key], source=f"{half.source.split(',')[0]} (peak), {SOURCE_BANDWIDTH} "
-                                                          "(bandwidth)", **overrides)
-
-
-def predictable_gpus() -> list[str]:
-    """Device-table names the cost model covers."""
-    return [k for k in GPU_BANDWIDTH if gpu_model(k) is not None]
-
-
-_CPU_BW_CACHE: dict[int, float] = {}
-
-
-def cpu_model(*, launch_s: float = 10e-6) -> GpuModel:
-    """This CPU through the same cost model (measured peak matmul FLOP/s and copy bandwidth, synchronous ops):
-    for checking the model's structure against CPU measurements, not for planning."""
-    from batchpilot.throughput.peak_flops import cpu_peak_flops
-
-    threads = torch.get_num_threads()
-    if threads not in _CPU_BW_CACHE:
-        a = torch.ones(16 * 2**20 // 4)  # 16 MiB, beyond most caches
-        b = torch.empty_like(a)
-        b.copy_(a)
-        best = math.inf
-        for _ in range(5):
-            t0 = time.perf_counter()
-            b.copy_(a)
-            best = min(best, time.perf_counter() - t0)
-        _CPU_BW_CACHE[threads] = 2 * a.numel() * 4 / best
-    fp32 = cpu_peak_flops("float32").flops_per_s
-    return GpuModel(name="cpu", peak_flops={"fp32": fp32, "tf32": fp32, "half": fp32}, bandwidth=_CPU_BW_CACHE[threads],
-                    matmul_efficiency=1.0, bandwidth_efficiency=1.0, launch_s=launch_s, asynchronous=False,
-                    source="measured here: matmul FLOP/s and a 16 MiB copy")
-
-
-# ---------------------------------------------------------------- the op trace
-
-
-@dataclass
-class OpTrace:
-    """Every kernel-launching op of one traced training step (the second of two), in order.
-
-    Arrays are per op: ``flops``, ``bytes``, ``launches``, ``compute`` (``fp32``/``tf32``/``half``/``none``),
-    ``causal`` (attention kernels with a causal mask), ``phase`` (``micro`` = forward + backward, ``optimizer``).
-    """
-
-    batch: int
-    names: list[str] = field(default_factory=list)
-    flops: list[float] = field(default_factory=list)
-    bytes: list[float] = field(default_factory=list)
-    launches: list[int] = field(default_factory=list)
-    compute: list[str] = field(default_factory=list)
-    causal: list[bool] = field(default_factory=list)
-    phase: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def total_flops(self, phase: str = "micro") -> float:
-        return float(sum(f for f, p in zip(self.flops, self.phase) if p == phase))
-
-
-def _flop_functions() -> dict[str, Any]:
-    from torch.utils.flop_counter import flop_registry
-
-    by_name = {getattr(k, "__name__", str(k)): v for k, v in flop_registry.items()}
-    aten = torch.ops.aten
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        # the CPU flash kernel a CUDA-target trace runs (memory/options.py): the flash kernel's formulas
-        by_name["_scaled_dot_product_flash_attention_for_cpu"] = flop_registry[aten._scaled_dot_product_flash_attention]
-        by_name["_scaled_dot_product_flash_attention_for_cpu_backward"] = \
-            flop_registry[aten._scaled_dot_product_flash_attention_backward]
-    return by_name
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_flatten
-
-    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
-
-
-def _is_causal(name: str, args: tuple, kwargs: dict) -> bool:
-    if kwargs.get("is_causal"):
-        return True
-    if name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu"):
-        return len(args) > 4 and bool(args[4])
-    if name == "_scaled_dot_product_flash_attention_for_cpu_backward" or name == "_scaled_dot_product_flash_attention_backward":
-        return any(isinstance(a, bool) and a for a in args[6:9])
-    return False
-
-
-def _compute_class(name: str, tensors: list[torch.Tensor]) -> str:
-    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-    if dtype in (torch.bfloat16, torch.float16):
-        return "half"
-    return "tf32" if "convolution" in name else "fp32"
-
-
-def trace_ops(workload: Workload, batch: int, *, target: str = "cuda", dtype: str = "float32", amp: bool = False,
-              checkpointing: bool = False) -> OpTrace:
-    """Run two training steps at ``batch`` on fake tensors and record the second one's ops (see the module doc)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from batchpilot.memory.options import autocast_context, build_step_objects, cuda_attention
-    from batchpilot.memory.trace import step_input_shapes
-    from batchpilot.workloads.common import preserved_host_rng
-
-    flop_fns = _flop_functions()
-    trace = OpTrace(batch=batch)
-    state = {"record": False, "phase": "micro"}
-
-    class Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            if not state["record"]:
-                return out
-            name = func.overloadpacket.__name__
-            if name in _NO_KERNEL or getattr(func, "is_view", False):
-                return out
-            ins = _tensors((args, kwargs))
-            outs = _tensors(out)
-            seen: set[int] = set()
-            nbytes = 0
-            for t in ins + outs:
-                if id(t) not in seen:
-                    seen.add(id(t))
-                    nbytes += t.numel() * t.element_size()
-            fn = flop_fns.get(name)
-            flops = 0.0
-            if fn is not None:
-                try:
-                    flops = float(fn(*args, **kwargs, out_val=out))
-                except Exception:  # noqa: BLE001 - an unusual signature counts as memory-bound
-                    flops = 0.0
-            launches = 1
-            if name.startswith("_foreach_"):
-                launches = max(1, math.ceil(len(ins) / _FOREACH_TENSORS_PER_LAUNCH))
-            trace.names.append(name)
-            trace.flops.append(flops)
-            trace.bytes.append(float(nbytes))
-            trace.launches.append(launches)
-            trace.compute.append(_compute_class(name, ins) if flops else "none")
-            trace.causal.append((name in _ATTENTION or name in _ATTENTION_BWD) and _is_causal(name, args, kwargs))
-            trace.phase.append(state["phase"])
-            return out
-
-    param_dtype, x_shape, x_dtype, y_shape, y_dtype = step_input_shapes(workload, target, dtype, amp)
-    impl = "foreach" if target == "cuda" else "default"
-    units = batch * max(1, math.prod(y_shape))
-    start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]), preserved_host_rng(), cuda_attention(target == "cuda"), FakeTensorMode():
-        model, optimizer = build_step_objects(workload, param_dtype, amp=amp, checkpointing=checkpointing,
-                                              optimizer_impl=impl)
-        x = torch.zeros((batch, *x_shape), dtype=x_dtype)
-        y = torch.zeros((batch, *y_shape), dtype=y_dtype)
-        with Recorder():
-            for step in (1, 2):
-                state["record"] = step == 2
-                state["phase"] = "micro"
-                with autocast_context(amp, dtype):
-                    loss = workload.loss_sum(model(x), y) / units
-                loss.backward()
-                del loss
-                state["phase"] = "optimizer"
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-    trace.seconds = time.perf_counter() - start
-    return trace
-
-
-# ---------------------------------------------------------------- the prediction
 
 
 @dataclass(frozen=True)
