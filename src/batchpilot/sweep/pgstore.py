@@ -8,7 +8,7 @@ both are :class:`~batchpilot.sweep.store.BaseTrialStore`), on psycopg 3 (``pip i
   ``INSERT ... ON CONFLICT DO NOTHING`` for a trial nobody has started; the decision (done / busy / claim) is
   the shared one of :meth:`BaseTrialStore._decide`, and the row is updated before the transaction commits.
 - **Leases with a heartbeat.** A running trial's ``heartbeat`` is refreshed by its worker
-  (:class:`~batchpilot.sweep.store.Heartbeat`); a row whose heartbeat is older than ``stale_after_s`` (the lease)
+  (:class:`~batchpilot.sweep.store_base.Heartbeat`); a row whose heartbeat is older than ``stale_after_s`` (the lease)
   is claimable again, so a worker that died, or a machine that lost power, does not block the sweep. An owner
   on the claiming machine whose pid is gone is reclaimed at once. Every time (heartbeat, start, finish) is the
   **server's** clock (``clock_timestamp()``), so machines whose clocks disagree still agree on a lease.
@@ -32,7 +32,7 @@ import time
 from typing import Any, Iterable
 
 from batchpilot.errors import BatchpilotError
-from batchpilot.sweep.store import (COLUMNS, SCHEMA_VERSION, BaseTrialStore, ResultCheck, TrialRow, redact_url)
+from batchpilot.sweep.store_base import (COLUMNS, SCHEMA_VERSION, BaseTrialStore, ResultCheck, TrialRow, redact_url)
 
 APPLICATION = "batchpilot-trial-store"
 TABLE = "batchpilot_trials"
@@ -83,7 +83,7 @@ class PostgresTrialStore(BaseTrialStore):
     Args:
         url: ``postgresql://user[:password]@host[:port]/db`` (any libpq connection URL; a password may also
             come from ``PGPASSWORD`` or ``~/.pgpass``).
-        owner: this process's owner id (default :func:`~batchpilot.sweep.store.make_owner`).
+        owner: this process's owner id (default :func:`~batchpilot.sweep.store_base.make_owner`).
         stale_after_s: the lease: a running trial whose heartbeat is older than this is claimable again.
         connect_timeout_s: how long to wait for the server.
         write_retry_s: how long a result (:meth:`finish`) is retried while the server is unreachable.

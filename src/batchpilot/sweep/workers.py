@@ -19,7 +19,7 @@ from typing import Callable
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.sweep.runner import SweepConfig, SweepOutcome, TrialSpec, result_problem
-from batchpilot.sweep.store import BaseTrialStore
+from batchpilot.sweep.store_base import BaseTrialStore
 
 EXIT_WORKER_INTERRUPTED = 130
 
