@@ -1,0 +1,179 @@
+"""The per-example monitor's *fused* mode: sequence Linear layers whose backward computes the
+per-example weight gradients instead of autograd's batch weight gradient.
+
+For a linear layer on a sequence (input ``x (N, T, d_in)``, output gradient ``δ (N, T, d_out)``) the
+hooks of :mod:`batchpilot.noise.per_example_hooks` compute each example's gradient norm on top of the
+layer's own weight gradient ``Σ_{i,t} δ_{i,t} x_{i,t}ᵀ``: the per-example product ``|Σ_t δ_t x_tᵀ|²``
+(Goodfellow 2015) costs as much again. Here the layer's forward is the same op through
+:class:`_FusedLinear`, whose backward builds the per-example weight gradients ``G_i = δ_iᵀ x_i`` with one
+batched matmul (the "expanded weights" of Opacus; Gray et al. 2023/2024 fuse the norms into the
+backward likewise), takes their squared norms and returns ``Σ_i G_i`` as the weight gradient: the extra
+work is that sum and the norms. The input gradient is ``δ W`` as in autograd.
+
+The outputs are bit-identical to the layer's; the weight and bias gradients equal autograd's up to the
+summation order (per example, then over examples: float32 rounding, not bit-identical). The swap is an
+instance attribute ``forward`` on each fused layer, removed (or the previous instance attribute put
+back) by :func:`unfuse`; a call outside the monitor's conditions (inactive monitor, no grad, a 2-D
+input, autocast, a torch.func transform, a layer's second call or fallback) takes the original forward,
+and the hooks handle it as without fusion.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchpilot.noise.layer_rules import _chunks, _gram_is_cheaper, _LinearRule
+from batchpilot.noise.per_example_layers import _functorch_wrapped, _Layer
+
+_MISSING = object()
+
+
+class _FusedCall:
+    """Token of one fused call: the layer's ``saved`` holds it until its backward turns it into norms."""
+
+    __slots__ = ("layer", "m")
+
+    def __init__(self, layer: _Layer, m: int | None) -> None:
+        self.layer, self.m = layer, m
+
+
+def _apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """The layer's own op: ``F.linear`` (``nn.Linear``) or transformers' ``Conv1D`` (``addmm`` on a view)."""
+    if not transposed:
+        return F.linear(x, weight, bias)
+    size_out = x.size()[:-1] + (weight.shape[1],)
+    flat = x.view(-1, x.size(-1))
+    out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+    return out.view(size_out)
+
+
+class _FusedLinear(torch.autograd.Function):
+    """``y = x Wᵀ + b`` (or ``x W + b``, ``transposed``) whose backward also hands the layer its
+    per-example squared gradient norms (weight and bias together, for the token's first ``m`` examples)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool,
+                call: _FusedCall) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.transposed, ctx.call, ctx.has_bias = transposed, call, bias is not None
+        return _apply_linear(x, weight, bias, transposed)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        call, transposed = ctx.call, ctx.transposed
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g2 = grad.reshape(-1, grad.shape[-1])
+            grad_x = (g2 @ (weight.T if transposed else weight)).view(x.shape)
+        want_w, want_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        layer = call.layer
+        record = layer.saved is call and layer.calls == 1  # else: a second call, or cleared: no norms
+        grad_w, grad_b, sq = per_example_linear_grads(x, grad, transposed, call.m if record else 0, want_w, want_b)
+        if record:
+            layer.saved = None
+            layer.n, layer.sq = x.shape[0], sq
+            if not layer.checked:  # the check's reference: what this call hands its parameters
+                layer.contrib = {k: v.detach().clone() for k, v in (("weight", grad_w), ("bias", grad_b)) if v is not None}
+        return grad_x, grad_w, grad_b, None, None
+
+
+def per_example_linear_grads(x: torch.Tensor, d: torch.Tensor, transposed: bool, m: int, want_w: bool = True,
+                             want_b: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """A linear layer's batch weight and bias gradients, and the first ``m`` examples' squared norms.
+
+    The first ``m`` examples' weight gradients are built per example (one batched matmul per chunk of
+    examples, their norms taken and summed into the batch gradient), the rest with one matmul.
+
+    Args:
+        x: the layer's input ``(N, ..., d_in)``.
+        d: the gradient of its output ``(N, ..., d_out)``.
+        transposed: weight stored ``(d_in, d_out)`` (transformers' ``Conv1D``) instead of ``(d_out, d_in)``.
+        m: examples whose norms are taken (``0``: none, the gradients only).
+        want_w, want_b: which gradients to return (``None`` for the other).
+
+    Returns:
+        ``(grad_weight, grad_bias, sq)``: ``sq (m,)`` the squared norm over the wanted parameters.
+    """
+    n = x.shape[0]
+    m = min(m, n)
+    x3 = x.reshape(n, -1, x.shape[-1])
+    d3 = d.reshape(n, -1, d.shape[-1])
+    acc = torch.float32 if d.dtype in (torch.float16, torch.bfloat16) else d.dtype  # 16-bit: sums in float32
+    w_sq = b_sq = grad_w = grad_b = None
+    if want_w:
+        a, b = (x3, d3) if transposed else (d3, x3)  # G_i = a_iᵀ b_i
+        chunks = _chunks(m, x3.shape[-1] * d3.shape[-1]) if m else []
+        parts, norms = [], []
+        for c in chunks:
+            g = a[c].transpose(1, 2) @ b[c] if len(chunks) > 1 else torch.bmm(a.transpose(1, 2), b) if m == n \
+                else a[:m].transpose(1, 2) @ b[:m]
+            parts.append(g.sum(0) if acc == g.dtype else g.sum(0, dtype=acc))
+            with torch.no_grad():  # (a backward with create_graph=True: the norms need no graph)
+                norms.append(torch.linalg.vector_norm(g, dim=(1, 2), dtype=acc))
+        if m < n:
+            parts.append((a[m:].reshape(-1, a.shape[-1]).T @ b[m:].reshape(-1, b.shape[-1])).to(acc))
+        grad_w = (parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)).to(d.dtype)
+        if norms:
+            w_sq = norms[0] if len(norms) == 1 else torch.cat(norms)
+    if want_b:
+        per = d3.sum(1) if acc == d.dtype else d3.sum(1, dtype=acc)
+        grad_b = per.sum(0).to(d.dtype)
+        if m:
+            with torch.no_grad():
+                b_sq = torch.linalg.vecdot(per[:m], per[:m]) if m < n else torch.linalg.vecdot(per, per)
+    with torch.no_grad():
+        if w_sq is None:
+            sq = b_sq if b_sq is not None else torch.zeros(m, dtype=acc, device=d.device)
+        else:
+            sq = w_sq.square() if b_sq is None else torch.addcmul(b_sq, w_sq, w_sq)
+    return grad_w, grad_b, sq
+
+
+def fusable(layer: _Layer) -> bool:
+    """Whether ``layer`` is a Linear/Conv1D whose weight trains (the fused mode swaps its forward)."""
+    return isinstance(layer.rule, _LinearRule) and layer.module.weight.requires_grad
+
+
+def _fused_forward(monitor: Any, layer: _Layer, original: Callable, x: Any, *args: Any, **kwargs: Any) -> Any:
+    module = layer.module
+    weight, bias = module.weight, module.bias
+    if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 3 or not monitor.active \
+            or not torch.is_grad_enabled() or layer.reason is not None or layer.calls \
+            or monitor._by_module.get(module) is not layer or not weight.requires_grad \
+            or x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type) \
+            or _functorch_wrapped(x) or _functorch_wrapped(weight) \
+            or (monitor._batch is not None and x.shape[0] != monitor._batch):
+        return original(x, *args, **kwargs)
+    n = x.shape[0]
+    t = x.numel() // (n * x.shape[-1]) if n else 0
+    d_out = weight.shape[1] if layer.rule.transposed else weight.shape[0]
+    if t < 2 or _gram_is_cheaper(t, x.shape[-1], d_out):  # the hooks' Gram form is cheap here: no fusion
+        return original(x, *args, **kwargs)
+    call = _FusedCall(layer, monitor.max_examples or n)
+    layer.saved = call
+    return _FusedLinear.apply(x, weight, bias, layer.rule.transposed, call)
+
+
+def fuse(monitor: Any, layer: _Layer) -> None:
+    """Swap ``layer.module``'s forward for the fused one (an instance attribute; :func:`unfuse` undoes it)."""
+    module: nn.Module = layer.module
+    previous = module.__dict__.get("forward", _MISSING)
+    module.__dict__["_batchpilot_unfused_forward"] = previous
+    module.__dict__["forward"] = partial(_fused_forward, monitor, layer, module.forward)
+
+
+def unfuse(module: nn.Module) -> None:
+    """Restore the forward :func:`fuse` replaced: the class's, or the instance attribute it had."""
+    previous = module.__dict__.pop("_batchpilot_unfused_forward", None)
+    if previous is None:
+        return
+    if previous is _MISSING:
+        module.__dict__.pop("forward", None)
+    else:
+        module.__dict__["forward"] = previous
