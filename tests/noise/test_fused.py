@@ -243,3 +243,58 @@ def test_per_example_linear_grads_subset_and_chunks(monkeypatch):
 def test_fused_with_the_cheap_layers_is_refused():
     with pytest.raises(BatchpilotError, match="cheap"):
         PerExampleNoiseScale(SeqModel(), fused=True, layers="cheap")
+
+
+def test_two_fused_monitors_detach_in_any_order_and_a_deepcopy_runs_plain():
+    torch.manual_seed(7)
+    model = SeqModel()
+    plain = copy.deepcopy(model)
+    x, y = torch.randn(5, 6, 3), torch.randint(0, 5, (5, 6))
+    first, second = PerExampleNoiseScale(model, fused=True), PerExampleNoiseScale(model, fused=True)
+    ref = PerExampleNoiseScale(plain)
+    (ce_sum(model(x), y) / 30).backward()
+    got = first.observe(units=30), second.observe(units=30)
+    _, _, want = _step(plain, ref, x, y, 30)
+    assert got[0] == pytest.approx(want, rel=1e-9) and got[1] == pytest.approx(want, rel=1e-9)
+    model.zero_grad(set_to_none=True)
+    clone = copy.deepcopy(model)  # e.g. an EMA copy: no monitor comes along
+    assert type(clone.inp.forward).__name__ == "method" and clone.inp.forward.__self__ is clone.inp
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), model(x))
+    first.detach()  # the inner one first: the outer one keeps working
+    assert "forward" in model.inp.__dict__
+    (ce_sum(model(x), y) / 30).backward()
+    assert second.observe(units=30) == pytest.approx(want, rel=1e-9) and first.n_updates == 1
+    second.detach()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_bfloat16_fused_norms_are_close_to_the_hooks():
+    torch.manual_seed(8)
+    model = SeqModel(d_in=16, d_hidden=32).to(torch.bfloat16)
+    plain = copy.deepcopy(model)
+    x, y = torch.randn(6, 40, 16, dtype=torch.bfloat16), torch.randint(0, 5, (6, 40))
+    mon, ref = PerExampleNoiseScale(model, fused=True), PerExampleNoiseScale(plain)
+    for m, mo in ((model, mon), (plain, ref)):
+        (ce_sum(m(x).float(), y) / 240).backward()
+        mo.observe(units=240)
+    assert mon.fallback_layers() == () and set(mon.last_norms) == set(ref.last_norms)
+    for k, v in ref.last_norms.items():
+        torch.testing.assert_close(mon.last_norms[k], v, rtol=0.05, atol=0)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert p.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(p.grad.float(), q.grad.float(), rtol=0.05, atol=0.02 * float(q.grad.abs().max()))
+
+
+def test_cli_train_noise_fused(capsys):
+    import json
+
+    from batchpilot.cli import main
+
+    torch.set_default_dtype(torch.float32)
+    assert main(["train", "--workload", "charlm", "--batch", "8", "--noise-scale", "--noise-fused", "--steps", "3",
+                 "--threads", "1", "--json"]) == 0
+    noise = json.loads(capsys.readouterr().out)["noise_scale"]
+    assert noise["source"] == "per-example" and noise["n_updates"] == 3
+    assert main(["train", "--workload", "charlm", "--batch", "8", "--noise-fused", "--steps", "1"]) != 0
+    assert "--noise-fused needs --noise-scale" in capsys.readouterr().err

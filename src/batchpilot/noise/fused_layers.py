@@ -20,7 +20,7 @@ and the hooks handle it as without fusion.
 
 from __future__ import annotations
 
-from functools import partial
+import copy
 from typing import Any, Callable
 
 import torch
@@ -105,17 +105,20 @@ def per_example_linear_grads(x: torch.Tensor, d: torch.Tensor, transposed: bool,
     x3 = x.reshape(n, -1, x.shape[-1])
     d3 = d.reshape(n, -1, d.shape[-1])
     acc = torch.float32 if d.dtype in (torch.float16, torch.bfloat16) else d.dtype  # 16-bit: sums in float32
+    track = torch.is_grad_enabled()  # a backward with create_graph=True: the norms need no graph
+
+    def plain(t: torch.Tensor) -> torch.Tensor:
+        return t.detach() if track else t
+
     w_sq = b_sq = grad_w = grad_b = None
     if want_w:
         a, b = (x3, d3) if transposed else (d3, x3)  # G_i = a_iᵀ b_i
         chunks = _chunks(m, x3.shape[-1] * d3.shape[-1]) if m else []
         parts, norms = [], []
         for c in chunks:
-            g = a[c].transpose(1, 2) @ b[c] if len(chunks) > 1 else torch.bmm(a.transpose(1, 2), b) if m == n \
-                else a[:m].transpose(1, 2) @ b[:m]
+            g = torch.bmm(a.transpose(1, 2), b) if m == n and len(chunks) == 1 else torch.bmm(a[c].transpose(1, 2), b[c])
             parts.append(g.sum(0) if acc == g.dtype else g.sum(0, dtype=acc))
-            with torch.no_grad():  # (a backward with create_graph=True: the norms need no graph)
-                norms.append(torch.linalg.vector_norm(g, dim=(1, 2), dtype=acc))
+            norms.append(torch.linalg.vector_norm(plain(g), dim=(1, 2), dtype=None if acc == g.dtype else acc))
         if m < n:
             parts.append((a[m:].reshape(-1, a.shape[-1]).T @ b[m:].reshape(-1, b.shape[-1])).to(acc))
         grad_w = (parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)).to(d.dtype)
@@ -125,13 +128,12 @@ def per_example_linear_grads(x: torch.Tensor, d: torch.Tensor, transposed: bool,
         per = d3.sum(1) if acc == d.dtype else d3.sum(1, dtype=acc)
         grad_b = per.sum(0).to(d.dtype)
         if m:
-            with torch.no_grad():
-                b_sq = torch.linalg.vecdot(per[:m], per[:m]) if m < n else torch.linalg.vecdot(per, per)
-    with torch.no_grad():
-        if w_sq is None:
-            sq = b_sq if b_sq is not None else torch.zeros(m, dtype=acc, device=d.device)
-        else:
-            sq = w_sq.square() if b_sq is None else torch.addcmul(b_sq, w_sq, w_sq)
+            pm = plain(per if m == n else per[:m])
+            b_sq = torch.linalg.vecdot(pm, pm)
+    if w_sq is None:
+        sq = b_sq if b_sq is not None else torch.zeros(m, dtype=acc, device=d.device)
+    else:
+        sq = w_sq.square() if b_sq is None else torch.addcmul(b_sq, w_sq, w_sq)
     return grad_w, grad_b, sq
 
 
@@ -140,40 +142,63 @@ def fusable(layer: _Layer) -> bool:
     return isinstance(layer.rule, _LinearRule) and layer.module.weight.requires_grad
 
 
-def _fused_forward(monitor: Any, layer: _Layer, original: Callable, x: Any, *args: Any, **kwargs: Any) -> Any:
-    module = layer.module
-    weight, bias = module.weight, module.bias
-    if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 3 or not monitor.active \
-            or not torch.is_grad_enabled() or layer.reason is not None or layer.calls \
-            or monitor._by_module.get(module) is not layer or not weight.requires_grad \
-            or x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type) \
-            or _functorch_wrapped(x) or _functorch_wrapped(weight) \
-            or (monitor._batch is not None and x.shape[0] != monitor._batch):
-        return original(x, *args, **kwargs)
-    n = x.shape[0]
-    t = x.numel() // (n * x.shape[-1]) if n else 0
-    d_out = weight.shape[1] if layer.rule.transposed else weight.shape[0]
-    if t < 2 or _gram_is_cheaper(t, x.shape[-1], d_out):  # the hooks' Gram form is cheap here: no fusion
-        return original(x, *args, **kwargs)
-    call = _FusedCall(layer, monitor.max_examples or n)
-    layer.saved = call
-    return _FusedLinear.apply(x, weight, bias, layer.rule.transposed, call)
+class _FusedForward:
+    """A fused layer's ``forward`` (an instance attribute): the fused op under the monitor's conditions,
+    else ``original`` (the forward it replaced). ``previous`` is the instance attribute it replaced
+    (``_MISSING``: none, the class's forward)."""
+
+    __slots__ = ("monitor", "layer", "original", "previous")
+
+    def __init__(self, monitor: Any, layer: _Layer, original: Callable, previous: Any) -> None:
+        self.monitor, self.layer, self.original, self.previous = monitor, layer, original, previous
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        """A copy of the model (an EMA copy, say) gets the forward this one replaced, not the monitor."""
+        if self.previous is not _MISSING:
+            return copy.deepcopy(self.previous, memo)
+        module = copy.deepcopy(self.layer.module, memo)
+        return type(module).forward.__get__(module)
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        monitor, layer, original = self.monitor, self.layer, self.original
+        module = layer.module
+        weight, bias = module.weight, module.bias
+        if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 3 or not monitor.active \
+                or not torch.is_grad_enabled() or layer.reason is not None or layer.calls \
+                or monitor._by_module.get(module) is not layer or not weight.requires_grad \
+                or x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type) \
+                or _functorch_wrapped(x) or _functorch_wrapped(weight) \
+                or (monitor._batch is not None and x.shape[0] != monitor._batch):
+            return original(x, *args, **kwargs)
+        n = x.shape[0]
+        t = x.numel() // (n * x.shape[-1]) if n else 0
+        d_out = weight.shape[1] if layer.rule.transposed else weight.shape[0]
+        if t < 2 or _gram_is_cheaper(t, x.shape[-1], d_out):  # the hooks' Gram form is cheap here: no fusion
+            return original(x, *args, **kwargs)
+        call = _FusedCall(layer, monitor.max_examples or n)
+        layer.saved = call
+        return _FusedLinear.apply(x, weight, bias, layer.rule.transposed, call)
 
 
 def fuse(monitor: Any, layer: _Layer) -> None:
     """Swap ``layer.module``'s forward for the fused one (an instance attribute; :func:`unfuse` undoes it)."""
     module: nn.Module = layer.module
     previous = module.__dict__.get("forward", _MISSING)
-    module.__dict__["_batchpilot_unfused_forward"] = previous
-    module.__dict__["forward"] = partial(_fused_forward, monitor, layer, module.forward)
+    module.__dict__["forward"] = _FusedForward(monitor, layer, module.forward, previous)
 
 
-def unfuse(module: nn.Module) -> None:
-    """Restore the forward :func:`fuse` replaced: the class's, or the instance attribute it had."""
-    previous = module.__dict__.pop("_batchpilot_unfused_forward", None)
-    if previous is None:
-        return
-    if previous is _MISSING:
-        module.__dict__.pop("forward", None)
-    else:
-        module.__dict__["forward"] = previous
+def unfuse(module: nn.Module, monitor: Any) -> None:
+    """Take ``monitor``'s fused forward out of ``module``: the forward it replaced is back (the class's, or
+    the instance attribute it found). Another monitor's fused forward stacked on top of it stays, calling
+    what this one called."""
+    parent, cur = None, module.__dict__.get("forward", _MISSING)
+    while isinstance(cur, _FusedForward):
+        if cur.monitor is monitor:
+            if parent is not None:
+                parent.original, parent.previous = cur.original, cur.previous
+            elif cur.previous is _MISSING:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = cur.previous
+            return
+        parent, cur = cur, cur.original

@@ -81,7 +81,7 @@ class _Hooks:
         for h in self._handles:
             h.remove()
         for m in self._fused_modules:
-            unfuse(m)
+            unfuse(m, self)
         self._fused_modules = []
         for layer in self._layers:
             layer.clear()
