@@ -79,7 +79,8 @@ class _FusedLinear(torch.autograd.Function):
             layer.saved = None
             layer.n, layer.sq = x.shape[0], sq
             if not layer.checked:  # the check's reference: what this call hands its parameters
-                layer.contrib = {k: v.detach().clone() for k, v in (("weight", grad_w), ("bias", grad_b)) if v is not None}
+                layer.contrib = {k: v.detach().clone() for k, v in (("weight", grad_w), ("bias", grad_b))
+                                 if v is not None}
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -116,7 +117,8 @@ def per_example_linear_grads(x: torch.Tensor, d: torch.Tensor, transposed: bool,
         chunks = _chunks(m, x3.shape[-1] * d3.shape[-1]) if m else []
         parts, norms = [], []
         for c in chunks:
-            g = torch.bmm(a.transpose(1, 2), b) if m == n and len(chunks) == 1 else torch.bmm(a[c].transpose(1, 2), b[c])
+            whole = m == n and len(chunks) == 1
+            g = torch.bmm(a.transpose(1, 2), b) if whole else torch.bmm(a[c].transpose(1, 2), b[c])
             parts.append(g.sum(0) if acc == g.dtype else g.sum(0, dtype=acc))
             norms.append(torch.linalg.vector_norm(plain(g), dim=(1, 2), dtype=None if acc == g.dtype else acc))
         if m < n:

@@ -30,6 +30,12 @@ normal backward. Per example ``i`` (``t, s`` run over positions: tokens, conv ou
 * ``nn.LayerNorm``/``nn.RMSNorm``: ``|Σ_t δ_t ⊙ x̂_t|²`` (weight) and ``|Σ_t δ_t|²`` (bias), with the
   normalised input ``x̂`` taken from the layer's output where that is exact (see :class:`_NormRule`).
 
+``fused=True`` (:mod:`batchpilot.noise.fused_layers`): the sequence ``nn.Linear``/``Conv1D`` layers run
+their own op inside a custom autograd Function whose backward builds the per-example weight gradients
+(one batched matmul, Opacus-style expanded weights) *instead of* autograd's weight gradient and returns
+their sum, so the norms cost a sum and a norm rather than a second weight gradient. Outputs stay
+bit-identical; the gradients equal autograd's up to float rounding (another summation order).
+
 The hooks see the loss as the caller scaled it. batchpilot's trainer divides the summed loss by the
 step's total units ``U`` (times ``loss_scale``), so the hooks' per-example gradient is
 ``(loss_scale/U)·u_i·g_i``; the monitor undoes exactly that factor (``loss = mean over a batch`` is the
