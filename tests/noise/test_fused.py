@@ -298,3 +298,16 @@ def test_cli_train_noise_fused(capsys):
     assert noise["source"] == "per-example" and noise["n_updates"] == 3
     assert main(["train", "--workload", "charlm", "--batch", "8", "--noise-fused", "--steps", "1"]) != 0
     assert "--noise-fused needs --noise-scale" in capsys.readouterr().err
+
+
+def test_transformers_conv1d_output_is_bit_identical():
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(9)
+    layer = pytorch_utils.Conv1D(12, 8).float()
+    x = torch.randn(3, 7, 8, dtype=torch.float32)
+    ref = layer(x)
+    mon = PerExampleNoiseScale(nn.Sequential(layer), fused=True)
+    out = mon._model(x)
+    assert type(out.grad_fn).__name__ == "_FusedLinearBackward"
+    assert torch.equal(out, ref)
+    mon.detach()
