@@ -311,3 +311,34 @@ def test_transformers_conv1d_output_is_bit_identical():
     assert type(out.grad_fn).__name__ == "_FusedLinearBackward"
     assert torch.equal(out, ref)
     mon.detach()
+
+
+def test_non_reentrant_checkpointing_runs_and_the_layer_falls_back_as_called_twice():
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.b(checkpoint(lambda h: torch.tanh(self.a(h)), x, use_reentrant=False))
+
+    torch.manual_seed(10)
+    model = Ckpt()
+    plain = copy.deepcopy(model)
+    ref = PerExampleNoiseScale(plain)
+    mon = PerExampleNoiseScale(model, fused=True)
+    x = torch.randn(5, 6, 4)
+    for _ in range(2):  # the first step finds the recomputed layer; the second runs it unfused
+        for m, mo in ((model, mon), (plain, ref)):
+            F.mse_loss(m(x), torch.zeros(5, 6, 3)).backward()
+            mo.observe()
+        for p, q in zip(model.parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+        model.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+        assert mon.fallback_layers() == ref.fallback_layers() == ("a: Linear called 2 times in one forward",)
+    assert len(mon.history) == 2
+    for got, want in zip(mon.history, ref.history):
+        assert got == pytest.approx(want, rel=1e-9)

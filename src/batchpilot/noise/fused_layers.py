@@ -166,12 +166,18 @@ class _FusedForward:
         module = layer.module
         weight, bias = module.weight, module.bias
         if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 3 or not monitor.active \
-                or not torch.is_grad_enabled() or layer.reason is not None or layer.calls \
+                or not torch.is_grad_enabled() or layer.reason is not None \
                 or monitor._by_module.get(module) is not layer or not weight.requires_grad \
                 or x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type) \
                 or _functorch_wrapped(x) or _functorch_wrapped(weight) \
                 or (monitor._batch is not None and x.shape[0] != monitor._batch):
             return original(x, *args, **kwargs)
+        if layer.calls:  # called again in this forward, or recomputed by activation checkpointing (which
+            # needs the same op as the first call): the fused op if the first call took it, without norms
+            # (the hooks count the calls and the layer falls back)
+            if not isinstance(layer.saved, _FusedCall):
+                return original(x, *args, **kwargs)
+            return _FusedLinear.apply(x, weight, bias, layer.rule.transposed, _FusedCall(layer, 0))
         n = x.shape[0]
         t = x.numel() // (n * x.shape[-1]) if n else 0
         d_out = weight.shape[1] if layer.rule.transposed else weight.shape[0]
