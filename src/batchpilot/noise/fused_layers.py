@@ -27,10 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchpilot.noise import layer_rules
 from batchpilot.noise.layer_rules import _chunks, _gram_is_cheaper, _LinearRule
 from batchpilot.noise.per_example_layers import _functorch_wrapped, _Layer
 
 _MISSING = object()
+
+
+def _chunk_elems() -> int:
+    return layer_rules._CHUNK_ELEMS  # (read at call time: the tests shrink it)
 
 
 class _FusedCall:
@@ -112,23 +117,27 @@ def per_example_linear_grads(x: torch.Tensor, d: torch.Tensor, transposed: bool,
         return t.detach() if track else t
 
     w_sq = b_sq = grad_w = grad_b = None
+    low = acc != d.dtype
     if want_w:
         a, b = (x3, d3) if transposed else (d3, x3)  # G_i = a_iᵀ b_i
-        chunks = _chunks(m, x3.shape[-1] * d3.shape[-1]) if m else []
-        parts, norms = [], []
-        for c in chunks:
-            whole = m == n and len(chunks) == 1
-            g = torch.bmm(a.transpose(1, 2), b) if whole else torch.bmm(a[c].transpose(1, 2), b[c])
-            parts.append(g.sum(0) if acc == g.dtype else g.sum(0, dtype=acc))
-            norms.append(torch.linalg.vector_norm(plain(g), dim=(1, 2), dtype=None if acc == g.dtype else acc))
-        if m < n:
-            parts.append((a[m:].reshape(-1, a.shape[-1]).T @ b[m:].reshape(-1, b.shape[-1])).to(acc))
-        grad_w = (parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)).to(d.dtype)
-        if norms:
-            w_sq = norms[0] if len(norms) == 1 else torch.cat(norms)
+        if m == n and n * x3.shape[-1] * d3.shape[-1] <= _chunk_elems():  # the usual case: one batched matmul
+            g = torch.bmm(a.transpose(1, 2), b)
+            grad_w = g.sum(0, dtype=acc).to(d.dtype) if low else g.sum(0)
+            w_sq = torch.linalg.vector_norm(plain(g), dim=(1, 2), dtype=acc if low else None)
+        else:
+            parts, norms = [], []
+            for c in _chunks(m, x3.shape[-1] * d3.shape[-1]) if m else []:
+                g = torch.bmm(a[c].transpose(1, 2), b[c])
+                parts.append(g.sum(0, dtype=acc))
+                norms.append(torch.linalg.vector_norm(plain(g), dim=(1, 2), dtype=acc))
+            if m < n:
+                parts.append((a[m:].reshape(-1, a.shape[-1]).T @ b[m:].reshape(-1, b.shape[-1])).to(acc))
+            grad_w = (parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)).to(d.dtype)
+            if norms:
+                w_sq = norms[0] if len(norms) == 1 else torch.cat(norms)
     if want_b:
-        per = d3.sum(1) if acc == d.dtype else d3.sum(1, dtype=acc)
-        grad_b = per.sum(0).to(d.dtype)
+        per = d3.sum(1, dtype=acc) if low else d3.sum(1)
+        grad_b = per.sum(0).to(d.dtype) if low else per.sum(0)
         if m:
             pm = plain(per if m == n else per[:m])
             b_sq = torch.linalg.vecdot(pm, pm)
