@@ -1,7 +1,8 @@
 """Overhead of the noise-scale monitors: step time with each monitor against without, side by side, same run.
 
 For each workload, one model copy per configuration (same initial weights, same batches): the plain
-step, the per-example monitor (all layers; all examples or a subset of each batch), its cheap mode
+step, the per-example monitor (all layers; all examples or a subset of each batch; hooked, or ``fused=True``:
+the sequence linear layers' backward computes the per-example weight gradients itself), its cheap mode
 (``layers="cheap"``: the norm layers and the linear layers without positions), and the micro-batch
 monitor, which needs gradient accumulation and so is paired with a plain step at the same
 accumulation. Every round takes one step of every configuration, in an order that rotates round by
@@ -37,6 +38,8 @@ def configurations(w, batch: int, accumulation: int, subset: int, every: int) ->
     out = [
         {"name": "plain", "make": None, "micro": batch, "partner": None},
         {"name": "per-example", "make": lambda m: PerExampleNoiseScale(m), "micro": batch, "partner": "plain"},
+        {"name": "per-example, fused", "make": lambda m: PerExampleNoiseScale(m, fused=True), "micro": batch,
+         "partner": "plain"},
         {"name": f"per-example, {subset} of {batch} examples",
          "make": lambda m: PerExampleNoiseScale(m, max_examples=subset), "micro": batch, "partner": "plain"},
         {"name": "per-example, cheap layers", "make": lambda m: PerExampleNoiseScale(m, layers="cheap"),

@@ -80,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="measure the gradient noise scale B_simple while training (from the DDP ranks, from the "
                         "micro-batches under accumulation, else from per-example gradient norms); in metrics.jsonl "
                         "at evaluations and in the summary")
+    p.add_argument("--noise-fused", action="store_true",
+                   help="with --noise-scale's per-example monitor (one process, no accumulation): the sequence linear "
+                        "layers' backward computes the per-example weight gradients instead of autograd's weight "
+                        "gradient (cheaper norms; gradients equal up to float rounding); docs/noise.md")
     ddp = p.add_argument_group("distributed (DDP or FSDP; or launch with `torchrun --nproc-per-node N -m batchpilot train ...`)")
     ddp.add_argument("--nproc", type=int, default=None, metavar="N",
                      help="run on N local ranks through torchrun (torch.distributed.run; gloo on CPU); --batch stays "
@@ -150,6 +154,8 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise BatchpilotError("--resume needs --out DIR (where the checkpoint is)")
     if args.finetune and not args.init_from:
         raise BatchpilotError("--finetune needs --init-from PATH (the pretrained weights to start from)")
+    if getattr(args, "noise_fused", False) and not args.noise_scale:
+        raise BatchpilotError("--noise-fused needs --noise-scale (it is a mode of the per-example noise monitor)")
     if args.checkpoint_every is not None and not args.out:
         raise BatchpilotError(f"--checkpoint-every {args.checkpoint_every} needs --out DIR (where checkpoints go)")
     check_out_dir(args.out)
@@ -215,7 +221,7 @@ def _run(args: argparse.Namespace, env) -> int:
     elif args.noise_scale:  # one process, no accumulation: per-example gradient norms (docs/noise.md)
         from batchpilot.noise.per_example import PerExampleNoiseScale
 
-        noise = PerExampleNoiseScale()
+        noise = PerExampleNoiseScale(fused=getattr(args, "noise_fused", False))
     resume = args.resume or bool(env.restart_count and args.out)  # a torchrun restart resumes its run
     trainer = Trainer(workload, config, out_dir=args.out, resume=resume, progress=env.is_main, noise=noise)
     if env.is_main:  # after the trainer's own checks (a bad batch fails with its one line, nothing else)

@@ -30,6 +30,12 @@ normal backward. Per example ``i`` (``t, s`` run over positions: tokens, conv ou
 * ``nn.LayerNorm``/``nn.RMSNorm``: ``|Σ_t δ_t ⊙ x̂_t|²`` (weight) and ``|Σ_t δ_t|²`` (bias), with the
   normalised input ``x̂`` taken from the layer's output where that is exact (see :class:`_NormRule`).
 
+``fused=True`` (:mod:`batchpilot.noise.fused_layers`): the sequence ``nn.Linear``/``Conv1D`` layers run
+their own op inside a custom autograd Function whose backward builds the per-example weight gradients
+(one batched matmul, Opacus-style expanded weights) *instead of* autograd's weight gradient and returns
+their sum, so the norms cost a sum and a norm rather than a second weight gradient. Outputs stay
+bit-identical; the gradients equal autograd's up to float rounding (another summation order).
+
 The hooks see the loss as the caller scaled it. batchpilot's trainer divides the summed loss by the
 step's total units ``U`` (times ``loss_scale``), so the hooks' per-example gradient is
 ``(loss_scale/U)·u_i·g_i``; the monitor undoes exactly that factor (``loss = mean over a batch`` is the
@@ -148,6 +154,13 @@ class PerExampleNoiseScale(_Hooks, _Step):
             that clip or unscale ``p.grad`` before the monitor is called (the Hugging Face Trainer
             clips before its last callback of a step). Call :meth:`end_step` after a step's last
             :meth:`after_micro` then (the callbacks do).
+        fused: let each sequence ``nn.Linear``/``Conv1D`` (input ``(N, T, d)``, where the hooks would take
+            the per-example product) compute its per-example weight gradients in its own backward, *instead
+            of* autograd's weight gradient, and return their sum (:mod:`batchpilot.noise.fused_layers`):
+            the norms then cost a sum and a norm, not a second weight gradient. The layers' forwards are
+            swapped for the fused ones while attached (restored by :meth:`detach`); the outputs stay
+            bit-identical, the weight gradients equal autograd's up to float rounding (another summation
+            order). Off by default.
         max_examples: compute the norms of the first ``max_examples`` examples of each micro-batch only
             (``None``: all). Any subset of a shuffled batch keeps both terms unbiased (the batch
             gradient still comes from the whole batch); the hooks' cost scales with the subset.
@@ -159,7 +172,7 @@ class PerExampleNoiseScale(_Hooks, _Step):
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module] | None = None, *, layers: LayerSelection = None,
                  loss_scale: float = 1.0, fallback: bool = True, max_examples: int | None = None,
-                 grad_hooks: bool = False,
+                 grad_hooks: bool = False, fused: bool = False,
                  ema_decay: float = 0.95, window: int | None = None, confidence: float = 0.8,
                  bootstrap_samples: int = 200, seed: int = 0) -> None:
         if not (isinstance(loss_scale, (int, float)) and loss_scale > 0 and math.isfinite(loss_scale)):
@@ -172,6 +185,11 @@ class PerExampleNoiseScale(_Hooks, _Step):
         self.loss_scale, self.use_fallback, self.max_examples = float(loss_scale), bool(fallback), max_examples
         self.scope = "all" if layers is None or layers == "all" else "layers"
         self._select = _selector(layers)
+        self.fused = bool(fused)
+        if self.fused and layers == "cheap":
+            raise BatchpilotError("fused=True with layers='cheap': the cheap layers have no positions to sum over, "
+                                  "so there is nothing to fuse (drop one of the two)")
+        self._fused_modules: list[nn.Module] = []
         self._fallback_monitor = GradientNoiseScale(params=lambda: self._fallback_params, ema_decay=ema_decay)
         self._fallback_params: list[torch.Tensor] = []
         self.grad_hooks = bool(grad_hooks)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.noise.fused_layers import _FusedCall, fusable, fuse, unfuse
 from batchpilot.noise.layer_rules import _LinearRule, _Unsupported
 from batchpilot.noise.per_example_layers import _functorch_wrapped, _Layer, _own_params, _store_into, rule_for
 
@@ -58,6 +59,9 @@ class _Hooks:
             self._layers.append(layer)
             self._by_module[m] = layer
             self._handles.append(m.register_forward_hook(self._forward_hook))
+            if self.fused and fusable(layer):  # its backward gives the per-example gradients (fused_layers)
+                fuse(self, layer)
+                self._fused_modules.append(m)
         self._set_scope()
 
     def _set_scope(self) -> None:
@@ -76,6 +80,9 @@ class _Hooks:
         """Remove every hook; the model runs exactly as without the monitor (the estimates stay)."""
         for h in self._handles:
             h.remove()
+        for m in self._fused_modules:
+            unfuse(m, self)
+        self._fused_modules = []
         for layer in self._layers:
             layer.clear()
         self._handles, self._layers, self._by_module, self._model, self._scope = [], [], {}, None, []
@@ -114,6 +121,9 @@ class _Hooks:
         if layer.calls > 1:
             layer.saved = None  # called twice in one forward: the per-call norms do not add up
             return
+        if isinstance(layer.saved, _FusedCall):  # the fused backward takes the norms itself
+            self._watch_params(layer)
+            return
         if not inputs or not isinstance(inputs[0], torch.Tensor):
             layer.reason = f"{layer.rule.name} called without a tensor input"
             return
@@ -125,14 +135,18 @@ class _Hooks:
         except _Unsupported as e:
             layer.reason = str(e)
             return
-        if not layer.checked:  # the first backward checks the split against the parameters' own gradients
-            for pname, p in layer.params:
-                layer.leaf_handles.append(p.register_hook(_store_into(layer.leaf, pname)))
+        self._watch_params(layer)
         node = output.grad_fn
         if node is not None:  # a pre-hook on the node that made the output: its gradient, before any later
             node.register_prehook(partial(self._node_grad, layer, output.output_nr))  # in-place op's
         else:
             output.register_hook(partial(self._output_grad, layer))
+
+    @staticmethod
+    def _watch_params(layer: _Layer) -> None:
+        if not layer.checked:  # the first backward checks the split against the parameters' own gradients
+            for pname, p in layer.params:
+                layer.leaf_handles.append(p.register_hook(_store_into(layer.leaf, pname)))
 
     def _node_grad(self, layer: _Layer, nr: int, grad_outputs) -> None:
         grad = grad_outputs[nr]
