@@ -230,3 +230,26 @@ def test_state_dict_round_trip_continues_identically():
     assert a.estimate() == b.estimate()
     with pytest.raises(BatchpilotError):
         GradientNoiseScale(ema_decay=0.5).load_state_dict(a.state_dict())
+
+
+def test_recent_window_follows_a_falling_gradient_norm_that_the_ema_lags():
+    """Early in training |G|² falls fast: the EMAs keep the early steps' large |G|² and read B_simple low
+    long after; the window over the last steps reads the current ratio (here exactly, no noise)."""
+    mon = GradientNoiseScale(confidence=0.5)
+    trace_sigma = 100.0
+    for k in range(40):  # |G|² falls from 1000 to 10 over 20 steps, then stays: B_simple goes 0.1 -> 10
+        mon.add_estimate(max(10.0, 1000.0 * 0.79 ** k), trace_sigma)
+    current = trace_sigma / 10.0
+    ema = mon.estimate()
+    win = mon.estimate(recent=8)
+    assert ema.b_simple < 0.8 * current  # the lag this option exists for
+    assert win.b_simple == pytest.approx(current, rel=1e-12)
+    assert win.window == 8 and win.n_updates == 40
+    assert win.b_simple_low == pytest.approx(current) and win.b_simple_high == pytest.approx(current)
+    # a window longer than the history uses all of it, equal weights: the ratio of the plain means
+    short = GradientNoiseScale()
+    short.add_estimate(4.0, 8.0)
+    short.add_estimate(2.0, 10.0)
+    assert short.estimate(recent=50).b_simple == pytest.approx(18.0 / 6.0)
+    with pytest.raises(BatchpilotError, match="recent"):
+        short.estimate(recent=0)

@@ -217,10 +217,12 @@ class PerExampleNoiseScale(_Hooks, _Step):
             self.attach(model)
 
     # -- reading -------------------------------------------------------------------------------------------
-    def estimate(self) -> PerExampleEstimate:
-        """The smoothed B_simple with its bootstrap interval and what it covered (finishes a pending step)."""
+    def estimate(self, recent: int | None = None) -> PerExampleEstimate:
+        """The smoothed B_simple with its bootstrap interval and what it covered (finishes a pending step);
+        ``recent``: over the last that many observed steps only (see
+        :meth:`batchpilot.noise.microbatch.GradientNoiseScale.estimate`)."""
         self.end_step()
-        base = self.monitor.estimate()
+        base = self.monitor.estimate(recent)
         caveats = ()
         root = self._model
         if root is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in root.modules()):

@@ -78,10 +78,11 @@ class RankMonitorBase:
     def flush(self) -> list[tuple[float, float]]:  # pragma: no cover - each estimator defines it
         raise NotImplementedError
 
-    def estimate(self) -> NoiseEstimate:
-        """The monitor's smoothed B_simple with its spread (see :meth:`GradientNoiseScale.estimate`)."""
+    def estimate(self, recent: int | None = None) -> NoiseEstimate:
+        """The monitor's smoothed B_simple with its spread (see :meth:`GradientNoiseScale.estimate`;
+        ``recent``: over the last that many observed steps only)."""
         self.flush()
-        return self.monitor.estimate()
+        return self.monitor.estimate(recent)
 
     @property
     def history(self) -> list[tuple[float, float]]:
