@@ -23,7 +23,9 @@ derived for SGD) or the run's scaling rule (the Adam family: square root, Mallad
 :class:`AdaptiveDriver` runs it inside the reference trainer with a live monitor: by default the
 micro-batch one (:class:`~batchpilot.noise.microbatch.GradientNoiseScale`), which splits the steps it
 measures; or the per-example one (:class:`~batchpilot.noise.per_example.PerExampleNoiseScale`), which
-measures every step at its own batch without splitting it, at a higher cost per observed step.
+measures every step at its own batch without splitting it, at a higher cost per observed step. Its
+samples/s come from a step-time model fitted to the run's own steps (:mod:`batchpilot.train.step_times`,
+as Pollux fits its throughput model to the iterations it observes), or from an up-front probe.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 from batchpilot.train.batching import BatchDriver, micro_batch_for
 from batchpilot.errors import BatchpilotError
 from batchpilot.scaling.lr_rules import ADAPTIVE_OPTIMIZERS
-from batchpilot.train.step_times import EXTRAPOLATION_FACTOR, StepTimer, ThroughputTable, measure_throughput  # noqa: F401
+from batchpilot.train.step_times import StepTimer, ThroughputTable, measure_throughput
 
 POLLUX_MARGIN = 0.05
 """Switch only when the predicted goodput improves by at least this fraction (Pollux)."""
