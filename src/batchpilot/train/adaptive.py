@@ -275,7 +275,7 @@ class AdaptiveDriver(BatchDriver):
         self.candidates = candidate_batches(self.ref_batch, max_batch, floor=min_batch)
         self.current = self.ref_batch
         self.b_noise = float("nan")
-        self.throughput: Callable[[int], float] | None = None
+        self.throughput: ThroughputTable | None = None
         """Samples/s per batch if fixed (the probe's table, or one a caller sets); else the step-time fit."""
         self.decisions: list[dict] = []
         self._units = self._samples = 0
