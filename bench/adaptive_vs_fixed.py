@@ -19,7 +19,9 @@ For each workload, in one process:
 Training runs are deterministic (one thread, fixed seeds), so their *steps* to target do not depend on
 the machine's load; the *time* to target is computed from the step-time table: a fixed run's steps
 times its batch's step time; an adaptive run's sum over its steps of its batch's plain or monitored
-step time, plus its throughput probe (four unsplit steps at each candidate batch). Evaluation runs
+step time, plus its throughput probe if it ran one (four unsplit steps at each batch probed: every
+candidate with ``--adaptive-throughput probe``; none with the default step-time model and the
+micro-batch monitor, which times the training steps themselves). Evaluation runs
 every ``--eval-samples`` samples' worth of steps at the run's starting batch (for the adaptive runs:
 at the base batch, so coarser once the batch has grown; it counts against the controller) and is not
 timed. Prints the table and ``adaptive / best fixed`` (issue 15's goal: <= 0.9 on two of three
@@ -28,6 +30,7 @@ workloads, never above 1.05).
     .venv/bin/python bench/adaptive_vs_fixed.py [--workloads mnist1d-cnn,mnist1d-mlp,charlm]
         [--seeds 1] [--rounds 12] [--json out.json]          (about 15-20 minutes on one thread)
         [--adaptive-estimator micro-batch] [--fixed-from earlier.json]   (the sweep reused: a few minutes)
+        [--adaptive-throughput steps|probe]   (the controller's samples/s: its own steps, or the probe)
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def run_fixed(w, batch: int, lr: float, seed: int, opts: dict) -> dict:
 
 def run_adaptive(w, estimator: str, every: int, seed: int, opts: dict) -> dict:
     cfg = TrainConfig(global_batch=w.base_batch, adaptive=True, max_batch=opts["max_batch"],
-                      adaptive_estimator=estimator, epochs=opts["max_epochs"], seed=seed, stop_at_target=True,
+                      adaptive_estimator=estimator, adaptive_throughput=opts.get("throughput", "steps"), epochs=opts["max_epochs"], seed=seed, stop_at_target=True,
                       eval_every=max(1, opts["eval_samples"] // w.base_batch), target=opts["target"])
     trainer = Trainer(w, cfg)
     if every is not None:
@@ -75,8 +78,11 @@ def run_adaptive(w, estimator: str, every: int, seed: int, opts: dict) -> dict:
     drv = trainer.batching
     return {"steps": r.steps_to_target, "changes": [list(c) for c in r.batch_sizes],
             "observed": list(drv.observed_steps),
-            "candidates": list(drv.candidates), "probe": drv.throughput is not None,
+            "candidates": list(drv.candidates), "probed": list(drv.probed),
             "b_noise": [round(d["b_noise"], 1) for d in drv.decisions],
+            "fits_ms": [[d["step"], round(1e3 * d["fixed_s"], 3), round(1e3 * d["per_sample_s"], 5)]
+                        for d in drv.decisions if "fixed_s" in d],
+            "timed_steps_ms": {b: round(1e3 * statistics.median(ts), 3) for b, ts in drv.step_timer.times.items()},
             "probe_samples_per_s": None if drv.throughput is None else
             dict(zip(drv.throughput.batches, [round(s, 1) for s in drv.throughput.samples_per_s]))}
 
@@ -128,13 +134,16 @@ def run_time_ms(run: dict, table: dict[int, dict[str, float]]) -> float:
         for step in range(start - 1, min(nxt - 1, run["steps"])):  # 0-based steps with this batch
             monitored = kind is not None and step in observed
             total += table[b][kind if monitored else "plain"]
-    if run.get("probe"):
-        total += sum(4 * table[c]["plain"] for c in run["candidates"])
+    probed = run.get("probed")
+    if probed is None and run.get("probe"):  # a JSON from before the step-time model: every candidate
+        probed = run["candidates"]
+    total += sum(4 * table[c]["plain"] for c in probed or ())
     return total
 
 
 def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, batches: str | None = None,
-                   stored: dict | None = None, adaptive: dict | None = None, fixed_from: dict | None = None) -> dict:
+                   stored: dict | None = None, adaptive: dict | None = None, fixed_from: dict | None = None,
+                   throughput: str = "steps") -> dict:
     """One workload: the sweep (or ``fixed_from``'s stored fixed runs), the ``adaptive`` variants (all of
     :data:`ADAPTIVE` by default), the step-time table and the ratios. ``stored``: reuse every run."""
     adaptive = ADAPTIVE if adaptive is None else adaptive
@@ -144,6 +153,7 @@ def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, ba
         opts["batches"] = batches
         opts["max_batch"] = max(int(x) for x in batches.split(","))
     opts["target"] = opts["target"] or str(w.target)
+    opts["throughput"] = throughput
     batches = [int(x) for x in opts["batches"].split(",")]
     rule = default_lr_rule(w.optimizer_family())
     print(f"\n{name}: target {opts['target']}, base batch {w.base_batch}, base LR {w.base_lr:g} ({rule} rule), "
@@ -177,7 +187,8 @@ def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, ba
         if "changes" in rs[0] and label.startswith("adaptive"):
             n_obs = len([s for s in rs[0]["observed"] if rs[0]["steps"] is not None and s < rs[0]["steps"]])
             extra = (f"  batches {rs[0]['changes']}; {n_obs} steps observed; "
-                     f"B_noise at decisions {rs[0]['b_noise'][:6]}...")
+                     f"B_noise at decisions {rs[0]['b_noise'][:6]}...; probed {rs[0].get('probed')}; "
+                     f"fits (step, fixed ms, per-sample ms) {rs[0].get('fits_ms', [])[:4]}...")
         print(f"  {label:34s} {medians[label]:8.2f} s   steps {steps}{extra}")
     fixed = {k: v for k, v in medians.items() if k.startswith("fixed")}
     best = min(fixed, key=fixed.get)
@@ -202,6 +213,9 @@ def main() -> None:
     ap.add_argument("--adaptive-estimator", default="all", choices=("all", "micro-batch", "per-example", "none"),
                     help="which adaptive variants to train: all three, the micro-batch one (the controller's "
                          "default), the two per-example ones, or none (the sweep only)")
+    ap.add_argument("--adaptive-throughput", default="steps", choices=("steps", "probe"),
+                    help="the controller's samples/s: a model fitted to its own steps (the default) or the probe "
+                         "of every candidate at the first decision")
     ap.add_argument("--fixed-from", default=None, metavar="JSON",
                     help="reuse the fixed-batch sweep of an earlier --json; train the adaptive runs again")
     args = ap.parse_args()
@@ -212,7 +226,7 @@ def main() -> None:
     fixed_from = json.load(open(args.fixed_from)) if args.fixed_from else {}
     names = list(stored) if stored else args.workloads.split(",")
     out = {name: bench_workload(name, args.seeds, mults, args.rounds, args.batches, stored.get(name), adaptive,
-                                fixed_from.get(name)) for name in names}
+                                fixed_from.get(name), args.adaptive_throughput) for name in names}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1, default=str)

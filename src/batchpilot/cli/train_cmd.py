@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adaptive-estimator", choices=("micro-batch", "per-example"), default="micro-batch",
                    help="noise monitor of --adaptive: micro-batches (every 4th step split in two), or per-example "
                         "gradient norms (unsplit steps, every step while the batch moves); docs/noise.md")
+    p.add_argument("--adaptive-throughput", choices=("steps", "probe"), default="steps",
+                   help="samples/s of --adaptive: steps (a step-time model fitted to the run's own steps) or probe "
+                        "(every candidate batch timed on a copy of the model at the first decision); docs/large-batch.md")
     p.add_argument("--init-from", default=None, metavar="PATH",
                    help="start from these weights, checkpoint.pt or a state_dict file (default: fresh initialisation)")
     p.add_argument("--finetune", action="store_true",
@@ -122,6 +125,7 @@ def config_from_args(args: argparse.Namespace, base_batch: int, regime: Finetune
         checkpoint_every=args.checkpoint_every, target=args.target, stop_at_target=args.stop_at_target,
         dtype=args.dtype, optimizer=args.optimizer, batch_schedule=args.batch_schedule, adaptive=args.adaptive,
         max_batch=args.max_batch, min_batch=args.min_batch, adaptive_estimator=args.adaptive_estimator,
+        adaptive_throughput=args.adaptive_throughput,
         init_from=args.init_from, world_size=world_size,
         sync_batchnorm=getattr(args, "sync_bn", False), strategy=getattr(args, "strategy", None) or "ddp",
         reshard_after_forward=getattr(args, "reshard_after_forward", True),

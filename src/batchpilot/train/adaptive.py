@@ -23,13 +23,13 @@ derived for SGD) or the run's scaling rule (the Adam family: square root, Mallad
 :class:`AdaptiveDriver` runs it inside the reference trainer with a live monitor: by default the
 micro-batch one (:class:`~batchpilot.noise.microbatch.GradientNoiseScale`), which splits the steps it
 measures; or the per-example one (:class:`~batchpilot.noise.per_example.PerExampleNoiseScale`), which
-measures every step at its own batch without splitting it, at a higher cost per observed step.
+measures every step at its own batch without splitting it, at a higher cost per observed step. Its
+samples/s come from a step-time model fitted to the run's own steps (:mod:`batchpilot.train.step_times`,
+as Pollux fits its throughput model to the iterations it observes), or from an up-front probe.
 """
 
 from __future__ import annotations
 
-import bisect
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +40,7 @@ import torch
 from batchpilot.train.batching import BatchDriver, micro_batch_for
 from batchpilot.errors import BatchpilotError
 from batchpilot.scaling.lr_rules import ADAPTIVE_OPTIMIZERS
+from batchpilot.train.step_times import StepTimer, ThroughputTable, measure_throughput
 
 POLLUX_MARGIN = 0.05
 """Switch only when the predicted goodput improves by at least this fraction (Pollux)."""
@@ -93,30 +94,6 @@ def candidate_batches(min_batch: int, max_batch: int, quantum: int = 1, floor: i
             b //= 2
         out.add(floor)
     return tuple(sorted({max(quantum, (c // quantum) * quantum) for c in out}))
-
-
-@dataclass(frozen=True)
-class ThroughputTable:
-    """Measured samples/s at a few batches; other batches interpolate the step *time* linearly."""
-
-    batches: tuple[int, ...]
-    samples_per_s: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if not self.batches or len(self.batches) != len(self.samples_per_s):
-            raise BatchpilotError("throughput table needs as many samples/s as batches (at least one)")
-        if list(self.batches) != sorted(set(self.batches)) or any(not s > 0 for s in self.samples_per_s):
-            raise BatchpilotError(f"throughput table needs increasing batches and samples/s > 0, got {self}")
-
-    def __call__(self, batch: int) -> float:
-        """Samples/s at ``batch`` (interpolated in step time, extrapolated from the end segments)."""
-        bs, times = self.batches, [b / s for b, s in zip(self.batches, self.samples_per_s)]
-        if len(bs) == 1:
-            return self.samples_per_s[0]
-        i = min(max(bisect.bisect_left(bs, batch), 1), len(bs) - 1)
-        b0, b1, t0, t1 = bs[i - 1], bs[i], times[i - 1], times[i]
-        t = t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
-        return batch / max(t, 1e-12)
 
 
 @dataclass(frozen=True)
@@ -183,49 +160,8 @@ def decide_batch(
     return Decision(step, current, best if switch else current, switch, b_noise, now, best_gp, low, high)
 
 
-def measure_throughput(workload, model: torch.nn.Module, batches: Sequence[int], micro_for: Callable[[int], int],
-                       dtype: torch.dtype = torch.float32, repeats: int = 3, seed: int = 0) -> ThroughputTable:
-    """Time whole training steps (fetch, forward/backward per micro-batch, optimizer step) at each batch.
-
-    Runs on a deep copy of ``model`` with a fresh optimizer, under a forked RNG: the caller's
-    model, optimizer and random state are untouched. One warm-up round, then ``repeats`` rounds of one
-    step at every batch, in an order that rotates round by round, so that a change of the machine's
-    load during the probe hits every batch alike (timed one batch after the other, a load that came or
-    went half-way made the later batches look slower or faster per sample than they are). Reports the
-    fastest of each batch's timed steps (the minimum: on a shared machine, other work only ever adds time).
-    With one torch thread (the whole step runs in the calling thread: the trainer runs on the CPU) the
-    clock is the thread's CPU time, which other processes' load does not inflate; with more threads,
-    wall time (the thread's CPU time would miss the other threads' work).
-    """
-    from batchpilot.workloads.data import fetch, split_micro
-    from batchpilot.train.accumulation import accumulate_gradients
-
-    n = workload.num_train
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    times: dict[int, list[float]] = {b: [] for b in batches}
-    with torch.random.fork_rng(devices=[]):
-        probe = copy.deepcopy(model)
-        opt = workload.make_optimizer(probe.parameters(), workload.base_lr)
-        gen = torch.Generator().manual_seed(seed)
-        order = list(batches)
-        for r in range(repeats + 1):
-            k = r % len(order)
-            for b in order[k:] + order[:k]:
-                t0 = clock()
-                idx = torch.randperm(n, generator=gen)[:b]
-                micro = []
-                for part in split_micro(idx, micro_for(b)):
-                    x, y = fetch(workload.train_data, part)
-                    micro.append((x.to(dtype) if x.is_floating_point() else x, y))
-                accumulate_gradients(probe, micro, workload.loss_sum, workload.count_units)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if r > 0:
-                    times[b].append(clock() - t0)
-    return ThroughputTable(tuple(batches), tuple(b / min(times[b]) for b in batches))
-
-
 ESTIMATORS = ("per-example", "micro-batch")
+THROUGHPUT_MODES = ("steps", "probe")
 
 
 def make_monitor(estimator: str):
@@ -260,8 +196,14 @@ class AdaptiveDriver(BatchDriver):
     measured at its own batch, unsplit. With the micro-batch monitor every ``monitor_every``-th step
     is split into at least two micro-batches (its two batch sizes, McCandlish et al. 2018) and the
     other steps run unsplit and unmeasured. A per-example monitor's hooks are switched off on the
-    steps it does not observe. Throughput is measured once, at the first decision, on a copy of the
-    model, for unsplit steps (the measurement time counts as training time). The LR multiplier is the
+    steps it does not observe. Throughput (``throughput="steps"``, the default) comes from a step-time
+    model fitted to the run's own steps (:mod:`batchpilot.train.step_times`, as Pollux fits its model to
+    the iterations it observes): the unsplit steps time the current batch, the split steps its half;
+    a decision considers only candidates within :data:`~batchpilot.train.step_times.EXTRAPOLATION_FACTOR`
+    of a timed size, so the model gains a point wherever the batch moves. While only one size is timed
+    (the per-example monitor does not split its steps) a decision first probes the neighbouring
+    candidates on a copy of the model. ``throughput="probe"`` measures every candidate once, at the first
+    decision, on a copy of the model (the older way). Probe time counts as training time. The LR multiplier is the
     AdaScale gain (Johnson et al. 2020) for SGD-like optimizers and the run's rule for the Adam family
     (``lr_mode='auto'``).
 
@@ -285,16 +227,22 @@ class AdaptiveDriver(BatchDriver):
         max_monitor_every: the longest interval of the per-example monitor's default schedule.
         margin: Pollux's switching margin (Qiao et al. 2021).
         lr_mode: ``adascale``, ``rule`` or ``auto``.
+        throughput: ``steps`` (a model fitted to the run's step times) or ``probe`` (one probe of every
+            candidate on a copy of the model at the first decision).
+        clock: the step timer's clock (default: thread CPU time with one torch thread, else wall time).
         **kwargs: see :class:`~batchpilot.train.batching.BatchDriver`.
     """
 
     def __init__(self, *, max_batch: int, min_batch: int | None = None, monitor=None, estimator: str = "micro-batch",
                  decide_every: int = 8,
                  min_updates: int = 4, monitor_every: int | None = None, max_monitor_every: int = 16,
-                 margin: float = POLLUX_MARGIN, lr_mode: str = "auto", **kwargs) -> None:
+                 margin: float = POLLUX_MARGIN, lr_mode: str = "auto", throughput: str = "steps",
+                 clock: Callable[[], float] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if lr_mode not in ("auto", "adascale", "rule"):
             raise BatchpilotError(f"lr mode must be auto, adascale or rule, got {lr_mode!r}")
+        if throughput not in THROUGHPUT_MODES:
+            raise BatchpilotError(f"throughput must be one of {', '.join(THROUGHPUT_MODES)}, got {throughput!r}")
         if monitor is None:
             monitor = make_monitor(estimator)
         self.monitor, self.max_batch = monitor, max_batch
@@ -313,7 +261,10 @@ class AdaptiveDriver(BatchDriver):
         self.monitor_every = monitor_every
         self._monitoring = False
         self.probe_s = 0.0
-        """Seconds the throughput probe took (counted as training time by the trainer)."""
+        """Seconds the throughput probes took (counted as training time by the trainer)."""
+        self.probed: list[int] = []
+        """The batches probed on a copy of the model (one warm-up and three timed steps each)."""
+        self.throughput_mode, self.step_timer = throughput, StepTimer(clock)
         if min_batch is None:
             min_batch = default_min_batch(self.ref_batch)
         lowest = 1 if self.per_example else min(2, self.ref_batch)
@@ -325,13 +276,14 @@ class AdaptiveDriver(BatchDriver):
         self.current = self.ref_batch
         self.b_noise = float("nan")
         self.throughput: ThroughputTable | None = None
+        """Samples/s per batch if fixed (the probe's table, or one a caller sets); else the step-time fit."""
         self.decisions: list[dict] = []
         self._units = self._samples = 0
         self._workload = self._model_fn = None
         self._dtype = torch.float32
 
     def bind(self, model_fn: Callable[[], torch.nn.Module], workload, dtype: torch.dtype, family: str) -> None:
-        """Give the driver the live model (for the monitor and the throughput probe)."""
+        """Give the driver the live model (for the monitor and a throughput probe)."""
         self._model_fn, self._workload, self._dtype = model_fn, workload, dtype
         self.monitor.attach(model_fn)
         bind_now = getattr(self.monitor, "bind_model", None)
@@ -351,13 +303,20 @@ class AdaptiveDriver(BatchDriver):
             self.observed_steps.append(step)
         if hasattr(self.monitor, "active"):
             self.monitor.active = self._monitoring
+        if self.throughput_mode == "steps":
+            self.step_timer.start()
         return 2 if self._monitoring and not self.per_example else 1
 
+    def before_accumulate(self) -> None:
+        self.step_timer.fetched()
+
     def after_micro(self, index: int, units: int) -> None:
-        """Feed the monitor on monitored steps (the trainer's ``after_micro`` hook)."""
+        """Feed the monitor on monitored steps (the trainer's ``after_micro`` hook); time the backward."""
+        self.step_timer.micro_done()
         if self._monitoring:
             self.monitor.after_micro(index, units)
             self._units += int(units)
+        self.step_timer.hook_done()
 
     def batch_at(self, step: int, samples: int) -> tuple[int, float | None]:
         if self.lr_mode == "adascale":
@@ -369,6 +328,10 @@ class AdaptiveDriver(BatchDriver):
         return {"b_noise": self.b_noise if math.isfinite(self.b_noise) else None}  # type: ignore[dict-item]
 
     def after_step(self, step: int, batch: int) -> None:
+        split = self._monitoring and not self.per_example
+        micro = micro_batch_for(batch, self.micro_cap, 2 if split else 1)
+        n = math.ceil(batch / micro)
+        self.step_timer.end(batch, [micro] * (n - 1) + [batch - micro * (n - 1)], not self._monitoring, split)
         if self._monitoring:
             self._samples += batch
             self.monitor.end_step()  # finish this step's estimate now (the monitor would at its next step)
@@ -382,27 +345,54 @@ class AdaptiveDriver(BatchDriver):
         b_range = (est.b_simple_low / units_per_sample, est.b_simple_high / units_per_sample)
         if math.isnan(self.b_noise):
             return
-        if self.throughput is None:
-            if self._workload is None or self._model_fn is None:
-                raise BatchpilotError("AdaptiveDriver.bind(model_fn, workload, dtype, family) must be called before training")
-            t0 = time.perf_counter()
-            active = getattr(self.monitor, "active", None)
-            if active is not None:  # the probe's copy of the model carries copies of the hooks: idle them
-                self.monitor.active = False
-            self.throughput = measure_throughput(
-                self._workload, self._model_fn(), self.candidates,
-                lambda b: micro_batch_for(b, self.micro_cap, 1), self._dtype)
-            self.probe_s = time.perf_counter() - t0
-            if active is not None:
-                self.monitor.active = active
-        d = decide_batch(self.current, self.b_noise, self.throughput, self.candidates, self.ref_batch,
+        speed, candidates, fit = self._throughput()
+        if speed is None:
+            return
+        d = decide_batch(self.current, self.b_noise, speed, candidates, self.ref_batch,
                          self.margin, step=step, b_noise_range=b_range)
-        self.decisions.append(d.to_dict())
+        record = d.to_dict()
+        if fit is not None:
+            record.update(fixed_s=fit.fixed_s, per_sample_s=fit.per_sample_s)
+        self.decisions.append(record)
         self.current = d.batch
         if self.backoff:  # fresh estimates while the batch moves, fewer once it has settled
             self.monitor_every = 1 if d.switched else min(2 * self.monitor_every, self.max_monitor_every)
             if d.switched:
                 self._next_observed = step  # the next (0-based) step
+
+    def _throughput(self):
+        """Samples/s per batch, the candidates it is trusted at, and the step-time fit (if used)."""
+        if self.throughput is None and self.throughput_mode == "probe":
+            self.throughput = self._probe(self.candidates)
+        if self.throughput is not None:
+            return self.throughput, self.candidates, None
+        fit = self.step_timer.fit()
+        if fit is None:  # one size timed (an unsplit monitor): probe the neighbouring candidates once
+            i = self.candidates.index(self.current)
+            near = [b for b in self.candidates[max(0, i - 1):i + 2] if b != self.current or b not in self.step_timer.times]
+            for b, sps in zip(near, self._probe(near).samples_per_s):
+                self.step_timer.times.setdefault(b, []).append(b / sps)
+            fit = self.step_timer.fit()
+            if fit is None:
+                return None, (), None
+        trusted = tuple(c for c in self.candidates if c == self.current or fit.trusted(c))
+        return fit.samples_per_s, trusted, fit
+
+    def _probe(self, batches: Sequence[int]) -> ThroughputTable:
+        """Time a few steps at ``batches`` on a copy of the model (:func:`measure_throughput`)."""
+        if self._workload is None or self._model_fn is None:
+            raise BatchpilotError("AdaptiveDriver.bind(model_fn, workload, dtype, family) must be called before training")
+        t0 = time.perf_counter()
+        active = getattr(self.monitor, "active", None)
+        if active is not None:  # the probe's copy of the model carries copies of the hooks: idle them
+            self.monitor.active = False
+        table = measure_throughput(self._workload, self._model_fn(), batches,
+                                   lambda b: micro_batch_for(b, self.micro_cap, 1), self._dtype)
+        self.probe_s += time.perf_counter() - t0
+        self.probed += list(batches)
+        if active is not None:
+            self.monitor.active = active
+        return table
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -412,7 +402,8 @@ class AdaptiveDriver(BatchDriver):
                      observed_steps=list(self.observed_steps),
                      throughput=None if self.throughput is None else
                      {"batches": list(self.throughput.batches), "samples_per_s": list(self.throughput.samples_per_s)},
-                     monitor=self.monitor.state_dict())
+                     monitor=self.monitor.state_dict(), step_times=self.step_timer.state_dict(),
+                     probed=list(self.probed), probe_s=self.probe_s)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -428,3 +419,6 @@ class AdaptiveDriver(BatchDriver):
                                                                  tuple(float(s) for s in t["samples_per_s"]))
         if state.get("monitor") is not None:
             self.monitor.load_state_dict(state["monitor"])
+        if state.get("step_times") is not None:
+            self.step_timer.load_state_dict(state["step_times"])
+        self.probed, self.probe_s = [int(b) for b in state.get("probed", [])], float(state.get("probe_s", 0.0))

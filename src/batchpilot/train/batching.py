@@ -103,6 +103,9 @@ class BatchDriver:
         """Fewest micro-batches for 0-based ``step`` (a noise monitor needs 2 on the steps it measures)."""
         return 1
 
+    def before_accumulate(self) -> None:
+        """Called once the step's batch is drawn and fetched, just before its first forward."""
+
     def record_fields(self) -> dict[str, float]:
         """Extra fields for the metrics record of the step being planned."""
         return {}

@@ -59,6 +59,9 @@ class TrainConfig:
         adaptive_estimator: the adaptive controller's noise monitor: ``micro-batch`` (every 4th step, split
             in two; the default, it reached the target sooner in ``bench/adaptive_vs_fixed.py``) or
             ``per-example`` (per-example norms, unsplit steps) (:mod:`batchpilot.train.adaptive`).
+        adaptive_throughput: where the adaptive controller's samples/s come from: ``steps`` (the default: a
+            step-time model fitted to the run's own steps, :mod:`batchpilot.train.step_times`) or ``probe``
+            (every candidate batch timed on a copy of the model at the first decision).
         init_from: start from these weights (a batchpilot checkpoint or a ``state_dict`` file), e.g. to fine-tune.
         sync_batchnorm: convert BatchNorm to SyncBatchNorm, statistics over all ranks (:mod:`batchpilot.train.sync_bn`).
         strategy: ``ddp`` (replicated weights; also the one-process default) or ``fsdp`` (FSDP2
@@ -93,6 +96,7 @@ class TrainConfig:
     max_batch: int | None = None
     min_batch: int | None = None
     adaptive_estimator: str = "micro-batch"
+    adaptive_throughput: str = "steps"
     init_from: str | None = None
     sync_batchnorm: bool = False
     strategy: str = "ddp"
@@ -174,6 +178,8 @@ class TrainConfig:
                 raise BatchpilotError(f"min batch {self.min_batch} is above the starting batch {self.global_batch}")
         if self.adaptive_estimator not in ("per-example", "micro-batch"):
             raise BatchpilotError(f"adaptive estimator must be per-example or micro-batch, got {self.adaptive_estimator!r}")
+        if self.adaptive_throughput not in ("steps", "probe"):
+            raise BatchpilotError(f"adaptive throughput must be steps or probe, got {self.adaptive_throughput!r}")
         if (self.batch_schedule is not None or self.adaptive) and self.world_size != 1:
             raise BatchpilotError("batch schedules and adaptive batching run on one process for now (world size 1)")
         self._check_strategy()

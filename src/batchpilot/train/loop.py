@@ -192,6 +192,8 @@ class Trainer:
         for part in parts:
             x, y = fetch(w.train_data, part)
             micro.append((_to_dtype(x, self.dtype), y))
+        if self.batching is not None:
+            self.batching.before_accumulate()  # (the adaptive controller times the steps)
         if self.dist is None:
             loss = accumulate_gradients(model, micro, w.loss_sum, w.count_units, after_micro=self.after_micro,
                                         autocast=self._autocast, scaler=self._scaler)
