@@ -30,6 +30,7 @@ workloads, never above 1.05).
     .venv/bin/python bench/adaptive_vs_fixed.py [--workloads mnist1d-cnn,mnist1d-mlp,charlm]
         [--seeds 1] [--rounds 12] [--json out.json]          (about 15-20 minutes on one thread)
         [--adaptive-estimator micro-batch] [--fixed-from earlier.json]   (the sweep reused: a few minutes)
+        [--adaptive-noise-window 8|all]        (the noise scale over the last 8 observed steps, or the EMAs)
         [--adaptive-throughput steps|probe]   (the controller's samples/s: its own steps, or the probe)
 """
 
@@ -69,7 +70,8 @@ def run_fixed(w, batch: int, lr: float, seed: int, opts: dict) -> dict:
 
 def run_adaptive(w, estimator: str, every: int, seed: int, opts: dict) -> dict:
     cfg = TrainConfig(global_batch=w.base_batch, adaptive=True, max_batch=opts["max_batch"],
-                      adaptive_estimator=estimator, adaptive_throughput=opts.get("throughput", "steps"), epochs=opts["max_epochs"], seed=seed, stop_at_target=True,
+                      adaptive_estimator=estimator, adaptive_throughput=opts.get("throughput", "steps"),
+                      adaptive_noise_window=opts.get("noise_window", 8), epochs=opts["max_epochs"], seed=seed, stop_at_target=True,
                       eval_every=max(1, opts["eval_samples"] // w.base_batch), target=opts["target"])
     trainer = Trainer(w, cfg)
     if every is not None:
@@ -143,7 +145,7 @@ def run_time_ms(run: dict, table: dict[int, dict[str, float]]) -> float:
 
 def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, batches: str | None = None,
                    stored: dict | None = None, adaptive: dict | None = None, fixed_from: dict | None = None,
-                   throughput: str = "steps") -> dict:
+                   throughput: str = "steps", noise_window: int | None = 8) -> dict:
     """One workload: the sweep (or ``fixed_from``'s stored fixed runs), the ``adaptive`` variants (all of
     :data:`ADAPTIVE` by default), the step-time table and the ratios. ``stored``: reuse every run."""
     adaptive = ADAPTIVE if adaptive is None else adaptive
@@ -153,7 +155,7 @@ def bench_workload(name: str, seeds: int, lr_mults: list[float], rounds: int, ba
         opts["batches"] = batches
         opts["max_batch"] = max(int(x) for x in batches.split(","))
     opts["target"] = opts["target"] or str(w.target)
-    opts["throughput"] = throughput
+    opts["throughput"], opts["noise_window"] = throughput, noise_window
     batches = [int(x) for x in opts["batches"].split(",")]
     rule = default_lr_rule(w.optimizer_family())
     print(f"\n{name}: target {opts['target']}, base batch {w.base_batch}, base LR {w.base_lr:g} ({rule} rule), "
@@ -216,6 +218,8 @@ def main() -> None:
     ap.add_argument("--adaptive-throughput", default="steps", choices=("steps", "probe"),
                     help="the controller's samples/s: a model fitted to its own steps (the default) or the probe "
                          "of every candidate at the first decision")
+    ap.add_argument("--adaptive-noise-window", default="8",
+                    help="observed steps each decision reads the noise scale over, or 'all' (the monitor's EMAs)")
     ap.add_argument("--fixed-from", default=None, metavar="JSON",
                     help="reuse the fixed-batch sweep of an earlier --json; train the adaptive runs again")
     args = ap.parse_args()
@@ -226,7 +230,9 @@ def main() -> None:
     fixed_from = json.load(open(args.fixed_from)) if args.fixed_from else {}
     names = list(stored) if stored else args.workloads.split(",")
     out = {name: bench_workload(name, args.seeds, mults, args.rounds, args.batches, stored.get(name), adaptive,
-                                fixed_from.get(name), args.adaptive_throughput) for name in names}
+                                fixed_from.get(name), args.adaptive_throughput,
+                                None if args.adaptive_noise_window == "all" else int(args.adaptive_noise_window))
+           for name in names}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1, default=str)

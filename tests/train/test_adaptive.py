@@ -103,7 +103,7 @@ class _FakeMonitor:
     def end_step(self):
         self.n_updates += 1
 
-    def estimate(self):
+    def estimate(self, recent=None):
         from types import SimpleNamespace
         b = self.values[self.calls % len(self.values)]
         self.calls += 1
@@ -324,3 +324,34 @@ def test_estimators_observe_the_steps_they_should(cnn_workload, estimator, every
     assert drv.monitor.n_updates == len(observed)
     if estimator == "per-example":
         assert sorted(set(norms_at)) == observed  # no norms on the steps it skips
+
+
+@pytest.mark.parametrize("window", [8, None])
+def test_driver_reads_the_noise_scale_over_its_window_not_the_lagging_emas(window):
+    """|G|² falls 100x over the first 20 observed steps (as early in training), then holds: the decision
+    reads tr(Σ)/|G|² of the last ``window`` observed steps, which is the current ratio, while the EMAs
+    over all steps still read it several times too low (what noise_window=None keeps)."""
+    from batchpilot.noise.microbatch import GradientNoiseScale
+
+    class Scripted(GradientNoiseScale):  # each observed step adds the next scripted (|G|², tr Σ) pair
+        def __init__(self):
+            super().__init__(confidence=0.5)
+            self.k = 0
+
+        def after_micro(self, index, units):  # no gradients here: the pairs are scripted
+            pass
+
+        def end_step(self):
+            self.add_estimate(max(10.0, 1000.0 * 0.79 ** self.k), 1000.0)
+            self.k += 1
+
+    drv = AdaptiveDriver(max_batch=128, monitor=Scripted(), decide_every=1, min_updates=1, monitor_every=1,
+                         noise_window=window,
+                         **_COMMON)
+    _drive(drv, _NEAR_LINEAR, steps=41)
+    if window is None:
+        assert drv.b_noise < 0.5 * 100.0
+    else:
+        assert drv.b_noise == pytest.approx(100.0, rel=1e-9)
+    with pytest.raises(BatchpilotError, match="noise window"):
+        AdaptiveDriver(max_batch=128, monitor=Scripted(), noise_window=1, **_COMMON)

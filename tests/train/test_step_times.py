@@ -104,7 +104,7 @@ class _Monitor:
     def end_step(self):
         self.n_updates += 1
 
-    def estimate(self):
+    def estimate(self, recent=None):
         from types import SimpleNamespace
         b = self.values[self.calls % len(self.values)]
         self.calls += 1

@@ -15,6 +15,19 @@ from batchpilot.train import TrainConfig, TrainResult, Trainer
 from batchpilot.train.config import DTYPES
 
 
+def _noise_window(text: str) -> int | None:
+    """``--adaptive-noise-window``: an integer >= 2, or ``all`` (the monitor's EMAs)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (observed steps) or 'all', got {text!r}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a workload (exact accumulation, checkpoints, resume)",
                        description="Train a workload. Exit codes: 0 ok, 2 bad input, 3 diverged, 130 interrupted.")
@@ -66,6 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adaptive-throughput", choices=("steps", "probe"), default="steps",
                    help="samples/s of --adaptive: steps (a step-time model fitted to the run's own steps) or probe "
                         "(every candidate batch timed on a copy of the model at the first decision); docs/large-batch.md")
+    p.add_argument("--adaptive-noise-window", type=_noise_window, default=8, metavar="N|all",
+                   help="observed steps each --adaptive decision reads the noise scale over (default 8); 'all': the "
+                        "monitor's EMAs over the whole run, which lag early in training; docs/large-batch.md")
     p.add_argument("--init-from", default=None, metavar="PATH",
                    help="start from these weights, checkpoint.pt or a state_dict file (default: fresh initialisation)")
     p.add_argument("--finetune", action="store_true",
@@ -125,7 +141,7 @@ def config_from_args(args: argparse.Namespace, base_batch: int, regime: Finetune
         checkpoint_every=args.checkpoint_every, target=args.target, stop_at_target=args.stop_at_target,
         dtype=args.dtype, optimizer=args.optimizer, batch_schedule=args.batch_schedule, adaptive=args.adaptive,
         max_batch=args.max_batch, min_batch=args.min_batch, adaptive_estimator=args.adaptive_estimator,
-        adaptive_throughput=args.adaptive_throughput,
+        adaptive_throughput=args.adaptive_throughput, adaptive_noise_window=args.adaptive_noise_window,
         init_from=args.init_from, world_size=world_size,
         sync_batchnorm=getattr(args, "sync_bn", False), strategy=getattr(args, "strategy", None) or "ddp",
         reshard_after_forward=getattr(args, "reshard_after_forward", True),

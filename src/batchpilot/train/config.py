@@ -62,6 +62,9 @@ class TrainConfig:
         adaptive_throughput: where the adaptive controller's samples/s come from: ``steps`` (the default: a
             step-time model fitted to the run's own steps, :mod:`batchpilot.train.step_times`) or ``probe``
             (every candidate batch timed on a copy of the model at the first decision).
+        adaptive_noise_window: the adaptive controller reads the noise scale over the last this many observed
+            steps (default 8); ``None``: the monitor's EMAs over all observed steps, which lag early in
+            training (:class:`batchpilot.train.adaptive.AdaptiveDriver`, ``noise_window``).
         init_from: start from these weights (a batchpilot checkpoint or a ``state_dict`` file), e.g. to fine-tune.
         sync_batchnorm: convert BatchNorm to SyncBatchNorm, statistics over all ranks (:mod:`batchpilot.train.sync_bn`).
         strategy: ``ddp`` (replicated weights; also the one-process default) or ``fsdp`` (FSDP2
@@ -97,6 +100,7 @@ class TrainConfig:
     min_batch: int | None = None
     adaptive_estimator: str = "micro-batch"
     adaptive_throughput: str = "steps"
+    adaptive_noise_window: int | None = 8
     init_from: str | None = None
     sync_batchnorm: bool = False
     strategy: str = "ddp"
@@ -180,6 +184,9 @@ class TrainConfig:
             raise BatchpilotError(f"adaptive estimator must be per-example or micro-batch, got {self.adaptive_estimator!r}")
         if self.adaptive_throughput not in ("steps", "probe"):
             raise BatchpilotError(f"adaptive throughput must be steps or probe, got {self.adaptive_throughput!r}")
+        w = self.adaptive_noise_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 2):
+            raise BatchpilotError(f"adaptive noise window must be an integer >= 2 (observed steps) or None, got {w!r}")
         if (self.batch_schedule is not None or self.adaptive) and self.world_size != 1:
             raise BatchpilotError("batch schedules and adaptive batching run on one process for now (world size 1)")
         self._check_strategy()

@@ -35,5 +35,6 @@ def make_batch_driver(config, workload, rule: str) -> BatchDriver | None:
             raise BatchpilotError(f"max batch {max_batch} is larger than the training set ({n} samples)")
         return AdaptiveDriver(max_batch=max(max_batch, config.global_batch), min_batch=getattr(config, "min_batch", None),
                               estimator=getattr(config, "adaptive_estimator", "micro-batch"),
-                              throughput=getattr(config, "adaptive_throughput", "steps"), **common)
+                              throughput=getattr(config, "adaptive_throughput", "steps"),
+                              noise_window=getattr(config, "adaptive_noise_window", 8), **common)
     return None
