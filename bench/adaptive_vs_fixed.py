@@ -6,10 +6,11 @@ For each workload, in one process:
    (on top of the LR the workload's rule gives that batch from its base point: square root for the
    Adam family, linear for SGD), trained until the target or ``--max-epochs``.
 2. **The adaptive controller** (``TrainConfig(adaptive=True)``, :mod:`batchpilot.train.adaptive`) from
-   the base batch with the base LR, the LR following the AdaScale gain (SGD) or the rule (Adam), three
+   the base batch with the base LR, the LR following the AdaScale gain (SGD) or the rule (Adam), four
    ways: the per-example monitor on its default schedule (every step, the interval doubling after each
    decision that keeps the batch, up to 16), the per-example monitor at every step, and the
-   micro-batch monitor at every 4th step (split in two; the controller's default), or only some of them
+   micro-batch monitor on its default schedule (every 4th step split in two, the interval doubling up to
+   16 after each decision that keeps the batch; the controller's default) and at every 4th step, or only some of them
    (``--adaptive-estimator``). Its candidates run from ``max(2, B0/8)`` to the sweep's largest batch.
 3. **Step times, interleaved**: rounds of one step of every (batch, kind) pair, in an order that
    rotates round by round — a plain step, a step with the per-example monitor, a step split in two
@@ -58,6 +59,7 @@ DEFAULTS = {  # batches of the sweep, the controller's limit, the target, max ep
 }
 ADAPTIVE = {"adaptive, per-example (default)": ("per-example", None),
             "adaptive, per-example every step": ("per-example", 1),
+            "adaptive, micro-batch (default)": ("micro-batch", None),
             "adaptive, micro-batch every 4": ("micro-batch", 4)}
 
 

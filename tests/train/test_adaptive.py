@@ -291,7 +291,8 @@ def test_adaptive_config_errors():
 
 
 @pytest.mark.parametrize("estimator,every,split", [("per-example", 1, False), ("per-example", 3, False),
-                                                   ("micro-batch", 4, True), ("per-example", None, False)])
+                                                   ("micro-batch", 4, True), ("per-example", None, False),
+                                                   ("micro-batch", None, True)])
 def test_estimators_observe_the_steps_they_should(cnn_workload, estimator, every, split):
     """Per-example: the monitored steps run unsplit and the hooks compute nothing on the others;
     micro-batch: the monitored steps are split in two."""
@@ -299,15 +300,16 @@ def test_estimators_observe_the_steps_they_should(cnn_workload, estimator, every
 
     micros: list[tuple[int, int]] = []  # (step, micro-batch index) of every backward
     steps = [0]
-    cfg = TrainConfig(global_batch=32, adaptive=True, max_batch=64, steps=12, seed=0, adaptive_estimator=estimator)
+    n_steps = 40 if (estimator, every) == ("micro-batch", None) else 12
+    cfg = TrainConfig(global_batch=32, adaptive=True, max_batch=64, steps=n_steps, seed=0, adaptive_estimator=estimator)
     trainer = Trainer(cnn_workload, cfg, after_micro=lambda i, u: micros.append((steps[0], i)),
                       on_step=lambda rec: steps.__setitem__(0, steps[0] + 1))
     drv = trainer.batching
     if every is not None:
         drv.monitor_every, drv.backoff = every, False
-    else:  # the default schedule: every step, doubling after each decision that keeps the batch
-        assert drv.backoff and drv.monitor_every == 1
-        drv.decide_every, drv.min_updates, drv.max_monitor_every = 2, 2, 4
+    else:  # the default schedule: every step (every 4th split), doubling after each decision that keeps the batch
+        assert drv.backoff and drv.monitor_every == (1 if estimator == "per-example" else 4)
+        drv.decide_every, drv.min_updates, drv.max_monitor_every = 2, 2, 2 * drv.monitor_every
     norms_at: list[int] = []
     if estimator == "per-example":
         assert isinstance(drv.monitor, PerExampleNoiseScale) and drv.per_example
@@ -318,7 +320,7 @@ def test_estimators_observe_the_steps_they_should(cnn_workload, estimator, every
     assert drv.observed_steps == observed
     if every is None:  # the interval grew while the batch stayed, and reset where it switched
         gaps = [b - a for a, b in zip(observed, observed[1:])]
-        assert max(gaps) > 1 and observed[0] == 0
+        assert max(gaps) > (1 if estimator == "per-example" else 4) and observed[0] == 0
     split_steps = sorted({s for s, i in micros if i == 1})
     assert split_steps == (observed if split else [])
     assert drv.monitor.n_updates == len(observed)
