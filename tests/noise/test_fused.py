@@ -342,3 +342,35 @@ def test_non_reentrant_checkpointing_runs_and_the_layer_falls_back_as_called_twi
     assert len(mon.history) == 2
     for got, want in zip(mon.history, ref.history):
         assert got == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_save_of_a_monitored_model_saves_the_model_not_the_monitor(fused, tmp_path):
+    """``torch.save(model)`` with the monitor attached (hooks, a fused forward, gradient hooks) works; the
+    loaded copy computes the same outputs and runs without the monitor (its hooks are inert), and the
+    monitored model goes on being monitored."""
+    import torch
+    from torch import nn
+
+    from batchpilot.noise.per_example import PerExampleNoiseScale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    mon = PerExampleNoiseScale(model, fused=fused, grad_hooks=True)
+    x = torch.randn(4, 5, 8)
+    model(x).sum().backward()
+    mon.observe()
+    torch.save(model, tmp_path / "model.pt")
+    copy = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(copy(x), model(x))
+    seen = mon.n_updates
+    copy.zero_grad()
+    copy(x).sum().backward()  # the copy's hooks do nothing: no update, no error
+    assert mon.n_updates == seen and all(p.grad is not None for p in copy.parameters())
+    model.zero_grad()
+    model(x).sum().backward()
+    mon.observe()
+    assert mon.n_updates == seen + 1
+    mon.detach()
+    assert "forward" not in model[0].__dict__ and not model[0]._forward_hooks

@@ -153,6 +153,16 @@ def fusable(layer: _Layer) -> bool:
     return isinstance(layer.rule, _LinearRule) and layer.module.weight.requires_grad
 
 
+def _same(obj: Any) -> Any:
+    return obj
+
+
+def _class_forward(module: nn.Module) -> Callable:
+    """The class's ``forward`` bound to ``module`` (needs none of the module's state yet: unpickling
+    calls this before the module's attributes are restored)."""
+    return type(module).forward.__get__(module)
+
+
 class _FusedForward:
     """A fused layer's ``forward`` (an instance attribute): the fused op under the monitor's conditions,
     else ``original`` (the forward it replaced). ``previous`` is the instance attribute it replaced
@@ -169,6 +179,13 @@ class _FusedForward:
             return copy.deepcopy(self.previous, memo)
         module = copy.deepcopy(self.layer.module, memo)
         return type(module).forward.__get__(module)
+
+    def __reduce__(self) -> tuple:
+        """``torch.save(model)`` with the monitor attached pickles the forward this one replaced (the
+        class's, bound to the module), not the monitor: a loaded copy runs plain."""
+        if self.previous is not _MISSING:
+            return (_same, (self.previous,))
+        return (_class_forward, (self.layer.module,))
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         monitor, layer, original = self.monitor, self.layer, self.original

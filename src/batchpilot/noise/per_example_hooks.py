@@ -22,6 +22,30 @@ from batchpilot.noise.layer_rules import _LinearRule, _Unsupported
 from batchpilot.noise.per_example_layers import _functorch_wrapped, _Layer, _own_params, _store_into, rule_for
 
 
+class _Inert:
+    """What a monitor's hook becomes in a pickled copy of the model: nothing (returns ``None``)."""
+
+    def __call__(self, *args, **kwargs) -> None:
+        return None
+
+
+class PicklesInert:
+    """A hook on the user's model that pickles as :class:`_Inert`: ``torch.save(model)`` with a monitor
+    attached saves the model, not the monitor (whose state need not pickle), and a loaded copy runs
+    without it. The hook itself is unchanged while the monitor is attached."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return (_Inert, ())
+
+
 class _Hooks:
     """Mixin of :class:`~batchpilot.noise.per_example.PerExampleNoiseScale`: the hooks (its state is
     made in that class's ``__init__``)."""
@@ -46,11 +70,11 @@ class _Hooks:
         self.detach()
         self._model = model
         root = self._root()  # the module inside a DDP wrapper
-        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+        self._handles.append(model.register_forward_pre_hook(PicklesInert(self._root_pre_hook), with_kwargs=True))
         if self.grad_hooks:
             for p in root.parameters():
                 if p.requires_grad:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
+                    self._handles.append(p.register_post_accumulate_grad_hook(PicklesInert(self._grad_hook)))
         for name, m in root.named_modules():
             rule = rule_for(m)
             if rule is None or not _own_params(m) or not self._select(name, m):
@@ -58,7 +82,7 @@ class _Hooks:
             layer = _Layer(name, m, rule)
             self._layers.append(layer)
             self._by_module[m] = layer
-            self._handles.append(m.register_forward_hook(self._forward_hook))
+            self._handles.append(m.register_forward_hook(PicklesInert(self._forward_hook)))
             if self.fused and fusable(layer):  # its backward gives the per-example gradients (fused_layers)
                 fuse(self, layer)
                 self._fused_modules.append(m)
