@@ -25,7 +25,9 @@ micro-batch one (:class:`~batchpilot.noise.microbatch.GradientNoiseScale`), whic
 measures; or the per-example one (:class:`~batchpilot.noise.per_example.PerExampleNoiseScale`), which
 measures every step at its own batch without splitting it, at a higher cost per observed step. Its
 samples/s come from a step-time model fitted to the run's own steps (:mod:`batchpilot.train.step_times`,
-as Pollux fits its throughput model to the iterations it observes), or from an up-front probe.
+as Pollux fits its throughput model to the iterations it observes), or from an up-front probe. Each
+decision reads the noise scale over the last few observed steps (``noise_window``), not the monitor's
+EMAs over the whole run, which lag the fast fall of ``|G|²`` early in training.
 """
 
 from __future__ import annotations
