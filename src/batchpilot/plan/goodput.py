@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Protocol, Sequence
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.scaling.efficiency import efficiency  # noqa: F401 - re-exported (batchpilot.plan.efficiency)
 from batchpilot.scaling.lr_rules import scale_lr
 
 MAX_ACCUMULATION = 64
@@ -31,20 +32,6 @@ class MemoryModel(Protocol):
     def peak_bytes(self, micro_batch: int) -> float: ...
 
     def max_micro_batch(self, budget_bytes: float) -> int: ...
-
-
-def efficiency(batch: float, b_noise: float, base_batch: float) -> float:
-    """Statistical efficiency of ``batch`` relative to ``base_batch`` (Pollux, Qiao et al. 2021).
-
-    ``b_noise = inf`` (the gradient is pure noise to the estimator) gives 1 for every batch.
-    """
-    if batch <= 0 or base_batch <= 0:
-        raise BatchpilotError(f"batches must be positive, got {batch} and {base_batch}")
-    if not b_noise >= 0:
-        raise BatchpilotError(f"the noise scale must be >= 0, got {b_noise}")
-    if math.isinf(b_noise):
-        return 1.0
-    return (b_noise + base_batch) / (b_noise + batch)
 
 
 def effective_noise_scale(points: Sequence[tuple[float, float]], base_batch: float) -> float:

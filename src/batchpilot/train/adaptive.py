@@ -41,6 +41,7 @@ import torch
 
 from batchpilot.train.batching import BatchDriver, micro_batch_for
 from batchpilot.errors import BatchpilotError
+from batchpilot.scaling.efficiency import efficiency as _efficiency
 from batchpilot.scaling.lr_rules import ADAPTIVE_OPTIMIZERS
 from batchpilot.train.step_times import StepTimer, ThroughputTable, measure_throughput
 
@@ -52,12 +53,10 @@ interval from the few noisy steps of early training is so wide that it freezes t
 
 
 def efficiency(batch: int, b_noise: float, base_batch: int) -> float:
-    """Statistical efficiency ``E(B) = (B_noise + B0) / (B_noise + B)`` (1 at ``B0``; 1 for all B when
-    ``B_noise`` is infinite, i.e. the gradient is lost in the noise)."""
-    if math.isinf(b_noise):
-        return 1.0
-    b_noise = max(0.0, b_noise)
-    return (b_noise + base_batch) / (b_noise + batch)
+    """Statistical efficiency ``E(B) = (B_noise + B0) / (B_noise + B)``
+    (:func:`batchpilot.scaling.efficiency.efficiency`), with a negative or undefined measured noise scale
+    read as 0 (the monitor's estimate can dip below 0 on a noisy step)."""
+    return _efficiency(batch, b_noise if b_noise > 0 else 0.0, base_batch)
 
 
 def adascale_gain(batch: int, b_noise: float, base_batch: int) -> float:
