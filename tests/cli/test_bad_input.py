@@ -101,6 +101,10 @@ def scratch(tmp_path, monkeypatch):
     (cfg / "typo.yaml").write_text("workload: mnist1d-mpl\n")
     (cfg / "plan_threads.json").write_text(json.dumps(plan_dict(threads=-3)))
     (cfg / "big.yaml").write_text("x: " + "y" * (3 * 2**20) + "\n")
+    (cfg / "cal_int.json").write_text(json.dumps({"calibration": 5}))
+    (cfg / "cal_neg.json").write_text(json.dumps({"device": "H100", "factor": -1, "band": {
+        "low_factor": 0.9, "high_factor": 1.1, "relative": 0.1, "source": "x"}}))
+    (tmp_path / "empty.pt").write_bytes(b"")
     ro = tmp_path / "readonly"
     ro.mkdir()
     ro.chmod(0o555)
@@ -191,7 +195,7 @@ CASES = [
     (["memory", *SMALL, "--out", "afile/mem"], "'afile/mem'"),
     (["memory", *SMALL, "--out", "{ro}"], "not writable"),
     # --- plan
-    (["plan", "--noise-budget", "0"], "--noise-budget must be > 0 seconds, got 0.0"),
+    (["plan", "--noise-budget", "0"], "--noise-budget must be a finite number of seconds > 0, got 0.0"),
     (["plan", "--throughput-budget", "-5"], "got -5.0"),
     (["plan", "--out", "afile"], "'afile' exists and is not a directory"),
     (["plan", "--out", "afile/p"], "'afile/p'"),
@@ -238,6 +242,23 @@ CASES = [
     (["doctor", "cfg/lr_abc.yaml", "--ignore", "BP999"], "BP999"),
     (["doctor", "cfg/lr_abc.yaml", "--section", "training.opt"], "'training.opt'"),
     (["doctor", "adir.yaml"], "'adir.yaml' is a directory"),
+    # --- plan --calibration, sizes and budgets (fail before any measurement)
+    (["plan", "--calibration", ""], "--calibration must name a file, got ''"),
+    (["plan", "--calibration", "cfg/missing.json"], "'cfg/missing.json' does not exist"),
+    (["plan", "--calibration", "adir"], "'adir' is not a file"),
+    (["plan", "--calibration", "cfg/deep.json"], "nested too deeply"),
+    (["plan", "--calibration", "cfg/cal_int.json"], "holds no fp32 calibration"),
+    (["plan", "--calibration", "plans/array.json"], "holds no fp32 calibration"),
+    (["plan", "--calibration", "cfg/cal_neg.json"], "'cfg/cal_neg.json': a calibration factor must be a positive "
+                                                    "finite number, got -1.0"),
+    (["plan", "--throughput-budget", "inf"], "--throughput-budget must be a finite number of seconds > 0, got inf"),
+    # --- sizes: memory and world sizes
+    (["plan", "--memory", "1e400GB"], "memory size must be at most 1 EiB, got '1e400GB'"),
+    (["memory", "--memory", "1e400GB"], "got '1e400GB'"),
+    (["plan", "--device", ""], "device must be cpu, cuda, a GPU name (e.g. H100) or a size (e.g. 24GiB), got ''"),
+    (["memory", "--device", " "], "got ' '"),
+    (["plan", "--world-size", "99999999999999999999"], "world sizes must be at most 1,000,000 ranks"),
+    (["memory", "--world-size", ""], "world sizes must be integers >= 1, got ''"),
     # --- workloads
     (["workloads", "--bogus"], "--bogus"),
 ]
