@@ -242,6 +242,32 @@ CASES = [
     (["doctor", "cfg/lr_abc.yaml", "--ignore", "BP999"], "BP999"),
     (["doctor", "cfg/lr_abc.yaml", "--section", "training.opt"], "'training.opt'"),
     (["doctor", "adir.yaml"], "'adir.yaml' is a directory"),
+    # --- train: flags that only apply with others are refused, not silently ignored
+    (["train", *SMALL, "--batch", "32", "--micro-batch", "16", "--noise-scale", "--noise-fused"],
+     "--noise-fused needs the per-example monitor (one process, no accumulation, a fixed batch); this run has "
+     "accumulation (2 micro-batches of 16)"),
+    (["train", *SMALL, "--batch", "32", "--adaptive", "--noise-scale", "--noise-fused"], "a batch that changes"),
+    (["train", *SMALL, "--nproc", "2", "--noise-scale", "--noise-fused"], "--nproc 2 measures the noise scale"),
+    (["train", *SMALL, "--adaptive-throughput", "probe"], "--adaptive-throughput applies to --adaptive only"),
+    (["train", *SMALL, "--adaptive-noise-window", "all"], "--adaptive-noise-window applies to --adaptive only"),
+    (["train", *SMALL, "--adaptive-estimator", "per-example"], "--adaptive-estimator applies to --adaptive only"),
+    (["train", *SMALL, "--max-restarts", "2"], "--max-restarts 2 applies with --nproc N only"),
+    (["train", *SMALL, "--max-restarts", "-1"], "--max-restarts must be >= 0, got -1"),
+    (["train", *SMALL, "--log", "csv", "--log-dir", "afile"], "--log-dir 'afile' exists and is not a directory"),
+    (["train", *SMALL, "--log", "csv", "--log-dir", ""], "--log-dir must name a directory, got ''"),
+    (["train", *SMALL, "--log", ""], "--log must be one of tensorboard, csv, jsonl (several allowed), got ''"),
+    (["sweep", *SMALL, "--batches", "32", "--log", "csv", "--log-dir", "afile"], "--log-dir 'afile' exists"),
+    # --- empty paths and names are errors, not the default
+    (["train", "--plan", ""], "--plan must name a file, got ''"),
+    (["train", "--init-from", ""], "--init-from must name a file, got ''"),
+    (["train", "--workload", ""], "--workload must name a workload"),
+    (["train", "--plan", "plans/ok.json", "--workload", " "], "--workload must name a workload"),
+    (["sweep", "--batches", "32", "--plan", ""], "--plan must name a plan.json file, got ''"),
+    (["sweep", "--batches", "32", "--workload", ""], "--workload must name a workload"),
+    (["memory", "--workload", ""], "--workload must name a workload"),
+    # --- --init-from files that are not tensors: short, and never unpickled
+    (["train", *SMALL, "--init-from", "afile"], "'afile' cannot be loaded as tensors only (UnpicklingError); expected"),
+    (["train", *SMALL, "--init-from", "empty.pt"], "'empty.pt' are an empty file (0 bytes)"),
     # --- plan --calibration, sizes and budgets (fail before any measurement)
     (["plan", "--calibration", ""], "--calibration must name a file, got ''"),
     (["plan", "--calibration", "cfg/missing.json"], "'cfg/missing.json' does not exist"),
@@ -311,3 +337,28 @@ def test_json_errors_are_a_json_object_on_stdout(scratch, capsys, argv):
     data = json.loads(out)
     assert data == {"status": "error", "message": err.strip(), "exit_code": 2}
     assert len(err.strip().splitlines()) == 1
+
+
+class _Payload:
+    """Unpickling this runs code: a file that batchpilot must refuse rather than load."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path("PWNED"),))
+
+
+@pytest.mark.parametrize("argv", [["train", *SMALL, "--init-from", "evil.pt"],
+                                  ["train", *SMALL, "--out", "run", "--resume"]], ids=["init-from", "resume"])
+def test_user_torch_files_are_never_unpickled(scratch, capsys, argv):
+    """``--init-from`` and ``--resume`` load with ``weights_only=True``: a pickle that runs code is refused."""
+    import torch
+
+    root, _ = scratch
+    torch.save({"model": _Payload()}, root / "evil.pt")
+    (root / "run").mkdir()
+    torch.save({"config": _Payload(), "model": {}}, root / "run" / "checkpoint.pt")
+    before = snapshot(root)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and len(err) < 600, err
+    assert not (root / "PWNED").exists()
+    assert snapshot(root) == before
