@@ -362,3 +362,34 @@ def test_user_torch_files_are_never_unpickled(scratch, capsys, argv):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and len(err) < 600, err
     assert not (root / "PWNED").exists()
     assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("exc, needle", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 51200000000 bytes. Error code 12 (Cannot allocate memory)"), "an allocation of 47.68 GiB"),
+    (MemoryError(), "out of memory on this machine: the inputs ask"),
+], ids=["torch-cpu-allocator", "MemoryError"])
+def test_an_allocation_too_large_is_one_line(scratch, capsys, monkeypatch, exc, needle):
+    """e.g. ``memory --workload hf:gpt2 --seq-len 99999999`` (random tokens of 64 x 1e8): exit 2, no traceback."""
+    import batchpilot.cli.memory_cmd as memory_cmd
+
+    def run(args):
+        raise exc
+
+    monkeypatch.setattr(memory_cmd, "run", run)
+    assert main(["memory", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    assert json.loads(out)["exit_code"] == 2
+
+
+def test_other_runtime_errors_still_raise(scratch, monkeypatch):
+    """Only allocation failures are turned into a line: a bug keeps its traceback."""
+    import batchpilot.cli.memory_cmd as memory_cmd
+
+    def run(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(memory_cmd, "run", run)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["memory"])
