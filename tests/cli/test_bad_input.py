@@ -393,3 +393,11 @@ def test_other_runtime_errors_still_raise(scratch, monkeypatch):
     monkeypatch.setattr(memory_cmd, "run", run)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["memory"])
+
+
+def test_negative_hf_size_is_named(scratch, capsys):
+    """``--workload-opt n_layer=-1`` was 'fake-tensor trace failed (ValueError: __len__() should return >= 0)'."""
+    pytest.importorskip("transformers")
+    assert main(["memory", "--workload", "hf:gpt2", "--workload-opt", "n_layer=-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "batchpilot memory: error: hf:gpt2: n_layer is a size: it must be >= 0, got -1"
