@@ -401,3 +401,15 @@ def test_negative_hf_size_is_named(scratch, capsys):
     assert main(["memory", "--workload", "hf:gpt2", "--workload-opt", "n_layer=-1"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "batchpilot memory: error: hf:gpt2: n_layer is a size: it must be >= 0, got -1"
+
+
+def test_ctrl_c_while_the_parser_imports_is_one_line(monkeypatch, capsys):
+    """Ctrl-C before a verb runs (building the parser imports torch and every verb): exit 130, no traceback."""
+    import batchpilot.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["train"]) == 130
+    assert capsys.readouterr().err == "batchpilot: interrupted\n"

@@ -104,6 +104,14 @@ def out_of_memory_message(exc: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the parser imports torch and the verbs: no traceback either
+        print("batchpilot: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     _Parser.json_errors = "--json" in raw
     parser = build_parser()
