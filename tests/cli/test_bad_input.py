@@ -242,6 +242,7 @@ CASES = [
     (["doctor", "cfg/lr_abc.yaml", "--ignore", "BP999"], "BP999"),
     (["doctor", "cfg/lr_abc.yaml", "--section", "training.opt"], "'training.opt'"),
     (["doctor", "adir.yaml"], "'adir.yaml' is a directory"),
+    (["doctor", ""], "config must name a .yaml, .yml, .json or .toml file, got ''"),
     # --- train: flags that only apply with others are refused, not silently ignored
     (["train", *SMALL, "--batch", "32", "--micro-batch", "16", "--noise-scale", "--noise-fused"],
      "--noise-fused needs the per-example monitor (one process, no accumulation, a fixed batch); this run has "
