@@ -105,6 +105,9 @@ def scratch(tmp_path, monkeypatch):
     (cfg / "cal_neg.json").write_text(json.dumps({"device": "H100", "factor": -1, "band": {
         "low_factor": 0.9, "high_factor": 1.1, "relative": 0.1, "source": "x"}}))
     (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "blocked" / "checkpoint.pt").mkdir(parents=True)
+    (tmp_path / "badckpt").mkdir()
+    (tmp_path / "badckpt" / "checkpoint.pt").write_bytes(bytes(range(256)) * 4)
     ro = tmp_path / "readonly"
     ro.mkdir()
     ro.chmod(0o555)
@@ -258,6 +261,9 @@ CASES = [
     (["train", *SMALL, "--log", "csv", "--log-dir", ""], "--log-dir must name a directory, got ''"),
     (["train", *SMALL, "--log", ""], "--log must be one of tensorboard, csv, jsonl (several allowed), got ''"),
     (["sweep", *SMALL, "--batches", "32", "--log", "csv", "--log-dir", "afile"], "--log-dir 'afile' exists"),
+    (["train", *SMALL, "--out", "blocked"], "--out 'blocked' holds a directory named 'checkpoint.pt'"),
+    (["train", *SMALL, "--out", "blocked", "--resume"], "--out 'blocked' holds a directory named 'checkpoint.pt'"),
+    (["train", *SMALL, "--out", "badckpt", "--resume"], "(UnpicklingError: it holds objects other than tensors"),
     # --- empty paths and names are errors, not the default
     (["train", "--plan", ""], "--plan must name a file, got ''"),
     (["train", "--init-from", ""], "--init-from must name a file, got ''"),

@@ -208,7 +208,14 @@ def _check_paths(args: argparse.Namespace) -> None:
                               f"lost ranks); add --nproc N")
     if args.checkpoint_every is not None and not args.out:
         raise BatchpilotError(f"--checkpoint-every {args.checkpoint_every} needs --out DIR (where checkpoints go)")
-    check_out_dir(args.out)
+    out = check_out_dir(args.out)
+    if out is not None:  # a directory where the run writes a file would fail only after the training
+        from batchpilot.train.checkpoint import CHECKPOINT_NAME
+
+        for name in (CHECKPOINT_NAME, "summary.json", "metrics.jsonl"):
+            if (out / name).is_dir():
+                raise BatchpilotError(f"--out {args.out!r} holds a directory named {name!r}, where the run writes "
+                                      f"that file; move it away or choose another --out")
     if args.init_from is not None:
         check_in_file(args.init_from, "--init-from")
     if args.plan is not None:
