@@ -292,6 +292,8 @@ CASES = [
     (["memory", "--device", " "], "got ' '"),
     (["plan", "--world-size", "99999999999999999999"], "world sizes must be at most 1,000,000 ranks"),
     (["memory", "--world-size", ""], "world sizes must be integers >= 1, got ''"),
+    (["memory", "--batch-sizes", "99999999999999999999"], "--batch-sizes must be at most 1,000,000,000,000"),
+    (["memory", "--global-batch", "99999999999999999999"], "--global-batch must be at most 1,000,000,000,000"),
     # --- workloads
     (["workloads", "--bogus"], "--bogus"),
 ]
