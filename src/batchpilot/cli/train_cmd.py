@@ -209,10 +209,10 @@ def _check_paths(args: argparse.Namespace) -> None:
     if args.checkpoint_every is not None and not args.out:
         raise BatchpilotError(f"--checkpoint-every {args.checkpoint_every} needs --out DIR (where checkpoints go)")
     out = check_out_dir(args.out)
-    if out is not None:  # a directory where the run writes a file would fail only after the training
+    if out is not None:  # a directory where the run writes these files fails mid-run with a traceback
         from batchpilot.train.checkpoint import CHECKPOINT_NAME
 
-        for name in (CHECKPOINT_NAME, "summary.json", "metrics.jsonl"):
+        for name in (CHECKPOINT_NAME, "metrics.jsonl"):  # (summary.json has its fallback file)
             if (out / name).is_dir():
                 raise BatchpilotError(f"--out {args.out!r} holds a directory named {name!r}, where the run writes "
                                       f"that file; move it away or choose another --out")
