@@ -69,3 +69,28 @@ def test_permissions_and_symlinks_behave_like_open(tmp_path):
     link.symlink_to(p)
     atomic_write_text(link, "c")
     assert link.is_symlink() and p.read_text() == "c"
+
+
+def test_ctrl_c_inside_torch_save_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C inside torch's zip writer: torch's clean-up fails ('unexpected pos ...') and raises a RuntimeError
+    while handling the KeyboardInterrupt; the trainer must see the interrupt (exit 130), not a traceback."""
+    target = tmp_path / "checkpoint.pt"
+    atomic_torch_save(target, {"step": 1})
+    real_save = torch.save
+
+    def interrupted_save(obj, fh):
+        real_save({"step": 2}, fh)  # some bytes written, as in a real interrupted save
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 361216 vs 361168")
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save(target, {"step": 2})
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    monkeypatch.setattr(torch, "save", lambda obj, fh: (_ for _ in ()).throw(RuntimeError("disk says no")))
+    with pytest.raises(RuntimeError, match="disk says no"):  # other errors are left alone
+        atomic_torch_save(target, {"step": 3})

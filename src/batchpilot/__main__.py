@@ -2,6 +2,10 @@
 
 import sys
 
-from batchpilot.cli import main
+try:
+    from batchpilot.cli import main
+except KeyboardInterrupt:  # Ctrl-C during the first imports: one line, no traceback
+    print("batchpilot: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -115,9 +115,27 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any, *, durable: bool = True
     """``torch.save(obj)`` to ``path`` atomically."""
     import torch
 
-    with atomic_open(path, "wb", durable=durable) as fh:
-        torch.save(obj, fh)
+    try:
+        with atomic_open(path, "wb", durable=durable) as fh:
+            torch.save(obj, fh)
+    except RuntimeError as exc:
+        # Ctrl-C inside torch's zip writer: its clean-up then fails ("unexpected pos ...") and reports a
+        # RuntimeError in place of the KeyboardInterrupt; the temporary file is gone and the target untouched
+        if _interrupted(exc):
+            raise KeyboardInterrupt from None
+        raise
     return Path(path)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while handling a ``KeyboardInterrupt`` (anywhere in its context chain)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__context__
+    return False
 
 
 def atomic_write_with(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, durable: bool = True) -> Path:

@@ -101,6 +101,13 @@ def scratch(tmp_path, monkeypatch):
     (cfg / "typo.yaml").write_text("workload: mnist1d-mpl\n")
     (cfg / "plan_threads.json").write_text(json.dumps(plan_dict(threads=-3)))
     (cfg / "big.yaml").write_text("x: " + "y" * (3 * 2**20) + "\n")
+    (cfg / "cal_int.json").write_text(json.dumps({"calibration": 5}))
+    (cfg / "cal_neg.json").write_text(json.dumps({"device": "H100", "factor": -1, "band": {
+        "low_factor": 0.9, "high_factor": 1.1, "relative": 0.1, "source": "x"}}))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "blocked" / "checkpoint.pt").mkdir(parents=True)
+    (tmp_path / "badckpt").mkdir()
+    (tmp_path / "badckpt" / "checkpoint.pt").write_bytes(bytes(range(256)) * 4)
     ro = tmp_path / "readonly"
     ro.mkdir()
     ro.chmod(0o555)
@@ -191,7 +198,7 @@ CASES = [
     (["memory", *SMALL, "--out", "afile/mem"], "'afile/mem'"),
     (["memory", *SMALL, "--out", "{ro}"], "not writable"),
     # --- plan
-    (["plan", "--noise-budget", "0"], "--noise-budget must be > 0 seconds, got 0.0"),
+    (["plan", "--noise-budget", "0"], "--noise-budget must be a finite number of seconds > 0, got 0.0"),
     (["plan", "--throughput-budget", "-5"], "got -5.0"),
     (["plan", "--out", "afile"], "'afile' exists and is not a directory"),
     (["plan", "--out", "afile/p"], "'afile/p'"),
@@ -238,6 +245,55 @@ CASES = [
     (["doctor", "cfg/lr_abc.yaml", "--ignore", "BP999"], "BP999"),
     (["doctor", "cfg/lr_abc.yaml", "--section", "training.opt"], "'training.opt'"),
     (["doctor", "adir.yaml"], "'adir.yaml' is a directory"),
+    (["doctor", ""], "config must name a .yaml, .yml, .json or .toml file, got ''"),
+    # --- train: flags that only apply with others are refused, not silently ignored
+    (["train", *SMALL, "--batch", "32", "--micro-batch", "16", "--noise-scale", "--noise-fused"],
+     "--noise-fused needs the per-example monitor (one process, no accumulation, a fixed batch); this run has "
+     "accumulation (2 micro-batches of 16)"),
+    (["train", *SMALL, "--batch", "32", "--adaptive", "--noise-scale", "--noise-fused"], "a batch that changes"),
+    (["train", *SMALL, "--nproc", "2", "--noise-scale", "--noise-fused"], "--nproc 2 measures the noise scale"),
+    (["train", *SMALL, "--adaptive-throughput", "probe"], "--adaptive-throughput applies to --adaptive only"),
+    (["train", *SMALL, "--adaptive-noise-window", "all"], "--adaptive-noise-window applies to --adaptive only"),
+    (["train", *SMALL, "--adaptive-estimator", "per-example"], "--adaptive-estimator applies to --adaptive only"),
+    (["train", *SMALL, "--max-restarts", "2"], "--max-restarts 2 applies with --nproc N only"),
+    (["train", *SMALL, "--max-restarts", "-1"], "--max-restarts must be >= 0, got -1"),
+    (["train", *SMALL, "--log", "csv", "--log-dir", "afile"], "--log-dir 'afile' exists and is not a directory"),
+    (["train", *SMALL, "--log", "csv", "--log-dir", ""], "--log-dir must name a directory, got ''"),
+    (["train", *SMALL, "--log", ""], "--log must be one of tensorboard, csv, jsonl (several allowed), got ''"),
+    (["sweep", *SMALL, "--batches", "32", "--log", "csv", "--log-dir", "afile"], "--log-dir 'afile' exists"),
+    (["train", *SMALL, "--out", "blocked"], "--out 'blocked' holds a directory named 'checkpoint.pt'"),
+    (["train", *SMALL, "--out", "blocked", "--resume"], "--out 'blocked' holds a directory named 'checkpoint.pt'"),
+    (["train", *SMALL, "--out", "badckpt", "--resume"], "(UnpicklingError: it holds objects other than tensors"),
+    # --- empty paths and names are errors, not the default
+    (["train", "--plan", ""], "--plan must name a file, got ''"),
+    (["train", "--init-from", ""], "--init-from must name a file, got ''"),
+    (["train", "--workload", ""], "--workload must name a workload"),
+    (["train", "--plan", "plans/ok.json", "--workload", " "], "--workload must name a workload"),
+    (["sweep", "--batches", "32", "--plan", ""], "--plan must name a plan.json file, got ''"),
+    (["sweep", "--batches", "32", "--workload", ""], "--workload must name a workload"),
+    (["memory", "--workload", ""], "--workload must name a workload"),
+    # --- --init-from files that are not tensors: short, and never unpickled
+    (["train", *SMALL, "--init-from", "afile"], "'afile' cannot be loaded as tensors only (UnpicklingError); expected"),
+    (["train", *SMALL, "--init-from", "empty.pt"], "'empty.pt' are an empty file (0 bytes)"),
+    # --- plan --calibration, sizes and budgets (fail before any measurement)
+    (["plan", "--calibration", ""], "--calibration must name a file, got ''"),
+    (["plan", "--calibration", "cfg/missing.json"], "'cfg/missing.json' does not exist"),
+    (["plan", "--calibration", "adir"], "'adir' is not a file"),
+    (["plan", "--calibration", "cfg/deep.json"], "nested too deeply"),
+    (["plan", "--calibration", "cfg/cal_int.json"], "holds no fp32 calibration"),
+    (["plan", "--calibration", "plans/array.json"], "holds no fp32 calibration"),
+    (["plan", "--calibration", "cfg/cal_neg.json"], "'cfg/cal_neg.json': a calibration factor must be a positive "
+                                                    "finite number, got -1.0"),
+    (["plan", "--throughput-budget", "inf"], "--throughput-budget must be a finite number of seconds > 0, got inf"),
+    # --- sizes: memory and world sizes
+    (["plan", "--memory", "1e400GB"], "memory size must be at most 1 EiB, got '1e400GB'"),
+    (["memory", "--memory", "1e400GB"], "got '1e400GB'"),
+    (["plan", "--device", ""], "device must be cpu, cuda, a GPU name (e.g. H100) or a size (e.g. 24GiB), got ''"),
+    (["memory", "--device", " "], "got ' '"),
+    (["plan", "--world-size", "99999999999999999999"], "world sizes must be at most 1,000,000 ranks"),
+    (["memory", "--world-size", ""], "world sizes must be integers >= 1, got ''"),
+    (["memory", "--batch-sizes", "99999999999999999999"], "--batch-sizes must be at most 1,000,000,000,000"),
+    (["memory", "--global-batch", "99999999999999999999"], "--global-batch must be at most 1,000,000,000,000"),
     # --- workloads
     (["workloads", "--bogus"], "--bogus"),
 ]
@@ -290,3 +346,79 @@ def test_json_errors_are_a_json_object_on_stdout(scratch, capsys, argv):
     data = json.loads(out)
     assert data == {"status": "error", "message": err.strip(), "exit_code": 2}
     assert len(err.strip().splitlines()) == 1
+
+
+class _Payload:
+    """Unpickling this runs code: a file that batchpilot must refuse rather than load."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path("PWNED"),))
+
+
+@pytest.mark.parametrize("argv", [["train", *SMALL, "--init-from", "evil.pt"],
+                                  ["train", *SMALL, "--out", "run", "--resume"]], ids=["init-from", "resume"])
+def test_user_torch_files_are_never_unpickled(scratch, capsys, argv):
+    """``--init-from`` and ``--resume`` load with ``weights_only=True``: a pickle that runs code is refused."""
+    import torch
+
+    root, _ = scratch
+    torch.save({"model": _Payload()}, root / "evil.pt")
+    (root / "run").mkdir()
+    torch.save({"config": _Payload(), "model": {}}, root / "run" / "checkpoint.pt")
+    before = snapshot(root)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and len(err) < 600, err
+    assert not (root / "PWNED").exists()
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("exc, needle", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 51200000000 bytes. Error code 12 (Cannot allocate memory)"), "an allocation of 47.68 GiB"),
+    (MemoryError(), "out of memory on this machine: the inputs ask"),
+], ids=["torch-cpu-allocator", "MemoryError"])
+def test_an_allocation_too_large_is_one_line(scratch, capsys, monkeypatch, exc, needle):
+    """e.g. ``memory --workload hf:gpt2 --seq-len 99999999`` (random tokens of 64 x 1e8): exit 2, no traceback."""
+    import batchpilot.cli.memory_cmd as memory_cmd
+
+    def run(args):
+        raise exc
+
+    monkeypatch.setattr(memory_cmd, "run", run)
+    assert main(["memory", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    assert json.loads(out)["exit_code"] == 2
+
+
+def test_other_runtime_errors_still_raise(scratch, monkeypatch):
+    """Only allocation failures are turned into a line: a bug keeps its traceback."""
+    import batchpilot.cli.memory_cmd as memory_cmd
+
+    def run(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(memory_cmd, "run", run)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["memory"])
+
+
+def test_negative_hf_size_is_named(scratch, capsys):
+    """``--workload-opt n_layer=-1`` was 'fake-tensor trace failed (ValueError: __len__() should return >= 0)'."""
+    pytest.importorskip("transformers")
+    assert main(["memory", "--workload", "hf:gpt2", "--workload-opt", "n_layer=-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "batchpilot memory: error: hf:gpt2: n_layer is a size: it must be >= 0, got -1"
+
+
+def test_ctrl_c_while_the_parser_imports_is_one_line(monkeypatch, capsys):
+    """Ctrl-C before a verb runs (building the parser imports torch and every verb): exit 130, no traceback."""
+    import batchpilot.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["train"]) == 130
+    assert capsys.readouterr().err == "batchpilot: interrupted\n"

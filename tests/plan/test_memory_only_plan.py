@@ -178,8 +178,11 @@ def test_a_calibration_scales_the_prediction_and_sets_the_band(memory_only, tmp_
     assert loaded.factor == pytest.approx(cal.factor) and loaded.band == cal.band
     with pytest.raises(BatchpilotError, match="no bf16 autocast calibration"):
         band.load_calibration(str(path), amp=True)
-    with pytest.raises(BatchpilotError, match="not readable JSON"):
+    with pytest.raises(BatchpilotError, match="missing.json' does not exist"):
         band.load_calibration(str(tmp_path / "missing.json"), amp=False)
+    (tmp_path / "truncated.json").write_text('{"factor": 1.')
+    with pytest.raises(BatchpilotError, match="not readable JSON"):
+        band.load_calibration(str(tmp_path / "truncated.json"), amp=False)
     plain = make_plan(memory_only, device="H100", **_fast())
     calibrated = make_plan(memory_only, device="H100", calibration=loaded, **_fast())
     by_batch = {p["batch"]: p["step_s"] for p in plain.throughput["points"]}

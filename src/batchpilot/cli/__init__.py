@@ -13,6 +13,7 @@ import errno
 import importlib
 import json
 import os
+import re
 import sys
 
 from batchpilot.errors import EXIT_INTERRUPTED, EXIT_USAGE, BatchpilotError
@@ -82,8 +83,35 @@ def _silence_stdout() -> None:
         pass
 
 
+def out_of_memory_message(exc: BaseException) -> str | None:
+    """One line for an allocation that failed (``MemoryError``, torch's CPU or CUDA allocator), else ``None``."""
+    text = " ".join(str(exc).split())
+    if not (isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+            "can't allocate memory" in text or "out of memory" in text.lower()))):
+        return None
+    m = re.search(r"allocate (\d+) bytes", text) or re.search(r"allocate ([0-9.]+ [KMGT]i?B)", text)
+    size = ""
+    if m:
+        size = m.group(1)
+        if size.isdigit():
+            from batchpilot.memory.units import format_bytes
+
+            size = format_bytes(int(size))
+        size = f" (an allocation of {size} failed)"
+    return (f"out of memory on this machine{size}: the inputs ask for more memory than it has; use smaller sizes "
+            f"(--batch, --seq-len, --workload-opt)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the parser imports torch and the verbs: no traceback either
+        print("batchpilot: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     _Parser.json_errors = "--json" in raw
     parser = build_parser()
@@ -111,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the trainer's own handling: one line, no traceback
         print(f"batchpilot {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (MemoryError, RuntimeError) as exc:  # an allocation too large for this machine: one line, no traceback
+        message = out_of_memory_message(exc)
+        if message is None:
+            raise
+        line = f"batchpilot {args.command}: error: {message}"
+        if getattr(args, "json", False):
+            _print_error_json(line)
+        print(line, file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         _silence_stdout()
         return 0

@@ -33,7 +33,14 @@ def add_workload_args(p: argparse.ArgumentParser, *, plan_aware: bool = False) -
 
 
 def workload_name(args: argparse.Namespace) -> str:
-    """The workload ``--workload`` names, or the default one."""
+    """The workload ``--workload`` names, or the default one.
+
+    Raises:
+        BatchpilotError: ``--workload`` was given empty (not silently the default).
+    """
+    if args.workload is not None and not str(args.workload).strip():
+        raise BatchpilotError(f"--workload must name a workload (batchpilot workloads lists them) or file.py:fn, "
+                              f"got {args.workload!r}")
     return args.workload or DEFAULT_WORKLOAD
 
 

@@ -72,6 +72,10 @@ def _value(text: str) -> Any:
         return text
 
 
+MAX_BATCH = 10**12
+"""The largest batch ``--batch-sizes`` and ``--global-batch`` take (beyond any device; far from int64 overflow)."""
+
+
 def _batches(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -81,6 +85,8 @@ def _batches(text: str | None) -> list[int] | None:
         raise BatchpilotError(f"--batch-sizes must be comma-separated integers, got {text!r}") from exc
     if not values or any(v < 1 for v in values):
         raise BatchpilotError(f"--batch-sizes must be positive integers, got {text!r}")
+    if max(values) > MAX_BATCH:  # a tensor dimension past int64 made the trace fail and the sizes be ignored
+        raise BatchpilotError(f"--batch-sizes must be at most {MAX_BATCH:,}, got {text!r}")
     return values
 
 
@@ -121,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--global-batch", args.global_batch), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:
             raise BatchpilotError(f"{flag} must be a positive integer, got {value}")
+        if value is not None and value > MAX_BATCH:
+            raise BatchpilotError(f"{flag} must be at most {MAX_BATCH:,}, got {value}")
     workload = _load(args)
     if sharding[0].sharded:
         from batchpilot.cli.memory_sharded import run_sharded

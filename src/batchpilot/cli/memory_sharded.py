@@ -23,7 +23,8 @@ def sharding_from_args(args: argparse.Namespace) -> list[ShardingConfig]:
     """One config per ``--world-size`` entry (validated: a bad combination fails before any trace)."""
     from batchpilot.plan.worlds import parse_world_sizes
 
-    sizes = parse_world_sizes(getattr(args, "world_size", "1") or "1")
+    given = getattr(args, "world_size", None)
+    sizes = parse_world_sizes("1" if given is None else given)
     strategy = getattr(args, "strategy", "ddp")
     return [ShardingConfig(strategy, w, getattr(args, "reshard_after_forward", True), getattr(args, "cpu_offload", False))
             for w in sizes]

@@ -100,6 +100,8 @@ def check_out_file(value: str | os.PathLike, flag: str) -> Path:
 def check_in_file(value: str | os.PathLike, flag: str) -> Path:
     """An input file that must exist and be a readable file."""
     text = os.fspath(value)
+    if not text.strip():
+        raise BatchpilotError(f"{flag} must name a file, got {text!r}")
     path = Path(text)
     if not path.exists():
         raise BatchpilotError(f"{flag} {text!r} does not exist; expected an existing file")

@@ -7,6 +7,7 @@ With no arguments it plans the built-in default workload on this machine's CPU a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -74,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     from batchpilot.plan import make_plan
 
     for name in ("noise_budget", "throughput_budget", "lr_check_budget", "confirm_budget"):
-        if not getattr(args, name) > 0:
-            raise BatchpilotError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)!r}")
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            raise BatchpilotError(f"--{name.replace('_', '-')} must be a finite number of seconds > 0, "
+                                  f"got {getattr(args, name)!r}")
     if args.threads is not None:
         if args.threads < 1:
             raise BatchpilotError(f"--threads must be >= 1, got {args.threads}")
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     amp = parse_amp(args.amp)
     from batchpilot.throughput.band import load_calibration
 
-    calibration = load_calibration(args.calibration, amp=amp is not None) if args.calibration else None
+    calibration = load_calibration(args.calibration, amp=amp is not None) if args.calibration is not None else None
     resolve_device(args.device, args.memory)  # an unknown device or size fails before any measurement
     workload = load_workload(args, None if plans_without_training(args.device, args.memory) else "plan")
     import dataclasses

@@ -106,10 +106,10 @@ def build_config(args: argparse.Namespace):
     from batchpilot.plan.result import read_plan
     from batchpilot.sweep.runner import SweepConfig, with_plan_trial
 
-    from batchpilot.cli.common import DEFAULT_WORKLOAD, refuse_memory_only
+    from batchpilot.cli.common import DEFAULT_WORKLOAD, refuse_memory_only, workload_name
 
-    plan = read_plan(args.plan) if args.plan else None
-    name, options = args.workload or DEFAULT_WORKLOAD, _workload_options(args)
+    plan = read_plan(args.plan) if args.plan is not None else None
+    name, options = workload_name(args), _workload_options(args)
     if plan is not None:
         from batchpilot.plan.workload_spec import workload_for_run
 
@@ -287,16 +287,22 @@ def _trial_log(args: argparse.Namespace):
     from batchpilot.train.metrics_log import parse_log_kinds, require_tensorboard
 
     kinds = parse_log_kinds(args.log)
+    if args.log and not kinds:
+        raise BatchpilotError(f"--log must be one of tensorboard, csv, jsonl (several allowed), got {args.log[-1]!r}")
     if not kinds:
-        if args.log_dir:
+        if args.log_dir is not None:
             raise BatchpilotError("--log-dir needs --log tensorboard|csv|jsonl")
         return None
-    if not (args.log_dir or args.out):
+    if args.log_dir is None and not args.out:
         raise BatchpilotError("--log needs a directory for the trials' runs: --log-dir DIR or --out DIR")
-    log_dir = args.log_dir or str(Path(args.out) / "runs")
     from batchpilot.cli.outputs import check_out_dir
 
-    check_out_dir(log_dir)
+    if args.log_dir is not None:
+        check_out_dir(args.log_dir, "--log-dir")
+        log_dir = args.log_dir
+    else:
+        log_dir = str(Path(args.out) / "runs")
+        check_out_dir(log_dir)
     if "tensorboard" in kinds:
         require_tensorboard()
     return kinds, log_dir

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from batchpilot.cli.common import add_dtype_arg, add_workload_args, load_workload, print_json
+from batchpilot.cli.common import add_dtype_arg, add_workload_args, load_workload, print_json, workload_name
 from batchpilot.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, BatchpilotError
 from batchpilot.files import atomic_write_text
 from batchpilot.optim import OPTIMIZERS
@@ -15,10 +15,21 @@ from batchpilot.train import TrainConfig, TrainResult, Trainer
 from batchpilot.train.config import DTYPES
 
 
-def _noise_window(text: str) -> int | None:
+ADAPTIVE_DEFAULTS = {"adaptive_estimator": "micro-batch", "adaptive_throughput": "steps", "adaptive_noise_window": 8}
+"""The ``--adaptive-*`` flags' values when not given (``all`` is a window of ``None``: the parser keeps it as ``"all"``)."""
+
+
+def _adaptive_option(args: argparse.Namespace, name: str):
+    value = getattr(args, name, None)
+    if value is None:
+        return ADAPTIVE_DEFAULTS[name]
+    return None if value == "all" else value
+
+
+def _noise_window(text: str) -> int | str:
     """``--adaptive-noise-window``: an integer >= 2, or ``all`` (the monitor's EMAs)."""
     if text.strip().lower() == "all":
-        return None
+        return "all"  # not None, which means "not given"
     try:
         value = int(text)
     except ValueError:
@@ -73,13 +84,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=None, metavar="N", help="largest batch of --adaptive (default min(16 x batch, N/2))")
     p.add_argument("--min-batch", type=int, default=None, metavar="N",
                    help="smallest batch of --adaptive (default max(2, batch // 8)): it can shrink as well as grow")
-    p.add_argument("--adaptive-estimator", choices=("micro-batch", "per-example"), default="micro-batch",
+    # default None: given without --adaptive is an error, not silently ignored (the defaults are ADAPTIVE_DEFAULTS)
+    p.add_argument("--adaptive-estimator", choices=("micro-batch", "per-example"), default=None,
                    help="noise monitor of --adaptive: micro-batches (every 4th step split in two), or per-example "
-                        "gradient norms (unsplit steps, every step while the batch moves); docs/noise.md")
-    p.add_argument("--adaptive-throughput", choices=("steps", "probe"), default="steps",
+                        "gradient norms (unsplit steps, every step while the batch moves); docs/noise.md "
+                        "(default: micro-batch)")
+    p.add_argument("--adaptive-throughput", choices=("steps", "probe"), default=None,
                    help="samples/s of --adaptive: steps (a step-time model fitted to the run's own steps) or probe "
-                        "(every candidate batch timed on a copy of the model at the first decision); docs/large-batch.md")
-    p.add_argument("--adaptive-noise-window", type=_noise_window, default=8, metavar="N|all",
+                        "(every candidate batch timed on a copy of the model at the first decision); docs/large-batch.md "
+                        "(default: steps)")
+    p.add_argument("--adaptive-noise-window", type=_noise_window, default=None, metavar="N|all",
                    help="observed steps each --adaptive decision reads the noise scale over (default 8); 'all': the "
                         "monitor's EMAs over the whole run, which lag early in training; docs/large-batch.md")
     p.add_argument("--init-from", default=None, metavar="PATH",
@@ -140,8 +154,10 @@ def config_from_args(args: argparse.Namespace, base_batch: int, regime: Finetune
         grad_clip=args.grad_clip, ema_decay=args.ema, seed=args.seed, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, target=args.target, stop_at_target=args.stop_at_target,
         dtype=args.dtype, optimizer=args.optimizer, batch_schedule=args.batch_schedule, adaptive=args.adaptive,
-        max_batch=args.max_batch, min_batch=args.min_batch, adaptive_estimator=args.adaptive_estimator,
-        adaptive_throughput=args.adaptive_throughput, adaptive_noise_window=args.adaptive_noise_window,
+        max_batch=args.max_batch, min_batch=args.min_batch,
+        adaptive_estimator=_adaptive_option(args, "adaptive_estimator"),
+        adaptive_throughput=_adaptive_option(args, "adaptive_throughput"),
+        adaptive_noise_window=_adaptive_option(args, "adaptive_noise_window"),
         init_from=args.init_from, world_size=world_size,
         sync_batchnorm=getattr(args, "sync_bn", False), strategy=getattr(args, "strategy", None) or "ddp",
         reshard_after_forward=getattr(args, "reshard_after_forward", True),
@@ -170,18 +186,39 @@ def _check_paths(args: argparse.Namespace) -> None:
     from batchpilot.cli.outputs import check_in_file, check_out_dir
 
     _check_log(args)
+    if args.workload is not None:
+        workload_name(args)  # an empty --workload is an error, not the default
     if args.resume and not args.out:
         raise BatchpilotError("--resume needs --out DIR (where the checkpoint is)")
-    if args.finetune and not args.init_from:
+    if args.finetune and args.init_from is None:
         raise BatchpilotError("--finetune needs --init-from PATH (the pretrained weights to start from)")
     if getattr(args, "noise_fused", False) and not args.noise_scale:
         raise BatchpilotError("--noise-fused needs --noise-scale (it is a mode of the per-example noise monitor)")
+    if getattr(args, "noise_fused", False) and args.nproc is not None and args.nproc > 1:
+        raise BatchpilotError(f"--noise-fused is a mode of the per-example monitor, which runs on one process; "
+                              f"--nproc {args.nproc} measures the noise scale from the ranks: drop --noise-fused")
+    if not args.adaptive:
+        given = [f"--{name.replace('_', '-')}" for name in ADAPTIVE_DEFAULTS if getattr(args, name, None) is not None]
+        if given:
+            raise BatchpilotError(f"{', '.join(given)} applies to --adaptive only (add --adaptive, or drop it)")
+    if args.max_restarts < 0:
+        raise BatchpilotError(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.max_restarts and args.nproc is None:
+        raise BatchpilotError(f"--max-restarts {args.max_restarts} applies with --nproc N only (the launcher restarts "
+                              f"lost ranks); add --nproc N")
     if args.checkpoint_every is not None and not args.out:
         raise BatchpilotError(f"--checkpoint-every {args.checkpoint_every} needs --out DIR (where checkpoints go)")
-    check_out_dir(args.out)
-    if args.init_from:
+    out = check_out_dir(args.out)
+    if out is not None:  # a directory where the run writes these files fails mid-run with a traceback
+        from batchpilot.train.checkpoint import CHECKPOINT_NAME
+
+        for name in (CHECKPOINT_NAME, "metrics.jsonl"):  # (summary.json has its fallback file)
+            if (out / name).is_dir():
+                raise BatchpilotError(f"--out {args.out!r} holds a directory named {name!r}, where the run writes "
+                                      f"that file; move it away or choose another --out")
+    if args.init_from is not None:
         check_in_file(args.init_from, "--init-from")
-    if args.plan:
+    if args.plan is not None:
         check_in_file(args.plan, "--plan")
 
 
@@ -234,6 +271,14 @@ def _run(args: argparse.Namespace, env) -> int:
         regime = finetune_regime(w.base_batch, w.base_lr, w.optimizer_family(), num_train=w.num_train, batch=args.batch)
     config = config_from_args(args, workload.base_batch, regime, world_size=env.world_size)
     noise = None
+    if getattr(args, "noise_fused", False) and (env.world_size > 1 or config.accumulation_steps > 1
+                                                or config.variable_batch):
+        why = (f"{env.world_size} ranks" if env.world_size > 1 else
+               f"accumulation ({config.accumulation_steps} micro-batches of {config.micro_per_rank})"
+               if config.accumulation_steps > 1 else "a batch that changes during the run")
+        raise BatchpilotError(f"--noise-fused needs the per-example monitor (one process, no accumulation, a fixed "
+                              f"batch); this run has {why}, so --noise-scale measures from the micro-batches: drop "
+                              f"--noise-fused")
     if args.noise_scale and (env.world_size > 1 or config.accumulation_steps > 1 or config.variable_batch):
         from batchpilot.noise.microbatch import GradientNoiseScale  # two batch sizes for free (docs/noise.md)
 
@@ -444,16 +489,18 @@ def _check_log(args: argparse.Namespace) -> None:
     from batchpilot.train.metrics_log import parse_log_kinds, require_tensorboard
 
     kinds = parse_log_kinds(getattr(args, "log", None))
+    if getattr(args, "log", None) and not kinds:
+        raise BatchpilotError(f"--log must be one of tensorboard, csv, jsonl (several allowed), got {args.log[-1]!r}")
     if not kinds:
-        if getattr(args, "log_dir", None):
+        if getattr(args, "log_dir", None) is not None:
             raise BatchpilotError("--log-dir needs --log tensorboard|csv|jsonl")
         return
-    if not (getattr(args, "log_dir", None) or args.out):
+    if getattr(args, "log_dir", None) is None and not args.out:
         raise BatchpilotError("--log needs a directory to write to: --out DIR or --log-dir DIR")
-    if args.log_dir:
+    if args.log_dir is not None:
         from batchpilot.cli.outputs import check_out_dir
 
-        check_out_dir(args.log_dir)
+        check_out_dir(args.log_dir, "--log-dir")
     if "tensorboard" in kinds:
         require_tensorboard()
 

@@ -134,6 +134,8 @@ def load_config(path: str | Path, section: str | None = None) -> DoctorConfig:
     Raises:
         BatchpilotError: unreadable file, unknown extension, bad syntax or bad values.
     """
+    if not str(path).strip():  # Path("") is the current directory: say what was given
+        raise BatchpilotError(f"config must name a .yaml, .yml, .json or .toml file, got {str(path)!r}")
     p = Path(path)
     fmt = FORMATS.get(p.suffix.lower())
     if fmt is None:

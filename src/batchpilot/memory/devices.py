@@ -174,6 +174,8 @@ def resolve_device(device: str | None = None, memory: str | int | None = None) -
         BatchpilotError: an unknown device name (the known ones are listed) or a bad size.
     """
     total = parse_bytes(memory) if memory is not None else None
+    if device is not None and not str(device).strip():
+        raise BatchpilotError(f"device must be cpu, cuda, a GPU name (e.g. H100) or a size (e.g. 24GiB), got {device!r}")
     name = (device or "").strip()
     if not name:
         if total is None:

@@ -139,6 +139,8 @@ def read_plan(path: str | Path) -> dict[str, Any]:
         BatchpilotError: a missing/unreadable file, missing keys, a field of the wrong type or range,
             or an inconsistent batch split (one line naming the field and value).
     """
+    if not str(path).strip():  # Path("") is the current directory
+        raise BatchpilotError(f"--plan must name a plan.json file, got {str(path)!r}")
     path = Path(path)
     source = f"plan file {str(path)!r}"
     if path.is_dir():

@@ -89,6 +89,10 @@ def gradient_bytes(workload) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
+MAX_WORLD_SIZE = 1_000_000
+"""The largest world size accepted (beyond any cluster; a typo such as an extra zero digit row fails early)."""
+
+
 def parse_world_sizes(text: str) -> tuple[int, ...]:
     """``"1,2,4,8"`` -> ``(1, 2, 4, 8)`` (sorted, unique, each >= 1)."""
     try:
@@ -97,6 +101,8 @@ def parse_world_sizes(text: str) -> tuple[int, ...]:
         raise BatchpilotError(f"world size must be an integer or a comma-separated list such as 1,2,4,8, got {text!r}") from None
     if not sizes or sizes[0] < 1:
         raise BatchpilotError(f"world sizes must be integers >= 1, got {text!r}")
+    if sizes[-1] > MAX_WORLD_SIZE:
+        raise BatchpilotError(f"world sizes must be at most {MAX_WORLD_SIZE:,} ranks, got {text!r}")
     return tuple(sizes)
 
 

@@ -121,6 +121,8 @@ class Calibration:
                        ratios=tuple(float(r) for r in data.get("ratios", ())),
                        band=StepTimeBand(low_factor=float(b["low_factor"]), high_factor=float(b["high_factor"]),
                                          relative=float(b["relative"]), source=str(b["source"])))
+        except BatchpilotError as exc:  # a field of the right type with a bad value: that value, named
+            raise BatchpilotError(f"{source}: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:
             raise BatchpilotError(f"{source}: expected device, factor and band (low_factor, high_factor, relative, "
                                   f"source), as bench/gpu_check.py writes them; {type(exc).__name__}: {exc}") from None
@@ -137,13 +139,24 @@ def load_calibration(path: str, *, amp: bool) -> Calibration:
     from pathlib import Path
 
     where = f"calibration file {path!r}"
+    if not str(path).strip():
+        raise BatchpilotError(f"--calibration must name a file, got {path!r}")
+    file = Path(path)
+    if not file.exists():
+        raise BatchpilotError(f"{where} does not exist; expected gpu_check.json from bench/gpu_check.py")
+    if not file.is_file():
+        raise BatchpilotError(f"{where} is not a file; expected gpu_check.json from bench/gpu_check.py")
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise BatchpilotError(f"{where} is not readable JSON: nested too deeply") from None
     except (OSError, ValueError) as exc:
         raise BatchpilotError(f"{where} is not readable JSON: {exc}") from None
     if isinstance(data, dict) and "factor" in data:
         return Calibration.from_dict(data, where)
     entries = data.get("calibration") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        entries = None
     want = "bf16 autocast" if amp else "fp32"
     hit = [e for e in entries or [] if isinstance(e, dict) and e.get("precision") == want and "factor" in e]
     if not hit:

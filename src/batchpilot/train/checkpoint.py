@@ -29,6 +29,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):  # torch's text is paragraphs long and suggests weights_only=False
+        return f"{type(exc).__name__}: it holds objects other than tensors and plain data, which are not unpickled"
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
@@ -44,6 +48,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
     path = Path(path)
     hint = "move it away (or drop --resume) to start fresh"
+    if path.exists() and not path.is_file():
+        raise BatchpilotError(f"checkpoint {str(path)!r} is not a file; {hint}")
     if not path.is_file():
         raise BatchpilotError(f"checkpoint {str(path)!r} does not exist")
     if path.stat().st_size == 0:

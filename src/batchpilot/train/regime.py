@@ -31,10 +31,20 @@ def load_pretrained(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise BatchpilotError(f"pretrained weights {str(path)!r} do not exist")
+    if path.stat().st_size == 0:
+        raise BatchpilotError(f"pretrained weights {str(path)!r} are an empty file (0 bytes); expected a batchpilot "
+                              "checkpoint.pt or a torch.save(model.state_dict()) file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle of arbitrary objects, a corrupt file ...
-        raise BatchpilotError(f"pretrained weights {str(path)!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+        # torch's own text is paragraphs long and suggests weights_only=False, which would run the file's code
+        import pickle
+
+        why = type(exc).__name__
+        if not isinstance(exc, pickle.UnpicklingError):
+            why += ": " + " ".join(str(exc).split())[:120]
+        raise BatchpilotError(f"pretrained weights {str(path)!r} cannot be loaded as tensors only ({why}); expected a batchpilot checkpoint.pt or a torch.save(model.state_dict()) "
+                              "file: files holding other Python objects are refused, not unpickled") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -173,11 +173,14 @@ def build_config(arch: str, overrides: dict[str, Any] | None = None, *, byte_voc
         known = config_fields(default)
         for key in overrides:
             if key not in known:
-                sizes = sorted(k for k in known if any(t in k for t in ("layer", "embd", "hidden", "head", "intermediate",
-                                                                        "inner", "position", "vocab")))
+                sizes = sorted(k for k in known if any(t in k for t in _SIZE_HINTS))
                 raise BatchpilotError(f"hf:{arch}: unknown option {key!r}: expected a workload option "
                                       f"({', '.join(WORKLOAD_KEYS)}) or a field of its {type(default).__name__} "
                                       f"(size fields: {', '.join(sizes)})")
+        for key, value in overrides.items():  # a negative size builds, then fails deep in torch (len() < 0)
+            if (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+                    and any(t in key for t in _SIZE_HINTS)):
+                raise BatchpilotError(f"hf:{arch}: {key} is a size: it must be >= 0, got {value!r}")
         if byte_vocab and not from_file and "vocab_size" not in overrides:
             overrides["vocab_size"] = BYTE_VOCAB
         aliases = getattr(default, "attribute_map", {}) or {}
@@ -190,6 +193,10 @@ def build_config(arch: str, overrides: dict[str, Any] | None = None, *, byte_voc
             return make(**kwargs), from_file
         except Exception as exc:  # noqa: BLE001 - one line
             raise BatchpilotError(f"hf:{arch}: bad config options: {type(exc).__name__}: {exc}") from exc
+
+
+_SIZE_HINTS = ("layer", "embd", "hidden", "head", "intermediate", "inner", "position", "vocab")
+"""Substrings of a config field's name that make it a size (listed in errors; never negative)."""
 
 
 def config_fields(cfg: Any) -> set[str]:
