@@ -286,7 +286,7 @@ CASES = [
                                                     "finite number, got -1.0"),
     (["plan", "--throughput-budget", "inf"], "--throughput-budget must be a finite number of seconds > 0, got inf"),
     # --- sizes: memory and world sizes
-    (["plan", "--memory", "1e400GB"], "memory size must be at most 1 EiB, got '1e400GB'"),
+    (["plan", "--memory", "1e400GB"], "memory size must be a finite number of bytes, got '1e400GB'"),
     (["memory", "--memory", "1e400GB"], "got '1e400GB'"),
     (["plan", "--device", ""], "device must be cpu, cuda, a GPU name (e.g. H100) or a size (e.g. 24GiB), got ''"),
     (["memory", "--device", " "], "got ' '"),
@@ -422,3 +422,22 @@ def test_ctrl_c_while_the_parser_imports_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert main(["train"]) == 130
     assert capsys.readouterr().err == "batchpilot: interrupted\n"
+
+
+def test_an_out_dir_holding_a_run_is_not_replaced_unasked(tmp_path, capsys):
+    """``train --out DIR`` where DIR holds an earlier run: refused (exit 2, one line, the files untouched)
+    unless --resume continues it or --overwrite replaces it (and then no stale file of the old run stays)."""
+    out = tmp_path / "run"
+    base = ["train", "--workload", "mnist1d-mlp", "--steps", "2", "--threads", "1", "--out", str(out)]
+    assert main(base + ["--checkpoint-every", "1"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"checkpoint.pt", "metrics.jsonl", "summary.json"}
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a run" in err[0] and "--overwrite" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(base + ["--overwrite", "--seed", "1"]) == 0  # a new run in its place
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(after) == set(before) and all(after[n] != before[n] for n in ("checkpoint.pt", "summary.json"))
+    assert main(base + ["--seed", "1", "--steps", "3", "--resume"]) == 0

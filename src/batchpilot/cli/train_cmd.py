@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from batchpilot.cli.common import add_dtype_arg, add_workload_args, load_workload, print_json, workload_name
 from batchpilot.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, BatchpilotError
@@ -103,6 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="directory for metrics.jsonl, checkpoint.pt and summary.json (default: write nothing)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoint.pt, metrics.jsonl and summary.json); "
+                        "without it (or --resume) such an --out is refused")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--log", action="append", default=None, metavar="KIND",
                    help="also log every step to tensorboard (event files), csv (metrics.csv) or jsonl (steps.jsonl) "
@@ -170,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_paths(args)
     env = torchrun_env()
+    _claim_out_dir(args, env)
     if args.nproc is not None and not env.launched:
         return _launch(args)
     if args.nproc is not None and args.nproc != env.world_size:
@@ -220,6 +225,32 @@ def _check_paths(args: argparse.Namespace) -> None:
         check_in_file(args.init_from, "--init-from")
     if args.plan is not None:
         check_in_file(args.plan, "--plan")
+
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json")
+"""What a run writes in ``--out``: their presence means the directory already holds a run."""
+
+
+def _claim_out_dir(args: argparse.Namespace, env) -> None:
+    """An ``--out`` that already holds a run is not replaced behind the user's back: refused unless
+    ``--resume`` (continue it) or ``--overwrite`` (its files are removed now, so no stale checkpoint or
+    summary of the old run stays beside the new one). Checked once: by the launcher or a single process,
+    and by rank 0 of a torchrun launch's first attempt (the only writer; a restarted attempt resumes its
+    own run)."""
+    if not args.out or args.resume or env.rank != 0 or env.restart_count:
+        return
+    from batchpilot.train.checkpoint import CHECKPOINT_NAME
+
+    out = Path(args.out)
+    names = (CHECKPOINT_NAME,) + tuple(n for n in RUN_FILES if n != CHECKPOINT_NAME)
+    found = [n for n in names if (out / n).is_file()]
+    if not found:
+        return
+    if not args.overwrite:
+        raise BatchpilotError(f"--out {args.out!r} already holds a run ({', '.join(found)}): add --resume to continue "
+                              f"it, --overwrite to replace it, or choose another --out")
+    for name in found:
+        (out / name).unlink()
 
 
 def _launch(args: argparse.Namespace) -> int:
