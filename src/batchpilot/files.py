@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from batchpilot.errors import BatchpilotError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -144,3 +146,27 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]
     with atomic_open(path, "wb", durable=durable) as fh:
         write(fh)
     return Path(path)
+
+
+def check_input_file(value: str | os.PathLike, what: str, expected: str = "an existing file") -> Path:
+    """``value`` as the path of an input file that exists, is a file and is readable.
+
+    Args:
+        value: the path the user gave.
+        what: how messages name it (``--plan``, ``--calibration``).
+        expected: what the file should be, for the messages.
+
+    Raises:
+        BatchpilotError: an empty path, or one that does not exist, is not a file or cannot be read.
+    """
+    text = os.fspath(value)
+    if not text.strip():
+        raise BatchpilotError(f"{what} must name a file, got {text!r}")
+    path = Path(text)
+    if not path.exists():
+        raise BatchpilotError(f"{what} {text!r} does not exist; expected {expected}")
+    if not path.is_file():
+        raise BatchpilotError(f"{what} {text!r} is not a file; expected {expected}")
+    if not os.access(path, os.R_OK):
+        raise BatchpilotError(f"{what} {text!r} is not readable")
+    return path

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from batchpilot.errors import BatchpilotError
+from batchpilot.files import check_input_file
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -98,18 +99,8 @@ def check_out_file(value: str | os.PathLike, flag: str) -> Path:
 
 
 def check_in_file(value: str | os.PathLike, flag: str) -> Path:
-    """An input file that must exist and be a readable file."""
-    text = os.fspath(value)
-    if not text.strip():
-        raise BatchpilotError(f"{flag} must name a file, got {text!r}")
-    path = Path(text)
-    if not path.exists():
-        raise BatchpilotError(f"{flag} {text!r} does not exist; expected an existing file")
-    if not path.is_file():
-        raise BatchpilotError(f"{flag} {text!r} is not a file")
-    if not os.access(path, os.R_OK):
-        raise BatchpilotError(f"{flag} {text!r} is not readable")
-    return path
+    """An input file that must exist and be a readable file (:func:`batchpilot.files.check_input_file`)."""
+    return check_input_file(value, flag)
 
 
 def fallback_path(verb: str, name: str) -> Path:

@@ -136,16 +136,11 @@ def load_calibration(path: str, *, amp: bool) -> Calibration:
         BatchpilotError: an unreadable file, or no calibration of that precision in it.
     """
     import json
-    from pathlib import Path
+
+    from batchpilot.files import check_input_file
 
     where = f"calibration file {path!r}"
-    if not str(path).strip():
-        raise BatchpilotError(f"--calibration must name a file, got {path!r}")
-    file = Path(path)
-    if not file.exists():
-        raise BatchpilotError(f"{where} does not exist; expected gpu_check.json from bench/gpu_check.py")
-    if not file.is_file():
-        raise BatchpilotError(f"{where} is not a file; expected gpu_check.json from bench/gpu_check.py")
+    file = check_input_file(path, "--calibration", "gpu_check.json from bench/gpu_check.py")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except RecursionError:
