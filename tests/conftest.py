@@ -25,6 +25,18 @@ def _restore_torch_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _sigint_raises_keyboard_interrupt():
+    """Every test runs with Python's default SIGINT handler, as in a terminal: a test run started in the
+    background (``cmd &`` without job control) inherits SIGINT ignored, Python keeps it ignored, and the
+    trainer rightly leaves an ignored SIGINT alone, so the tests that send SIGINT would see nothing."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="session")
 def mlp_workload():
     from batchpilot import get_workload

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.noise.fused_layers import per_example_linear_grads
 from batchpilot.noise.layer_rules import _gram_is_cheaper
 from batchpilot.noise.per_example import PerExampleNoiseScale
+from noise_reference import per_sample_grads  # tests/noise/noise_reference.py
 
 
 @pytest.fixture(autouse=True)
@@ -28,12 +28,7 @@ def _float64():
 
 def per_sample_sq(model: nn.Module, loss_i, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example squared gradient norm per module (over its own parameters), by torch.func."""
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-
-    def one(p, xi, yi):
-        return loss_i(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-
-    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    g = per_sample_grads(model, loss_i, x, y)
     out: dict[str, torch.Tensor] = {}
     for k, v in g.items():
         mod = k.rsplit(".", 1)[0] if "." in k else ""

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from batchpilot.errors import BatchpilotError
 from batchpilot.noise.microbatch import two_batch_estimates
 from batchpilot.noise.layer_rules import _gram_is_cheaper
 from batchpilot.noise.per_example import PerExampleEstimate, PerExampleNoiseScale, rule_for
+from noise_reference import per_sample_grads  # tests/noise/noise_reference.py
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,16 +31,6 @@ def _float64():
 
 
 # -- the reference -------------------------------------------------------------------------------------------
-def per_sample_grads(model: nn.Module, loss_i, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Gradient of ``loss_i(output_i, y_i)`` (one example's loss) for every example, by torch.func."""
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-
-    def one(p, xi, yi):
-        return loss_i(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-
-    return vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-
-
 def flat(grads: dict[str, torch.Tensor], names=None) -> torch.Tensor:
     keys = [k for k in grads if names is None or k in names]
     n = next(iter(grads.values())).shape[0]

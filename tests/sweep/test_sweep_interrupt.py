@@ -5,20 +5,8 @@ from __future__ import annotations
 
 import signal
 
-import pytest
-
 from batchpilot.cli import main
 from batchpilot.sweep.store import TrialStore
-
-
-@pytest.fixture(autouse=True)
-def _sigint_raises_keyboard_interrupt():
-    """These tests send SIGINT to this process: give it Python's default handler, as in a terminal. A
-    test run started in the background (``cmd &`` without job control) inherits SIGINT ignored, and
-    Python then keeps it ignored; the trainer rightly leaves an ignored SIGINT alone."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_in_a_trial_is_130_one_line_and_the_trial_runs_again(tmp_path, capsys, monkeypatch):

@@ -29,16 +29,6 @@ from batchpilot.train import TrainConfig, Trainer
 from batchpilot.train.checkpoint import load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _sigint_raises_keyboard_interrupt():
-    """These tests send SIGINT to this process: give it Python's default handler, as in a terminal. A
-    test run started in the background (``cmd &`` without job control) inherits SIGINT ignored, and
-    Python then keeps it ignored; the trainer rightly leaves an ignored SIGINT alone."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 STEPS, MICRO, EVAL_EVERY = 14, 4, 3  # 4 micro-batches of 16 per step of 64
 CFG = TrainConfig(global_batch=64, micro_batch_per_rank=16, steps=STEPS, warmup_steps=3, schedule="cosine",
                   ema_decay=0.9, grad_clip=1.0, seed=5, eval_every=EVAL_EVERY, checkpoint_every=4)
